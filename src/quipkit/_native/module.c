@@ -1,0 +1,27 @@
+/* The Python module quipkit._native: thin wrappers that take buffer addresses (tensor.data_ptr())
+ * and sizes, release the GIL, and call the C routines. Callers pass contiguous tensors of the
+ * documented dtypes; quipkit/native.py does that checking. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "native.h"
+
+static PyObject *py_e8p_nearest(PyObject *self, PyObject *args) {
+    unsigned long long x, patterns, lookup, codes;
+    long long count;
+    if (!PyArg_ParseTuple(args, "KLKKK", &x, &count, &patterns, &lookup, &codes)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    e8p_nearest((const float *)x, count, (const float *)patterns, (const int32_t *)lookup, (int32_t *)codes);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"e8p_nearest", py_e8p_nearest, METH_VARARGS,
+     "e8p_nearest(x, count, patterns, lookup, codes): x float32[count, 8] -> codes int32[count]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "quipkit's compiled helpers", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,8 @@
+/* Compiled helpers of quipkit. Plain C on raw buffers; Python passes pointers (see module.c). */
+#ifndef QUIPKIT_NATIVE_H
+#define QUIPKIT_NATIVE_H
+#include <stdint.h>
+
+void e8p_nearest(const float *x, int64_t count, const float *patterns, const int32_t *lookup, int32_t *codes);
+
+#endif

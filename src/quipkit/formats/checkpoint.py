@@ -1,0 +1,180 @@
+"""The quantized checkpoint: `model.safetensors` + `config.json` (with `quantization_config`) + tokenizer.
+
+Tensors are stored under the module paths of the loaded model, each QuantizedLinear's buffers in
+their canonical dtypes (packed codes, fp16 scales and sign vectors), so the file size reflects the
+bits. `quantization_config` records `quant_method: "quipkit"`, the format version, the config that
+made the model and every quantized layer's constructor arguments. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quipkit.errors import QuipkitError
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.models.structure import set_module
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "quipkit"
+WEIGHTS = "model.safetensors"
+REPORT = "quipkit_report.json"
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent tensors by name, tied duplicates dropped, quantized buffers in canonical dtypes."""
+    canonical: dict[str, torch.dtype] = {}
+    for name, layer in quantized_layers(model).items():
+        layout = {**layer.codebook.storage(layer.out_features, layer.in_features),
+                  **layer.transform.storage(layer.out_features, layer.in_features)}
+        canonical.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
+    seen: dict[tuple[int, int, tuple], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # tied to an earlier tensor (e.g. lm_head and embeddings); loading re-ties it
+        seen[key] = name
+        out[name] = tensor.detach().to("cpu", canonical.get(name, tensor.dtype)).contiguous()
+    return out
+
+
+def quantization_config(model: nn.Module, config: Any = None, calibration: Any = None) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json for a quantized `model`."""
+    from quipkit import __version__
+
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "quipkit_version": __version__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config": config.to_dict() if config is not None else None,
+        "calibration": calibration.to_dict() if calibration is not None else None,
+        "layers": {name: layer.spec() for name, layer in quantized_layers(model).items()},
+    }
+
+
+def save(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    config: Any = None,
+    calibration: Any = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint into a temporary folder beside `out_dir` and rename it when complete."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    if not quantized_layers(model):
+        raise QuipkitError("the model has no quantized layers to save")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = quantization_config(model, config, calibration)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT).write_text(json.dumps(report, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quantization_config(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, its quantization_config), with clear errors for anything that is not ours."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise QuipkitError(f"{folder} is not a model folder: it has no config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise QuipkitError(f"{path} is corrupt ({err.msg}); re-quantize or restore the file") from None
+    quant = cfg.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise QuipkitError(
+            f"{folder} is not a quipkit checkpoint (quantization method: {method or 'none'}); "
+            "quantize it with `quipkit quantize` first"
+        )
+    version = quant.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QuipkitError(f"{folder} uses checkpoint format {version}; this quipkit reads format {FORMAT_VERSION}")
+    if not isinstance(quant.get("layers"), dict) or not quant["layers"]:
+        raise QuipkitError(f"{path} lists no quantized layers; the checkpoint is corrupt")
+    return cfg, quant
+
+
+def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Swap the named nn.Linear modules for empty QuantizedLinear ones built from their specs."""
+    for name, spec in layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise QuipkitError(f"the checkpoint quantizes '{name}', which this model does not have") from None
+        if not isinstance(current, (nn.Linear, QuantizedLinear)):
+            raise QuipkitError(f"the checkpoint quantizes '{name}', which is a {type(current).__name__}, not a linear")
+        try:
+            set_module(model, name, QuantizedLinear(**spec))
+        except TypeError as err:
+            raise QuipkitError(f"layer '{name}' in the checkpoint has a bad spec: {err}") from None
+
+
+def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a quipkit checkpoint; logits equal those of the model that was saved."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    cfg, quant = read_quantization_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise QuipkitError(f"{weights} is corrupt or truncated ({err}); re-quantize or restore the file") from None
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, quant.get("dtype", "float32")))
+    replace_linears(model, quant["layers"])
+    unexpected = set(state) - set(model.state_dict())
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if unexpected or still_meta:
+        problem = sorted(unexpected)[:3] if unexpected else still_meta[:3]
+        raise QuipkitError(
+            f"{weights} does not match its config.json ({'unexpected' if unexpected else 'missing'} tensors "
+            f"{', '.join(problem)}{'...' if len(problem) == 3 else ''}); the checkpoint is corrupt"
+        )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.to(device), tokenizer
+

@@ -1,0 +1,93 @@
+"""transformers integration: `import quipkit` then `AutoModelForCausalLM.from_pretrained(dir)` loads a
+quipkit checkpoint, through transformers' `register_quantization_config` / `register_quantizer`.
+
+Importing transformers' quantizer registry costs seconds, so `import quipkit` does not: `install`
+registers at once if that registry is already imported, and otherwise arranges to register right
+after it is (a one-shot import hook), which is before any `from_pretrained` can read a config.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
+_REGISTRY = "transformers.quantizers.auto"
+
+
+def _register(auto_module: Any) -> None:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from quipkit.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, replace_linears
+
+    if QUANT_METHOD in auto_module.AUTO_QUANTIZER_MAPPING:
+        return
+
+    @auto_module.register_quantization_config(QUANT_METHOD)
+    class QuipkitConfig(QuantizationConfigMixin):
+        """The `quantization_config` of a quipkit checkpoint, as transformers holds it."""
+
+        def __init__(self, layers: dict[str, Any], format_version: int = FORMAT_VERSION, **kwargs: Any) -> None:
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.layers = layers
+            for key, value in kwargs.items():
+                if key != "quant_method":
+                    setattr(self, key, value)
+
+    @auto_module.register_quantizer(QUANT_METHOD)
+    class QuipkitHfQuantizer(HfQuantizer):
+        """Swaps the checkpoint's quantized linears in before transformers loads their buffers."""
+
+        requires_calibration = True
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            if self.quantization_config.format_version != FORMAT_VERSION:
+                raise ValueError(
+                    f"quipkit checkpoint format {self.quantization_config.format_version} is not supported "
+                    f"by this quipkit (reads {FORMAT_VERSION})"
+                )
+
+        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+            replace_linears(model, self.quantization_config.layers)
+
+        def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            return False
+
+        def is_serializable(self) -> bool:
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds transformers' quantizer registry like the normal finders do, then wraps its loader so
+    quipkit registers right after the module has executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None):
+        if fullname != _REGISTRY:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register(module)
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+def install() -> None:
+    """Register with transformers now if its registry is loaded, else as soon as it is."""
+    if _REGISTRY in sys.modules:
+        _register(sys.modules[_REGISTRY])
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())

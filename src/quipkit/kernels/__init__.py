@@ -1,0 +1,1 @@
+"""Decode-and-multiply kernels: an eager reference plus registered fast paths."""

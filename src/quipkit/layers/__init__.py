@@ -1,0 +1,1 @@
+"""The quantized layer and its bit packing."""

@@ -1,0 +1,103 @@
+"""QuantizedLinear: a linear layer held as packed codes plus the transform that makes them incoherent.
+
+forward(x) = transform.output(decode_matmul(transform.input(x))) + bias. The module holds buffers
+only (codes, scales, sign vectors), named exactly as in the checkpoint, and its constructor is the
+loading contract: `QuantizedLinear(**spec)` builds empty buffers of the right shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quipkit.codebooks import make_codebook
+from quipkit.kernels.dispatch import decode_matmul
+from quipkit.transforms import make_transform
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        codebook: dict[str, Any],
+        transform: dict[str, Any],
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.codebook = make_codebook(codebook)
+        self.transform = make_transform(transform)
+        self.codebook.check_shape(out_features, in_features)
+        self._codebook_names = tuple(self.codebook.storage(out_features, in_features))
+        self._transform_names = tuple(self.transform.storage(out_features, in_features))
+        layout = {**self.codebook.storage(out_features, in_features), **self.transform.storage(out_features, in_features)}
+        if len(layout) != len(self._codebook_names) + len(self._transform_names):
+            raise ValueError("codebook and transform tensor names collide")
+        for name, (shape, dtype) in layout.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_tensors(
+        cls, spec: dict[str, Any], tensors: dict[str, Tensor], bias: Tensor | None = None
+    ) -> "QuantizedLinear":
+        """Build a layer from `spec` and fill its buffers from `tensors` (shapes and dtypes must match)."""
+        layer = cls(**spec)
+        for name, buf in layer.named_buffers(recurse=False):
+            value = tensors[name]
+            if value.shape != buf.shape:
+                raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
+            setattr(layer, name, value.to(buf.dtype).clone())
+        if layer.bias is not None:
+            if bias is None:
+                raise ValueError("the layer has a bias but none was given")
+            layer.bias.data = bias.detach().float().clone()
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments: what the checkpoint records for this layer."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "codebook": self.codebook.spec(),
+            "transform": self.transform.spec(),
+            "bias": self.bias is not None,
+        }
+
+    def codebook_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self._codebook_names}
+
+    def transform_params(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self._transform_names}
+
+    def stored_bits(self) -> int:
+        """Bits this layer stores: codes, scales and transform vectors (bias excluded)."""
+        return sum(buf.numel() * buf.element_size() * 8 for _, buf in self.named_buffers(recurse=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = self.transform_params()
+        y = decode_matmul(self.transform.input(x, params), self)
+        y = self.transform.output(y, params)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """The dense W [m, n] this layer computes (float32), for tests and diagnostics."""
+        eye = torch.eye(self.in_features, device=next(self.buffers()).device)
+        y = self.forward(eye)
+        if self.bias is not None:
+            y = y - self.bias
+        return y.t().float()
+
+    def extra_repr(self) -> str:
+        cb = self.codebook.spec()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, codebook={cb['name']}, "
+            f"bits={cb['bits']}, transform={self.transform.name}, bias={self.bias is not None}"
+        )

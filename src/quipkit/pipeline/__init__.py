@@ -1,0 +1,1 @@
+"""Block-wise quantization of a whole model: calibration, Hessians, rounding, propagation, resume."""

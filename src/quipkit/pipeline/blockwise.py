@@ -1,0 +1,200 @@
+"""Quantize a causal LM block by block with bounded memory.
+
+For each decoder block: move it to the device, run the calibration activations through it with
+Hessian hooks on its linears, quantize every selected linear (layers reading the same input
+together), swap in QuantizedLinear, and compute the next block's inputs, from the original block
+(`propagate="original"`, the outputs of the pass that collected the Hessians) or from the
+quantized one (`"quantized"`, one more pass). Memory stays at one block plus the activations of
+the calibration set. With a work folder, each finished block is saved so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quipkit.config import CalibrationConfig, QuantConfig
+from quipkit.console import Reporter
+from quipkit.errors import QuipkitError
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.models.structure import find_blocks, select_linears, set_module
+from quipkit.pipeline.capture import block_output, capture_block_calls, move
+from quipkit.pipeline.layer_group import LayerRecord, quantize_group
+from quipkit.pipeline.run_state import RunState, fingerprint_of
+from quipkit.rounding import HessianAccumulator
+
+
+@dataclass
+class QuantizeReport:
+    """Per-layer records and the wall time of each stage, in seconds."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "hessian": 0.0, "rounding": 0.0, "propagate": 0.0})
+    resumed_from_block: int = 0
+
+    def bits_per_weight(self) -> float:
+        weights = sum(r["shape"][0] * r["shape"][1] for r in self.layers)
+        return sum(r["bits"] * r["shape"][0] * r["shape"][1] for r in self.layers) / max(weights, 1)
+
+
+class _HessianHooks:
+    """Forward pre-hooks that accumulate H per distinct input; linears fed the same tensor share one H."""
+
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device) -> None:
+        self.linears = linears
+        self.device = device
+        self.groups: list[list[str]] = []  # names that read one input, found on the first batch
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self._seen: list[tuple[Tensor, str]] = []  # (input, first reader), alive during a batch
+        self._first_batch = True
+        self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._first_batch:
+                owner = next((first for seen, first in self._seen if seen is x), None)
+                if owner is None:
+                    self._seen.append((x, name))
+                    self.groups.append([name])
+                    self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
+                else:
+                    next(g for g in self.groups if g[0] == owner).append(name)
+                    return
+            if name in self.accumulators:
+                self.accumulators[name].add(x)
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._first_batch = False
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None) -> list[Tensor]:
+    outputs = []
+    for x, kw in zip(inputs, kwargs):
+        out = block_output(block(x.to(device), **move(kw, device)))
+        outputs.append(out.detach().to("cpu"))
+        if after is not None:
+            after()
+    return outputs
+
+
+@torch.no_grad()
+def quantize_blockwise(
+    model: nn.Module,
+    tokens: Tensor,
+    config: QuantConfig,
+    calibration: CalibrationConfig,
+    device: torch.device,
+    reporter: Reporter | None = None,
+    work_folder: Path | None = None,
+    model_id: str = "",
+) -> QuantizeReport:
+    """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done."""
+    reporter = reporter or Reporter()
+    report = QuantizeReport()
+    prefix, blocks = find_blocks(model)
+    model.eval()
+    state = None
+    if work_folder is not None:
+        fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id)
+        state = RunState.open(work_folder, fingerprint)
+    calibrated = config.needs_calibration
+    start = time.perf_counter()
+    batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
+    calls = capture_block_calls(model, blocks, batches) if calibrated else None
+    inputs = calls.inputs if calls is not None else []
+    report.seconds["capture"] += time.perf_counter() - start
+    first = 0
+    if state is not None and state.resuming:
+        first = state.next_block
+        for index in range(first):
+            for name, (spec, tensors) in state.load_block(index).items():
+                bias = model.get_submodule(name).bias
+                set_module(model, name, QuantizedLinear.from_tensors(spec, tensors, bias))
+        inputs = state.load_inputs()
+        report.layers.extend(state.records)
+        report.resumed_from_block = first
+        reporter.log(f"resuming from block {first} of {len(blocks)} ({work_folder})")
+    with reporter.task("blocks", len(blocks)) as block_task:
+        block_task.advance(first)
+        for index in range(first, len(blocks)):
+            block = blocks[index].to(device)
+            linears = select_linears(block, f"{prefix}.{index}", config.include, config.exclude)
+            kwargs = calls.kwargs[index] if calls is not None else []
+            inputs, saved, records = _quantize_block(block, linears, inputs, kwargs, config, device, reporter, report)
+            blocks[index] = block.to("cpu") if device.type != "cpu" else block
+            report.layers.extend(r.to_dict() for r in records)
+            if state is not None:
+                state.save_block(index, saved, [r.to_dict() for r in records], inputs)
+            worst = max((r.proxy for r in records), default=0.0)
+            block_task.advance(1, status=f"worst proxy {worst:.4f}")
+    if not report.layers:
+        raise QuipkitError(
+            "no linear layer matched the include/exclude patterns; nothing was quantized "
+            f"(blocks are '{prefix}.N', e.g. '{prefix}.0.mlp.down_proj')"
+        )
+    return report
+
+
+def _quantize_block(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: list[Tensor],
+    kwargs: list[dict],
+    config: QuantConfig,
+    device: torch.device,
+    reporter: Reporter,
+    report: QuantizeReport,
+) -> tuple[list[Tensor], dict, list[LayerRecord]]:
+    """Quantize one block; without calibration (round-to-nearest) each linear uses H = I."""
+    t0 = time.perf_counter()
+    if config.needs_calibration:
+        hooks = _HessianHooks(linears, device)
+        try:
+            outputs = _run_block(block, inputs, kwargs, device, after=hooks.end_batch)
+        finally:
+            hooks.remove()
+        groups = [(g, hooks.accumulators[g[0]].mean()) for g in hooks.groups]
+    else:
+        outputs = inputs
+        groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
+    t1 = time.perf_counter()
+    report.seconds["hessian"] += t1 - t0
+    saved: dict[str, tuple[dict, dict[str, Tensor]]] = {}
+    records: list[LayerRecord] = []
+    with reporter.task("  layers", len(linears)) as layer_task:
+        for group, hessian in groups:
+            members = {name: linears[name] for name in group}
+            for layer, record in quantize_group(members, hessian, config, device):
+                local = _relative(block, record.name, linears)
+                set_module(block, local, layer.to(device))
+                saved[record.name] = (layer.spec(), {k: v.cpu() for k, v in layer.state_dict().items()})
+                records.append(record)
+                layer_task.advance(1, status=f"{local} proxy {record.proxy:.4f}")
+    t2 = time.perf_counter()
+    report.seconds["rounding"] += t2 - t1
+    if config.needs_calibration and config.propagate == "quantized":
+        outputs = _run_block(block, inputs, kwargs, device)
+        report.seconds["propagate"] += time.perf_counter() - t2
+    return outputs, saved, records
+
+
+def _relative(block: nn.Module, full_name: str, linears: dict[str, nn.Linear]) -> str:
+    """The name of linear `full_name` inside `block`."""
+    target = linears[full_name]
+    for name, module in block.named_modules():
+        if module is target:
+            return name
+    raise KeyError(full_name)

@@ -1,0 +1,125 @@
+"""Capture what each decoder block is called with, without running the blocks.
+
+Every block is temporarily replaced by a stand-in that records its call (hidden states and keyword
+arguments such as the attention mask and rotary embeddings) and passes the hidden states through.
+One pass of the model per calibration batch then yields block 0's inputs and every block's own
+keyword arguments (masks can differ per block, e.g. sliding-window layers), at the cost of the
+embedding alone: the last stand-in stops the forward before the final norm and output head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _StandIn(nn.Module):
+    """Records (hidden, kwargs) for its block; exposes the block's attributes (e.g. attention_type)."""
+
+    def __init__(self, block: nn.Module, record: "BlockCalls", index: int, last: bool, returns_tuple: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.record = record
+        self.index = index
+        self.last = last
+        self.returns_tuple = returns_tuple
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any):
+        if args:
+            raise TypeError("decoder blocks called with positional arguments beyond the hidden states are not supported")
+        self.record.add(self.index, hidden, kwargs)
+        if self.last:
+            raise _StopForward
+        return (hidden,) if self.returns_tuple else hidden
+
+
+@dataclass
+class BlockCalls:
+    """Block 0's input for each batch, and each block's keyword arguments for each batch."""
+
+    inputs: list[Tensor] = field(default_factory=list)  # [batch] -> hidden [b, T, d]
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # [block][batch] -> kwargs
+
+    def add(self, index: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
+        if index == 0:
+            self.inputs.append(hidden.detach())
+        while len(self.kwargs) <= index:
+            self.kwargs.append([])
+        self.kwargs[index].append(_detach(kwargs))
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def move(value: Any, device: torch.device) -> Any:
+    """`value` (tensors nested in dicts, tuples, lists) on `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: move(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v, device) for v in value)
+    return value
+
+
+def block_output(result: Any) -> Tensor:
+    """The hidden states a decoder block returned (a tensor, or the first item of a tuple)."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+@torch.no_grad()
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[Tensor]) -> BlockCalls:
+    """Run `model` on each token batch [b, T] with its blocks stood in for; return what they received."""
+    record = BlockCalls()
+    originals = list(blocks)
+    # Whether blocks return a tuple (older transformers) or a tensor decides what stand-ins return.
+    returns_tuple = _returns_tuple(model, blocks, batches[0][:1])
+    try:
+        for i, block in enumerate(originals):
+            blocks[i] = _StandIn(block, record, i, last=i == len(originals) - 1, returns_tuple=returns_tuple)
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return record
+
+
+def _returns_tuple(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor) -> bool:
+    seen: list[bool] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        seen.append(isinstance(output, (tuple, list)))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_hook(hook)
+    try:
+        model(input_ids=tokens, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return bool(seen and seen[0])

@@ -1,0 +1,137 @@
+"""Quantize the linears that read one input: transform, normalise, round together, split, build layers.
+
+Layers that share an input (q/k/v, gate/up) share its Hessian, so they share the input side of the
+transform and are rounded as one stacked matrix: rounding is independent per row, so stacking
+changes nothing but the number of passes. Each layer keeps its own output transform and scale.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from quipkit.codebooks import make_codebook
+from quipkit.codebooks.base import split_rows
+from quipkit.config import QuantConfig
+from quipkit.errors import QuipkitError
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.rounding import greedy_refine, ldlq, prepare_hessian, relative_proxy_loss, round_nearest
+from quipkit.transforms import make_transform
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one layer: the numbers the CLI shows and the checkpoint keeps."""
+
+    name: str
+    shape: tuple[int, int]
+    proxy: float  # relative proxy loss tr(E H E^T) / tr(W H W^T) under the damped Hessian
+    bits: float  # bits per weight as stored (codes, scales, sign vectors)
+    seconds: float
+    greedy_sweeps: int
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "proxy": self.proxy,
+            "bits": self.bits,
+            "seconds": self.seconds,
+            "greedy_sweeps": self.greedy_sweeps,
+        }
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A seed for `name` that is the same on every machine and Python run."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
+
+
+def _rms(matrix: Tensor) -> float:
+    return float(matrix.double().square().mean().sqrt().clamp_min(1e-12))
+
+
+def quantize_group(
+    linears: dict[str, nn.Linear], hessian: Tensor, config: QuantConfig, device: torch.device
+) -> list[tuple[QuantizedLinear, LayerRecord]]:
+    """Quantize `linears` (all reading an input with second moment `hessian` [n, n]) under `config`."""
+    by_config: dict[str, tuple[QuantConfig, list[str]]] = {}
+    for name in linears:
+        cfg = config.for_layer(name)
+        by_config.setdefault(cfg.to_json(), (cfg, []))[1].append(name)
+    results = []
+    for cfg, names in by_config.values():
+        results.extend(_quantize_stack({n: linears[n] for n in names}, hessian, cfg, device))
+    order = list(linears)
+    return sorted(results, key=lambda pair: order.index(pair[1].name))
+
+
+def _quantize_stack(
+    linears: dict[str, nn.Linear], hessian: Tensor, cfg: QuantConfig, device: torch.device
+) -> list[tuple[QuantizedLinear, LayerRecord]]:
+    start = time.perf_counter()
+    names = list(linears)
+    codebook = make_codebook(cfg.codebook)
+    transform = make_transform(cfg.transform)
+    if codebook.target_rms is not None and not transform.scaled:
+        raise QuipkitError(f"codebook '{codebook.name}' needs a transform (rht or kronecker), not identity")
+    weights = [linears[n].weight.detach().to(device, torch.float32) for n in names]
+    for name, w in zip(names, weights):
+        try:
+            codebook.check_shape(*w.shape)
+        except QuipkitError as err:
+            raise QuipkitError(f"{name}: {err}") from None
+    h = prepare_hessian(hessian.to(device), cfg.damping)
+    stacked = torch.cat(weights)
+    in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
+    h_t = transform.hessian(h, in_params)
+    out_params, rotated, scales = [], [], []
+    for name, w in zip(names, weights):
+        params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}
+        w_t = transform.weight(w, params)
+        scale = _rms(w_t) / codebook.target_rms if codebook.target_rms is not None else 1.0
+        out_params.append(params)
+        rotated.append(w_t / scale)
+        scales.append(scale)
+    target = torch.cat(rotated)
+    cb_params = codebook.fit(target)
+    if cfg.rounding == "nearest":
+        codes, values = round_nearest(target, codebook, cb_params)
+    else:
+        order = torch.argsort(torch.diagonal(h_t), descending=True) if cfg.act_order else None
+        codes, values = ldlq(target, h_t, codebook, cb_params, order)
+    kept = 0
+    if cfg.greedy_sweeps:
+        codes, values, kept = greedy_refine(target, h_t, codebook, cb_params, codes, values, cfg.greedy_sweeps)
+    sizes = [w.shape[0] for w in weights]
+    code_parts = split_rows({"codes": codes}, sizes, codebook.row_block)
+    param_parts = split_rows(cb_params, sizes, 1)
+    value_parts = torch.split(values, sizes)
+    target_parts = torch.split(target, sizes)
+    elapsed = (time.perf_counter() - start) / len(names)
+    results = []
+    for i, name in enumerate(names):
+        linear = linears[name]
+        params = transform.fold_scale(out_params[i], scales[i]) if transform.scaled else out_params[i]
+        tensors = {**codebook.pack(code_parts[i]["codes"], param_parts[i]), **params}
+        spec = {
+            "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "codebook": codebook.spec(),
+            "transform": transform.spec(),
+            "bias": linear.bias is not None,
+        }
+        layer = QuantizedLinear.from_tensors(spec, {k: v.cpu() for k, v in tensors.items()}, linear.bias)
+        record = LayerRecord(
+            name=name,
+            shape=(linear.out_features, linear.in_features),
+            proxy=relative_proxy_loss(target_parts[i], value_parts[i], h_t),
+            bits=layer.stored_bits() / (linear.out_features * linear.in_features),
+            seconds=elapsed,
+            greedy_sweeps=kept,
+        )
+        results.append((layer, record))
+    return results

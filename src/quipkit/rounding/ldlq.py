@@ -1,0 +1,77 @@
+"""LDLQ / BlockLDLQ: round column blocks in order, feeding back the exact correction for earlier ones.
+
+With `H = M D M^T`, `M` unit block-upper-triangular (g x g blocks), rounding block k of
+`W + (W - Ŵ)(M - I)` makes the proxy loss `sum_k tr(η_k D_k η_k^T)`, η the per-block rounding
+error. In terms of η the feedback is `W_{>k} += η_k A_{k, >k}` with `A = M^-1 = blockdiag(G)^-1 G`,
+`G` the upper Cholesky factor of `H^-1`. For g = 1 this is exactly GPTQ's column loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.errors import QuipkitError
+
+
+def ldl_feedback(hessian: Tensor, block: int) -> Tensor:
+    """A [n, n] (float32): the unit block-upper-triangular feedback matrix of H for g = `block`."""
+    n = hessian.shape[0]
+    nb = n // block
+    for dtype in (torch.float32, torch.float64):
+        h = hessian.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info.item() != 0:
+            continue
+        g, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if info.item() != 0 or not torch.isfinite(g).all():
+            continue
+        rows = g.reshape(nb, block, n)
+        diag = g.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, g, g]
+        a = torch.linalg.solve_triangular(diag, rows, upper=True).reshape(n, n)
+        if torch.isfinite(a).all():
+            return a.float()
+    raise QuipkitError("the Hessian is not positive definite even in float64; raise --damping")
+
+
+def ldlq(
+    weight: Tensor,
+    hessian: Tensor,
+    codebook: Codebook,
+    params: Params,
+    order: Tensor | None = None,
+    lazy_batch: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """Round W [m, n] under H [n, n] -> (codes [m / row_block, n / dim, ...], Ŵ [m, n]).
+
+    `order` [n] is a column permutation (act-order; scalar codebooks only). Updates to columns
+    beyond the current `lazy_batch` are applied once per batch, as one matrix product.
+    """
+    m, n = weight.shape
+    g = codebook.dim
+    cols = torch.arange(n, device=weight.device) if order is None else order.to(weight.device)
+    w = weight.float()[:, cols].clone()
+    feedback = ldl_feedback(hessian[cols][:, cols], g).to(w.device)
+    batch = max(g, lazy_batch - lazy_batch % g)
+    values = torch.empty_like(w)
+    codes = []
+    for b0 in range(0, n, batch):
+        b1 = min(n, b0 + batch)
+        err = torch.empty(m, b1 - b0, device=w.device)
+        for k in range(b0, b1, g):
+            target = w[:, k : k + g]
+            code, q = codebook.quantize(target, params, cols[k : k + g])
+            codes.append(code)
+            values[:, k : k + g] = q
+            eta = q - target
+            err[:, k - b0 : k - b0 + g] = eta
+            if k + g < b1:
+                w[:, k + g : b1] += eta @ feedback[k : k + g, k + g : b1]
+        if b1 < n:
+            w[:, b1:] += err @ feedback[b0:b1, b1:]
+    all_codes = torch.cat(codes, dim=1)
+    if order is not None:
+        inverse = torch.argsort(cols)
+        all_codes, values = all_codes[:, inverse], values[:, inverse]
+    return all_codes, values

@@ -1,0 +1,48 @@
+"""The random Hadamard transform of QuIP# and QTIP: `V = Had_n^T diag(s_n)` with random signs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quipkit.transforms.base import Params, Transform, register_transform
+from quipkit.transforms.hadamard import orthogonal_op
+
+
+def random_signs(size: int, seed: int) -> Tensor:
+    """A seeded ±1 vector [size] (fp16), identical on every machine."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (size,), generator=gen) * 2 - 1).half()
+
+
+def rotate_rows(matrix: Tensor, signs: Tensor) -> Tensor:
+    """Each row r of `matrix` [k, n] -> Had_n^T (signs ⊙ r)."""
+    return orthogonal_op(matrix.shape[-1]).apply(matrix * signs.to(matrix.dtype), transpose=True)
+
+
+@register_transform("rht")
+class RandomHadamard(Transform):
+    """x -> Had_n^T (s_n ⊙ x); y -> s_m ⊙ Had_m y~. Signs are stored (fp16), so loading needs no seed."""
+
+    def fit_input(self, hessian: Tensor, weight: Tensor, seed: int) -> Params:
+        return {"su": random_signs(hessian.shape[0], seed)}
+
+    def fit_output(self, rows: int, seed: int) -> Params:
+        return {"sv": random_signs(rows, seed)}
+
+    def weight(self, weight: Tensor, params: Params) -> Tensor:
+        w = rotate_rows(weight, params["su"])  # W S_n Had_n
+        return rotate_rows(w.t(), params["sv"].sign()).t()  # Had_m^T S_m (.)
+
+    def hessian(self, hessian: Tensor, params: Params) -> Tensor:
+        h = rotate_rows(hessian, params["su"])
+        return rotate_rows(h.t(), params["su"]).t()
+
+    def input(self, x: Tensor, params: Params) -> Tensor:
+        return rotate_rows(x, params["su"])
+
+    def output(self, y: Tensor, params: Params) -> Tensor:
+        return orthogonal_op(y.shape[-1]).apply(y) * params["sv"].to(y.dtype)
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"su": ((cols,), torch.float16), "sv": ((rows,), torch.float16)}

