@@ -1,0 +1,1 @@
+"""Model loading and architecture-independent discovery of blocks and linear layers."""
