@@ -21,8 +21,6 @@ EXIT_INTERRUPTED = 130
 
 def _quiet_libraries() -> None:
     """Hide transformers' deprecation chatter; our own progress bars say what is happening."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own bar
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -295,7 +293,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g = p.add_argument_group("method options (defaults come from the method preset)")
     g.add_argument("--group-size", type=int, help="scalar methods: columns per scale/zero group [128]")
     g.add_argument("--symmetric", action="store_true", default=None, help="scalar methods: symmetric grid")
-    g.add_argument("--act-order", action="store_true", default=None, help="gptq: round columns by decreasing H_ii")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: round columns by decreasing H_ii [on]")
     g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
     g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
     g.add_argument("--propagate", choices=("original", "quantized"),
@@ -361,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports tqdm: transformers' GGUF loader would draw its own progress bar.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -209,7 +209,7 @@ def _gptq(
     bits: int,
     group_size: int = 128,
     symmetric: bool = False,
-    act_order: bool = False,
+    act_order: bool = True,
     incoherence: bool = False,
     **options: Any,
 ) -> QuantConfig:
@@ -221,5 +221,20 @@ def _gptq(
         transform=transform,
         rounding="ldlq",
         act_order=act_order,
+        **_common(options),
+    )
+
+
+@register_method("quip#", (2, 3, 4), "QuIP#: random Hadamard transform + E8P lattice codebook (RVQ at 3/4 bits) + BlockLDLQ")
+def _quip_sharp(bits: int, greedy_sweeps: int = 2, **options: Any) -> QuantConfig:
+    codebook = {"name": "e8p", "bits": 2} if bits == 2 else {"name": "rvq", "bits": bits}
+    options.setdefault("propagate", "original")
+    return QuantConfig(
+        method="quip#",
+        bits=bits,
+        codebook=codebook,
+        transform={"name": "rht"},
+        rounding="ldlq",
+        greedy_sweeps=greedy_sweeps,
         **_common(options),
     )

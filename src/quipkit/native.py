@@ -49,3 +49,17 @@ def e8p_nearest(x: Tensor, patterns: Tensor, lookup: Tensor) -> Tensor:
 
     list(_pool().map(run, _split(x.shape[0])))
     return codes
+
+
+def e8p_two_nearest(x: Tensor, patterns: Tensor) -> Tensor:
+    """Codes [N, 2] (int32) of the nearest and second-nearest E8P codewords to x [N, 8]."""
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    patterns = patterns.to("cpu", torch.float32).contiguous()
+    codes = torch.empty(x.shape[0], 2, dtype=torch.int32)
+
+    def run(span: tuple[int, int]) -> None:
+        lo, hi = span
+        _native.e8p_two_nearest(x.data_ptr() + lo * 32, hi - lo, patterns.data_ptr(), codes.data_ptr() + lo * 8)
+
+    list(_pool().map(run, _split(x.shape[0])))
+    return codes

@@ -16,9 +16,21 @@ static PyObject *py_e8p_nearest(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_e8p_two_nearest(PyObject *self, PyObject *args) {
+    unsigned long long x, patterns, codes;
+    long long count;
+    if (!PyArg_ParseTuple(args, "KLKK", &x, &count, &patterns, &codes)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    e8p_two_nearest((const float *)x, count, (const float *)patterns, (int32_t *)codes);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"e8p_nearest", py_e8p_nearest, METH_VARARGS,
      "e8p_nearest(x, count, patterns, lookup, codes): x float32[count, 8] -> codes int32[count]"},
+    {"e8p_two_nearest", py_e8p_two_nearest, METH_VARARGS,
+     "e8p_two_nearest(x, count, patterns, codes): x float32[count, 8] -> codes int32[count, 2], nearest first"},
     {NULL, NULL, 0, NULL},
 };
 

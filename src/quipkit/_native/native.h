@@ -5,4 +5,6 @@
 
 void e8p_nearest(const float *x, int64_t count, const float *patterns, const int32_t *lookup, int32_t *codes);
 
+void e8p_two_nearest(const float *x, int64_t count, const float *patterns, int32_t *codes);
+
 #endif

@@ -122,6 +122,41 @@ def e8p_nearest_torch(x: Tensor, chunk: int = 16384) -> tuple[Tensor, Tensor]:
     return codes, table[codes.long()]
 
 
+def e8p_two_nearest(x: Tensor, chunk: int = 4096) -> Tensor:
+    """Codes [N, 2] (int32) of the nearest and second-nearest E8P codewords to each row of x [N, 8]."""
+    s = _tables(x.device)[0]
+    if x.device.type == "cpu" and native.available():
+        return native.e8p_two_nearest(x, s)
+    return torch.cat([_two_nearest_chunk(part.float()) for part in x.split(chunk)])
+
+
+def _two_nearest_chunk(x: Tensor) -> Tensor:
+    """Torch version: every pattern's best and runner-up sign choice in both cosets, then the top two."""
+    s, s_norm, s2, _, _ = _tables(x.device)
+    dists, codes = [], []
+    bits = 1 << torch.arange(8, device=x.device)
+    for shift_bit, shift in ((0, -0.25), (1, 0.25)):
+        y = x - shift
+        ya = y.abs()
+        neg = (y < 0).to(torch.int64)
+        base = ya.square().sum(1, keepdim=True) - 2 * ya @ s.t() + s_norm  # [B, 256]
+        odd = torch.remainder(s2.sum(1) - 2 * (neg.float() @ s2.t()), 4.0) != 0
+        cost, at = (ya.unsqueeze(1) * s.unsqueeze(0)).topk(2, dim=2, largest=False)  # [B, 256, 2]
+        negmask = (neg * bits).sum(1, keepdim=True)  # [B, 1]
+        flip1, flip2 = bits[at[..., 0]], bits[at[..., 1]]
+        best = torch.where(odd, base + 4 * cost[..., 0], base)
+        best_mask = torch.where(odd, negmask ^ flip1, negmask)
+        second = torch.where(odd, base + 4 * cost[..., 1], base + 4 * cost.sum(-1))
+        second_mask = torch.where(odd, negmask ^ flip2, negmask ^ flip1 ^ flip2)
+        index = torch.arange(256, device=x.device).expand_as(base)
+        for dist, mask in ((best, best_mask), (second, second_mask)):
+            dists.append(dist)
+            codes.append(index | ((mask & 0x7F) << 8) | (shift_bit << 15))
+    dist, code = torch.cat(dists, 1), torch.cat(codes, 1)
+    top = dist.topk(2, dim=1, largest=False).indices
+    return code.gather(1, top).to(torch.int32)
+
+
 def _encode(signed: Tensor, index: Tensor, shift_bit: int) -> Tensor:
     """Code of the point s ⊙ S[index] ± 1/4 from its signed pattern [B, 8]."""
     bits = ((signed[:, :7] < 0).to(torch.int32) << torch.arange(8, 15, device=signed.device, dtype=torch.int32)).sum(1)
@@ -185,6 +220,12 @@ def _nearest_chunk(x: Tensor) -> Tensor:
     return torch.where(dist_hi < dist_lo, code_hi, code_lo)
 
 
+def as_int16(codes: Tensor) -> Tensor:
+    """16-bit codes (ints in [0, 65536)) stored as int16, two's complement; `& 0xFFFF` undoes it."""
+    wide = codes.to(torch.int32)
+    return torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)
+
+
 @register_codebook("e8p")
 class E8P(Codebook):
     """2 bits per weight: each row's 8 consecutive weights share one 16-bit code."""
@@ -212,8 +253,7 @@ class E8P(Codebook):
         return table[codes.long() & 0xFFFF].reshape(m, -1)
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
-        wide = codes.to(torch.int32)
-        return {"codes": torch.where(wide >= 1 << 15, wide - (1 << 16), wide).to(torch.int16)}  # 16 bits, two's complement
+        return {"codes": as_int16(codes)}
 
     def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
         return stored["codes"].to(torch.int32) & 0xFFFF, {}

@@ -1,0 +1,69 @@
+"""Perplexity of quantized models on the reference model, side by side with the fp reference.
+
+    python bench/quality.py --methods rtn:4,gptq:4,quip#:2 [--ppl wt2-512x40,c4-512x40] [--model M]
+                            [--nsamples 128] [--save-dir runs/bench]
+
+Loads the model once, evaluates the float reference, then for each METHOD:BITS quantizes a fresh
+copy with default calibration, evaluates it, and prints one JSON object per (model, protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from common import machine
+from quipkit.api import quantize
+from quipkit.config import CalibrationConfig, make_config
+from quipkit.eval.perplexity import perplexity, protocol
+from quipkit.models.loading import load_model, pick_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", required=True, help="comma-separated METHOD:BITS, e.g. gptq:4,quip#:2")
+    parser.add_argument("--ppl", default="wt2-512x40")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--no-fp", action="store_true", help="skip the float reference")
+    parser.add_argument("--save-dir", help="also save each quantized model under this folder")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    protocols = [protocol(p) for p in args.ppl.split(",")]
+    specs = [m.rsplit(":", 1) for m in args.methods.split(",")]
+    configs = [make_config(method, int(bits)) for method, bits in specs]  # fail fast on a typo
+    reference, tokenizer, source = load_model(args.model)
+    calibration = CalibrationConfig(nsamples=args.nsamples)
+
+    def report(label: dict, model) -> None:
+        for proto in protocols:
+            result = perplexity(model.to(device), tokenizer, proto, device)
+            print(json.dumps({"bench": "quality", "model": source.describe(), **label, "metric": f"{proto.name} perplexity",
+                              "value": result["perplexity"], "eval_seconds": result["seconds"], "machine": machine()}),
+                  flush=True)
+
+    if not args.no_fp:
+        report({"method": "fp32", "bits": 32, "bits_per_weight": 32.0, "seconds": 0.0}, reference)
+    for config in configs:
+        model = copy.deepcopy(reference)
+        start = time.perf_counter()
+        result = quantize(model, tokenizer, config, calibration, device)
+        seconds = time.perf_counter() - start
+        label = {"method": config.method, "bits": config.bits, "bits_per_weight": result.bits_per_weight(),
+                 "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples}
+        if args.save_dir:
+            from quipkit.formats.checkpoint import save
+
+            save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}", config, calibration, overwrite=True)
+        report(label, model)
+        del model
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
