@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 
 native = Extension(
     "quipkit._native",
-    sources=["src/quipkit/_native/module.c", "src/quipkit/_native/e8p.c"],
-    depends=["src/quipkit/_native/native.h"],
+    sources=["src/quipkit/_native/module.c", "src/quipkit/_native/e8p.c", "src/quipkit/_native/viterbi.c"],
+    depends=["src/quipkit/_native/native.h", "src/quipkit/_native/viterbi_step.h"],
     extra_compile_args=["-O3", "-std=c11"],
     optional=True,
 )

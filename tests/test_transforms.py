@@ -30,10 +30,11 @@ def test_constructions_cover_paley_orders_including_prime_powers():
     assert not has_hadamard(6) and not has_hadamard(10)
 
 
-def test_fwht_matches_sylvester_matrix():
-    x = torch.randn(5, 64, dtype=torch.float64)
+@pytest.mark.parametrize("n", [1, 2, 64, 128, 1024, 4096])
+def test_fwht_matches_sylvester_matrix(n):
+    x = torch.randn(5, n, dtype=torch.float64)
     sylvester = torch.tensor([[1.0]], dtype=torch.float64)
-    while sylvester.shape[0] < 64:
+    while sylvester.shape[0] < n:
         sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)])
     assert torch.allclose(fwht(x), x @ sylvester.t())
 

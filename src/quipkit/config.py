@@ -32,6 +32,7 @@ class QuantConfig:
     rounding: str = "ldlq"
     greedy_sweeps: int = 0
     act_order: bool = False
+    sequential: bool = False
     damping: float = 0.01
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -211,6 +212,7 @@ def _gptq(
     symmetric: bool = False,
     act_order: bool = True,
     incoherence: bool = False,
+    sequential: bool = True,
     **options: Any,
 ) -> QuantConfig:
     transform = {"name": "kronecker", "rescale": True} if incoherence else {"name": "identity"}
@@ -221,6 +223,7 @@ def _gptq(
         transform=transform,
         rounding="ldlq",
         act_order=act_order,
+        sequential=sequential,
         **_common(options),
     )
 
@@ -233,6 +236,20 @@ def _quip_sharp(bits: int, greedy_sweeps: int = 2, **options: Any) -> QuantConfi
         method="quip#",
         bits=bits,
         codebook=codebook,
+        transform={"name": "rht"},
+        rounding="ldlq",
+        greedy_sweeps=greedy_sweeps,
+        **_common(options),
+    )
+
+
+@register_method("qtip", (2, 3, 4), "QTIP: random Hadamard transform + bitshift trellis codes (Viterbi) + BlockLDLQ on 16x16 tiles")
+def _qtip(bits: int, L: int = 16, trellis_code: str = "1mad", greedy_sweeps: int = 0, **options: Any) -> QuantConfig:
+    options.setdefault("propagate", "original")
+    return QuantConfig(
+        method="qtip",
+        bits=bits,
+        codebook={"name": "trellis", "bits": bits, "L": L, "code": trellis_code},
         transform={"name": "rht"},
         rounding="ldlq",
         greedy_sweeps=greedy_sweeps,

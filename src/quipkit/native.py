@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,38 +29,53 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
 
 
-def _split(count: int, minimum: int = 4096) -> list[tuple[int, int]]:
+def _in_parallel(count: int, run: Callable[[int, int], None], minimum: int) -> None:
+    """Call run(lo, hi) on contiguous slices of range(count), one per thread."""
     parts = max(1, min(torch.get_num_threads(), count // minimum))
     bounds = [count * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+    list(_pool().map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))
+
+
+def _cpu(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.detach().to("cpu", dtype).contiguous()
 
 
 def e8p_nearest(x: Tensor, patterns: Tensor, lookup: Tensor) -> Tensor:
     """Codes [N] (int32) of the nearest E8P codewords to x [N, 8]; patterns [256, 8] f32, lookup [4^8] i32."""
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    patterns = patterns.to("cpu", torch.float32).contiguous()
-    lookup = lookup.to("cpu", torch.int32).contiguous()
+    x, patterns, lookup = _cpu(x, torch.float32), _cpu(patterns, torch.float32), _cpu(lookup, torch.int32)
     codes = torch.empty(x.shape[0], dtype=torch.int32)
 
-    def run(span: tuple[int, int]) -> None:
-        lo, hi = span
-        _native.e8p_nearest(
-            x.data_ptr() + lo * 32, hi - lo, patterns.data_ptr(), lookup.data_ptr(), codes.data_ptr() + lo * 4
-        )
+    def run(lo: int, hi: int) -> None:
+        _native.e8p_nearest(x.data_ptr() + lo * 32, hi - lo, patterns.data_ptr(), lookup.data_ptr(),
+                            codes.data_ptr() + lo * 4)
 
-    list(_pool().map(run, _split(x.shape[0])))
+    _in_parallel(x.shape[0], run, 4096)
     return codes
 
 
 def e8p_two_nearest(x: Tensor, patterns: Tensor) -> Tensor:
     """Codes [N, 2] (int32) of the nearest and second-nearest E8P codewords to x [N, 8]."""
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    patterns = patterns.to("cpu", torch.float32).contiguous()
+    x, patterns = _cpu(x, torch.float32), _cpu(patterns, torch.float32)
     codes = torch.empty(x.shape[0], 2, dtype=torch.int32)
 
-    def run(span: tuple[int, int]) -> None:
-        lo, hi = span
+    def run(lo: int, hi: int) -> None:
         _native.e8p_two_nearest(x.data_ptr() + lo * 32, hi - lo, patterns.data_ptr(), codes.data_ptr() + lo * 8)
 
-    list(_pool().map(run, _split(x.shape[0])))
+    _in_parallel(x.shape[0], run, 4096)
     return codes
+
+
+def trellis_encode(x: Tensor, table: Tensor, L: int, k: int) -> tuple[Tensor, Tensor]:
+    """Tail-biting Viterbi of tiles x [B, T] under table [2^L, V] -> (states [B, T / V] int32, costs [B])."""
+    x, table = _cpu(x, torch.float32), _cpu(table, torch.float32)
+    batch, length = x.shape
+    v = table.shape[1]
+    states = torch.empty(batch, length // v, dtype=torch.int32)
+    costs = torch.empty(batch, dtype=torch.float32)
+
+    def run(lo: int, hi: int) -> None:
+        _native.trellis_encode(x.data_ptr() + lo * length * 4, hi - lo, length, L, k, v, table.data_ptr(),
+                               states.data_ptr() + lo * (length // v) * 4, costs.data_ptr() + lo * 4)
+
+    _in_parallel(batch, run, 1)
+    return states, costs

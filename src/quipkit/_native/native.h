@@ -7,4 +7,7 @@ void e8p_nearest(const float *x, int64_t count, const float *patterns, const int
 
 void e8p_two_nearest(const float *x, int64_t count, const float *patterns, int32_t *codes);
 
+int trellis_encode(const float *x, int64_t count, int T, int L, int k, int V, const float *table, int32_t *states,
+                   float *costs);
+
 #endif

@@ -94,8 +94,8 @@ class GroupGrid(Codebook):
 
 
 # Half-range of QuIP's uniform grid in units of the weights' RMS, per bit width. Tuned by
-# bench/tune_scalar_range.py on i.i.d. Gaussian data (the distribution incoherent weights approach).
-UNIFORM_RANGE = {2: 1.72, 3: 2.22, 4: 2.68, 8: 4.5}
+# bench/tune_codebooks.py on i.i.d. Gaussian data (the distribution incoherent weights approach).
+UNIFORM_RANGE = {2: 1.5, 3: 2.05, 4: 2.5, 8: 4.5}
 
 
 @register_codebook("uniform")

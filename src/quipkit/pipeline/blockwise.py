@@ -42,12 +42,20 @@ class QuantizeReport:
         return sum(r["bits"] * r["shape"][0] * r["shape"][1] for r in self.layers) / max(weights, 1)
 
 
-class _HessianHooks:
-    """Forward pre-hooks that accumulate H per distinct input; linears fed the same tensor share one H."""
+class _StopBlock(Exception):
+    pass
 
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device) -> None:
+
+class _HessianHooks:
+    """Forward pre-hooks that accumulate H per distinct input; linears fed the same tensor share one H.
+
+    With `stop_at`, the block's forward is cut short right after that linear's input is recorded.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, stop_at: str | None = None) -> None:
         self.linears = linears
         self.device = device
+        self.stop_at = stop_at
         self.groups: list[list[str]] = []  # names that read one input, found on the first batch
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: list[tuple[Tensor, str]] = []  # (input, first reader), alive during a batch
@@ -68,6 +76,8 @@ class _HessianHooks:
                     return
             if name in self.accumulators:
                 self.accumulators[name].add(x)
+            if name == self.stop_at:
+                raise _StopBlock
 
         return hook
 
@@ -81,6 +91,7 @@ class _HessianHooks:
 
 
 def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None) -> list[Tensor]:
+    """The block's outputs for each batch of inputs (on the CPU); `after` runs after each batch."""
     outputs = []
     for x, kw in zip(inputs, kwargs):
         out = block_output(block(x.to(device), **move(kw, device)))
@@ -88,6 +99,22 @@ def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], devic
         if after is not None:
             after()
     return outputs
+
+
+def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Tensor], kwargs: list[dict],
+                device: torch.device) -> Tensor:
+    """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
+    hooks = _HessianHooks({name: linear}, device, stop_at=name)
+    try:
+        for x, kw in zip(inputs, kwargs):
+            try:
+                block(x.to(device), **move(kw, device))
+            except _StopBlock:
+                pass
+            hooks.end_batch()
+    finally:
+        hooks.remove()
+    return hooks.accumulators[name].mean()
 
 
 @torch.no_grad()
@@ -158,7 +185,11 @@ def _quantize_block(
     reporter: Reporter,
     report: QuantizeReport,
 ) -> tuple[list[Tensor], dict, list[LayerRecord]]:
-    """Quantize one block; without calibration (round-to-nearest) each linear uses H = I."""
+    """Quantize one block; without calibration (round-to-nearest) each linear uses H = I.
+
+    With `config.sequential` (GPTQ's true-sequential), each group after the first gets its Hessian
+    from the block with the earlier groups already quantized, so it learns to absorb their error.
+    """
     t0 = time.perf_counter()
     if config.needs_calibration:
         hooks = _HessianHooks(linears, device)
@@ -175,8 +206,10 @@ def _quantize_block(
     saved: dict[str, tuple[dict, dict[str, Tensor]]] = {}
     records: list[LayerRecord] = []
     with reporter.task("  layers", len(linears)) as layer_task:
-        for group, hessian in groups:
+        for index, (group, hessian) in enumerate(groups):
             members = {name: linears[name] for name in group}
+            if config.sequential and config.needs_calibration and index > 0:
+                hessian = _hessian_at(block, group[0], linears[group[0]], inputs, kwargs, device)
             for layer, record in quantize_group(members, hessian, config, device):
                 local = _relative(block, record.name, linears)
                 set_module(block, local, layer.to(device))

@@ -175,19 +175,42 @@ def hadamard_factor(n: int) -> int | None:
 # Fast transforms on the last dimension of a tensor.
 
 
+# Butterfly stages below this width run as one dense matmul with the Sylvester matrix (BLAS beats
+# log2(width) memory passes there); wider transforms continue with butterflies.
+_DENSE_WIDTH = 128
+
+
+@lru_cache(maxsize=16)
+def _sylvester(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h.to(device)
+
+
 def fwht(x: Tensor) -> Tensor:
-    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two): H_{2^k} x, O(n log n)."""
+    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two): H_{2^k} x, O(n log n).
+
+    The first log2(128) butterfly stages are one matmul with the 128 x 128 Sylvester matrix, the
+    rest are in-place butterflies on two ping-pong buffers.
+    """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
     lead = x.shape[:-1]
-    h = 1
+    width = min(n, _DENSE_WIDTH)
+    buf = (x.reshape(*lead, n // width, width) @ _sylvester(width, x.device, x.dtype)).reshape(*lead, n)
+    if width == n:
+        return buf
+    out = torch.empty_like(buf)
+    h = width
     while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
+        y, o = buf.view(*lead, n // (2 * h), 2, h), out.view(*lead, n // (2 * h), 2, h)
+        torch.add(y[..., 0, :], y[..., 1, :], out=o[..., 0, :])
+        torch.sub(y[..., 0, :], y[..., 1, :], out=o[..., 1, :])
+        buf, out = out, buf
         h *= 2
-    return x.reshape(*lead, n)
+    return buf
 
 
 def dct(x: Tensor, inverse: bool = False) -> Tensor:

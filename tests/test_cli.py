@@ -1,0 +1,108 @@
+"""Every user error ends in one line naming the problem and the fix, with a non-zero exit; no traceback."""
+
+import json
+
+import pytest
+import torch
+
+from quipkit.cli import EXIT_USER_ERROR, main
+
+from conftest import tiny_model
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == EXIT_USER_ERROR
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("quipkit: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smol_tokenizer):
+    """A tiny Llama with the real tokenizer, saved like a Hugging Face model folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model(vocab_size=len(smol_tokenizer))
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_unknown_method(capsys, tmp_path):
+    code, _, err = _run(capsys, "quantize", "--method", "quip##", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(code, err, "unknown method 'quip##'", "gptq")
+
+
+def test_bad_bits(capsys, tmp_path):
+    code, _, err = _run(capsys, "quantize", "--method", "quip#", "--bits", "5", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(code, err, "does not support 5 bits", "2, 3, 4")
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = _run(capsys, "quantize", "./no/such/model", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(code, err, "no such file or folder")
+
+
+def test_output_exists(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, _, err = _run(capsys, "quantize", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(code, err, "already exists", "--overwrite")
+
+
+def test_foreign_and_corrupt_checkpoints(capsys, tmp_path, tiny_folder):
+    code, _, err = _run(capsys, "info", str(tiny_folder))
+    _assert_one_line_error(code, err, "not a quipkit checkpoint")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    code, _, err = _run(capsys, "info", str(broken))
+    _assert_one_line_error(code, err, "corrupt")
+    code, _, err = _run(capsys, "eval", str(broken))
+    _assert_one_line_error(code, err, "not valid JSON")
+
+
+def test_unknown_protocol(capsys):
+    code, _, err = _run(capsys, "eval", "--ppl", "wikitext3")
+    _assert_one_line_error(code, err, "unknown perplexity protocol 'wikitext3'")
+
+
+def test_model_without_linear_layers(capsys, tmp_path, smol_tokenizer):
+    import transformers
+
+    # GPT-2 computes with Conv1D modules, not nn.Linear: there is nothing quipkit can quantize
+    folder = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=len(smol_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    code, _, err = _run(capsys, "quantize", str(folder), "--method", "gptq", "--out", str(tmp_path / "o"),
+                        "--nsamples", "2", "--seqlen", "16")
+    _assert_one_line_error(code, err, "no repeated blocks of linear layers")
+
+
+def test_quantize_info_eval_generate_end_to_end(capsys, tmp_path, tiny_folder):
+    out = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", str(tiny_folder), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                        "--out", str(out), "--nsamples", "4", "--seqlen", "32", "--json", str(tmp_path / "s.json"))
+    assert code == 0, err
+    assert not (tmp_path / "q.partial").exists()
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["method"] == "gptq" and len(summary["layers"]) == 14
+    code, out_text, _ = _run(capsys, "info", str(out), "--json")
+    info = json.loads(out_text)
+    assert code == 0 and info["method"] == "gptq" and info["layers"] == 14
+    assert info["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
+    code, out_text, _ = _run(capsys, "generate", str(out), "Hello", "--max-new-tokens", "4", "--no-chat")
+    assert code == 0 and isinstance(out_text, str)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, _, err = _run(capsys, "eval", str(out), "--ppl", str(text), "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())[0]
+    assert result["perplexity"] > 1 and result["windows"] >= 1
