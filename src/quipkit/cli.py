@@ -211,9 +211,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
 # info
 
 
+def cmd_incoherence(args: argparse.Namespace) -> None:
+    """`info --incoherence MODEL`: mu of W and H per layer before and after each transform."""
+    from quipkit.config import CalibrationConfig
+    from quipkit.console import RichReporter
+    from quipkit.eval.incoherence import incoherence_report
+    from quipkit.models.loading import load_model, pick_device
+    from quipkit.pipeline.calibration import calibration_tokens
+
+    model, tokenizer, source = load_model(args.model)
+    if source.kind == "quipkit":
+        raise QuipkitError("--incoherence analyses a float model; pass the original model, not a quantized folder")
+    calibration = CalibrationConfig(nsamples=args.nsamples, seqlen=512)
+    with RichReporter() as reporter:
+        rows = incoherence_report(model, calibration_tokens(tokenizer, calibration), calibration.batch_size,
+                                  pick_device(args.device), args.bits, reporter)
+    if args.json:
+        _print_json(rows, None)
+        return
+    _table(f"incoherence of {source.describe()} ({args.nsamples} calibration sequences, bound at {args.bits} bits)",
+           ["layer", "mu_W", "mu_W rht", "mu_W kron", "mu_H", "mu_H rht", "mu_H kron", "bound", "bound kron"],
+           [[r["layer"], r["none"]["mu_w"], r["rht"]["mu_w"], r["kronecker"]["mu_w"], r["none"]["mu_h"],
+             r["rht"]["mu_h"], r["kronecker"]["mu_h"], r["none"]["bound"], r["kronecker"]["bound"]] for r in rows])
+    for label in ("rht", "kronecker"):
+        drops = sum(r[label]["mu_w"] < r["none"]["mu_w"] and r[label]["mu_h"] < r["none"]["mu_h"] for r in rows)
+        print(f"{label}: mu_W and mu_H both drop on {drops} of {len(rows)} layers")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from quipkit.formats.checkpoint import REPORT, read_quantization_config
 
+    if args.incoherence:
+        cmd_incoherence(args)
+        return
     folder = Path(args.model)
     if not folder.exists():
         raise QuipkitError(f"no such folder: {folder}")
@@ -354,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
 
     p = command("info", cmd_info, "describe a quantized checkpoint: method, bits, size, layers")
-    p.add_argument("model", help="quantized folder")
+    p.add_argument("model", help="quantized folder (with --incoherence: a float model)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--incoherence", action="store_true",
+                   help="analyse a float model: per-layer mu of W and H before/after RHT and Kronecker, and "
+                   "QuIP's proxy-loss bound")
+    p.add_argument("--nsamples", type=int, default=16, help="--incoherence: calibration sequences [16]")
+    p.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="--incoherence: bits of the bound [2]")
 
     p = command("demo", cmd_demo, "quantize the default model, compare perplexity with float32, generate")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)

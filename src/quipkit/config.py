@@ -255,3 +255,22 @@ def _qtip(bits: int, L: int = 16, trellis_code: str = "1mad", greedy_sweeps: int
         greedy_sweeps=greedy_sweeps,
         **_common(options),
     )
+
+
+@register_method("quip", (2, 3, 4), "QuIP: Kronecker random orthogonal incoherence + LDLQ on a uniform grid + greedy passes")
+def _quip(bits: int, rescale: bool = True, order: str = "natural", greedy_sweeps: int = 10, **options: Any) -> QuantConfig:
+    """`order="rg"` is LDLQ-RG: columns by decreasing diagonal of the processed Hessian. Greedy passes
+    run until a sweep no longer lowers the proxy (at most `greedy_sweeps`)."""
+    if order not in ("natural", "rg"):
+        raise TypeError(f"order must be 'natural' or 'rg', got {order!r}")
+    return QuantConfig(
+        method="quip",
+        bits=bits,
+        codebook={"name": "uniform", "bits": bits},
+        transform={"name": "kronecker", "rescale": rescale},
+        rounding="ldlq",
+        greedy_sweeps=greedy_sweeps,
+        act_order=order == "rg",
+        sequential=True,
+        **_common(options),
+    )

@@ -101,6 +101,18 @@ def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], devic
     return outputs
 
 
+def collect_hessians(
+    block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device
+) -> tuple[list[Tensor], list[tuple[list[str], Tensor]]]:
+    """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)]) in forward order."""
+    hooks = _HessianHooks(linears, device)
+    try:
+        outputs = _run_block(block, inputs, kwargs, device, after=hooks.end_batch)
+    finally:
+        hooks.remove()
+    return outputs, [(group, hooks.accumulators[group[0]].mean()) for group in hooks.groups]
+
+
 def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Tensor], kwargs: list[dict],
                 device: torch.device) -> Tensor:
     """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
@@ -192,12 +204,7 @@ def _quantize_block(
     """
     t0 = time.perf_counter()
     if config.needs_calibration:
-        hooks = _HessianHooks(linears, device)
-        try:
-            outputs = _run_block(block, inputs, kwargs, device, after=hooks.end_batch)
-        finally:
-            hooks.remove()
-        groups = [(g, hooks.accumulators[g[0]].mean()) for g in hooks.groups]
+        outputs, groups = collect_hessians(block, linears, inputs, kwargs, device)
     else:
         outputs = inputs
         groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
@@ -209,7 +216,10 @@ def _quantize_block(
         for index, (group, hessian) in enumerate(groups):
             members = {name: linears[name] for name in group}
             if config.sequential and config.needs_calibration and index > 0:
+                start = time.perf_counter()
                 hessian = _hessian_at(block, group[0], linears[group[0]], inputs, kwargs, device)
+                report.seconds["hessian"] += time.perf_counter() - start
+                t1 += time.perf_counter() - start  # keep it out of the rounding time
             for layer, record in quantize_group(members, hessian, config, device):
                 local = _relative(block, record.name, linears)
                 set_module(block, local, layer.to(device))
