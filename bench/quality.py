@@ -32,36 +32,55 @@ def main() -> None:
     parser.add_argument("--no-fp", action="store_true", help="skip the float reference")
     parser.add_argument("--save-dir", help="also save each quantized model under this folder")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--hessian-cache", help="share calibration Hessians between methods (see quipkit quantize --help)")
+    parser.add_argument("--out", help="append the JSON lines to this file too")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="preset option for every method, e.g. L=12 or incoherence=true")
     args = parser.parse_args()
     device = pick_device(args.device)
     protocols = [protocol(p) for p in args.ppl.split(",")]
     specs = [m.rsplit(":", 1) for m in args.methods.split(",")]
-    configs = [make_config(method, int(bits)) for method, bits in specs]  # fail fast on a typo
+    options = dict(_option(o) for o in args.option)
+    configs = [make_config(method, int(bits), **options) for method, bits in specs]  # fail fast on a typo
     reference, tokenizer, source = load_model(args.model)
     calibration = CalibrationConfig(nsamples=args.nsamples)
 
     def report(label: dict, model) -> None:
         for proto in protocols:
             result = perplexity(model.to(device), tokenizer, proto, device)
-            print(json.dumps({"bench": "quality", "model": source.describe(), **label, "metric": f"{proto.name} perplexity",
-                              "value": result["perplexity"], "eval_seconds": result["seconds"], "machine": machine()}),
-                  flush=True)
+            line = json.dumps({"bench": "quality", "model": source.describe(), **label, "metric": f"{proto.name} perplexity",
+                               "value": result["perplexity"], "eval_seconds": result["seconds"], "machine": machine()})
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(line + "\n")
 
     if not args.no_fp:
         report({"method": "fp32", "bits": 32, "bits_per_weight": 32.0, "seconds": 0.0}, reference)
     for config in configs:
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        result = quantize(model, tokenizer, config, calibration, device)
+        result = quantize(model, tokenizer, config, calibration, device, model_id=source.describe(),
+                          hessian_cache=args.hessian_cache)
         seconds = time.perf_counter() - start
-        label = {"method": config.method, "bits": config.bits, "bits_per_weight": result.bits_per_weight(),
-                 "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples}
+        label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
+                 "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
+                 "layers": [{"name": r["name"], "proxy": r["proxy"]} for r in result.layers]}
         if args.save_dir:
             from quipkit.formats.checkpoint import save
 
             save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}", config, calibration, overwrite=True)
         report(label, model)
         del model
+
+
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON when it parses (12, true), else as a string (1mad)."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 if __name__ == "__main__":

@@ -168,3 +168,29 @@ def test_checkpoint_size_reflects_stored_bits(tmp_path, smol_tokenizer):
     assert quant_bytes * 8 / weights == pytest.approx(report.bits_per_weight())
     # 2-bit codes, plus an fp16 scale and a 2-bit zero per 64 weights
     assert report.bits_per_weight() == pytest.approx(2 + (16 + 2) / 64, abs=0.01)
+
+
+def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, monkeypatch):
+    import quipkit.pipeline.blockwise as blockwise
+
+    config = make_config("quip#", 2)
+    straight = tiny_model()
+    quantize_blockwise(straight, _tokens(), config, CAL, torch.device("cpu"))
+    filled = tiny_model()
+    quantize_blockwise(filled, _tokens(), config, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+    (folder,) = (tmp_path / "h").iterdir()
+    assert len(list(folder.glob("block_*.safetensors"))) == 2
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a complete cache must not run the model")
+
+    monkeypatch.setattr(blockwise, "collect_hessians", no_forward)
+    monkeypatch.setattr(blockwise, "capture_block_calls", no_forward)
+    cached = tiny_model()
+    quantize_blockwise(cached, _tokens(), make_config("quip#", 2), CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+    a, b, c = straight.state_dict(), filled.state_dict(), cached.state_dict()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    # another model's weights get their own entry, never the cached Hessians
+    monkeypatch.undo()
+    quantize_blockwise(tiny_model(seed=1), _tokens(), config, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+    assert len(list((tmp_path / "h").iterdir())) == 2

@@ -25,11 +25,13 @@ def quantize(
     reporter: Reporter | None = None,
     work_folder: str | Path | None = None,
     model_id: str = "",
+    hessian_cache: str | Path | None = None,
 ) -> QuantizeReport:
     """Quantize `model` in place with `config`, calibrating on `calibration` text.
 
     With `work_folder`, every finished block is saved there and an interrupted call resumes when
-    called again with the same arguments.
+    called again with the same arguments. With `hessian_cache`, a folder shared between calls,
+    methods whose Hessians come from the original model compute them once per model.
     """
     from quipkit.models.loading import pick_device
 
@@ -44,4 +46,5 @@ def quantize(
         reporter,
         Path(work_folder) if work_folder is not None else None,
         model_id,
+        Path(hessian_cache) if hessian_cache is not None else None,
     )

@@ -102,7 +102,7 @@ def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[s
         raise QuipkitError(f"{args.model} is already quantized; quantize the original float model")
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
-    report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe())
+    report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe(), args.hessian_cache)
     seconds = time.perf_counter() - start
     summary = {
         "model": source.describe(),
@@ -158,25 +158,71 @@ def _evaluate(model, tokenizer, name: str, device: str | None, reporter) -> dict
     return perplexity(model, tokenizer, proto, pick_device(device), reporter=reporter)
 
 
+def _model_label(model, source) -> dict[str, Any]:
+    """Model, method and bits per weight, so eval JSON files can be compared in a report."""
+    from quipkit.formats.checkpoint import quantized_layers
+
+    layers = quantized_layers(model)
+    if not layers:
+        return {"model": source.describe(), "method": "fp32", "bits_per_weight": 32.0}
+    config = getattr(model.config, "quantization_config", None) or {}
+    config = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
+    method = (config.get("config") or {}).get("method", "quantized")
+    weights = sum(layer.out_features * layer.in_features for layer in layers.values())
+    bits = sum(layer.stored_bits() for layer in layers.values())
+    return {"model": source.describe(), "method": method, "bits_per_weight": bits / weights}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from quipkit.console import RichReporter
+    from quipkit.eval.perplexity import protocol
+    from quipkit.eval.tasks import evaluate_task, task
     from quipkit.models.loading import load_model, pick_device
 
-    protocols = _protocols(args.ppl)
-    if not protocols:
-        raise QuipkitError("nothing to evaluate: pass --ppl (e.g. --ppl wikitext2,c4)")
-    from quipkit.eval.perplexity import protocol
-
+    tasks = _protocols(args.tasks)
+    harness = _protocols(args.harness)
+    protocols = _protocols(args.ppl if args.ppl is not None else ("" if tasks or harness else "wikitext2"))
+    if not (protocols or tasks or harness):
+        raise QuipkitError("nothing to evaluate: pass --ppl (e.g. wikitext2,c4) and/or --tasks (e.g. arc_easy,piqa)")
+    if args.limit is not None and args.limit < 1:
+        raise QuipkitError("--limit must be a positive number of documents")
     for name in protocols:
         protocol(name)  # fail on a bad name before loading the model
+    for name in tasks:
+        task(name)
+    if harness:
+        from quipkit.eval.harness import require_harness
+
+        require_harness()
+    device = pick_device(args.device)
     model, tokenizer, source = load_model(args.model)
-    model.to(pick_device(args.device))
+    model.to(device)
+    label = _model_label(model, source)
+    results: list[dict[str, Any]] = []
     with RichReporter() as reporter:
-        results = [dict(model=source.describe(), **_evaluate(model, tokenizer, p, args.device, reporter)) for p in protocols]
-    _table("perplexity", ["model", "protocol", "perplexity", "tokens", "seconds"],
-           [[r["model"], r["protocol"], r["perplexity"], r["tokens"], r["seconds"]] for r in results])
+        for p in protocols:
+            results.append({**label, "kind": "perplexity", **_evaluate(model, tokenizer, p, args.device, reporter)})
+        for name in tasks:
+            out = evaluate_task(model, tokenizer, name, device, args.limit, reporter=reporter)
+            results.append({**label, "kind": "task", **out})
+    if harness:
+        from quipkit.eval.harness import run_harness
+
+        results.append({**label, "kind": "harness", "results": run_harness(model, tokenizer, harness, device, args.limit)})
+    if protocols:
+        _table("perplexity", ["model", "protocol", "perplexity", "tokens", "seconds"],
+               [[r["model"], r["protocol"], r["perplexity"], r["tokens"], r["seconds"]] for r in results if r["kind"] == "perplexity"])
+    if tasks:
+        rows = [[r["task"], m, v["value"], v["stderr"] if v["stderr"] is not None else "", r["n"], r["seconds"]]
+                for r in results if r["kind"] == "task" for m, v in r["metrics"].items()]
+        _table(f"zero-shot: {label['model']}", ["task", "metric", "value", "stderr", "documents", "seconds"], rows)
+    for r in results:
+        if r["kind"] == "harness":
+            print(json.dumps(r["results"], indent=1, default=str))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        from quipkit.pipeline.run_state import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(results, indent=1, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +282,15 @@ def cmd_incoherence(args: argparse.Namespace) -> None:
     for label in ("rht", "kronecker"):
         drops = sum(r[label]["mu_w"] < r["none"]["mu_w"] and r[label]["mu_h"] < r["none"]["mu_h"] for r in rows)
         print(f"{label}: mu_W and mu_H both drop on {drops} of {len(rows)} layers")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from quipkit.eval.report import write_report
+
+    written = write_report([Path(p) for p in args.results], Path(args.out) if args.out else None, args.proxy_bits)
+    print(written[0].read_text())
+    for path in written:
+        print(f"wrote {path}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -343,6 +398,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
                    help="comma-separated sources: wikitext2, c4, a .txt/.jsonl file, hf:NAME:SPLIT [wikitext2,c4]")
     c.add_argument("--calib-batch", type=int, default=8, help="sequences per forward pass [8]")
     c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
+    c.add_argument("--hessian-cache", metavar="DIR",
+                   help="reuse calibration Hessians across runs of one model (methods with --propagate original)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,10 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", cmd_eval, "evaluate a float or quantized model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model or quantized folder [{DEFAULT_MODEL}]")
-    p.add_argument("--ppl", default="wikitext2",
+    p.add_argument("--ppl", default=None,
                    help="perplexity protocols: wt2-512x40 (alias wikitext2), wt2-2048-full, c4-512x40 (alias c4), "
-                   "or a .txt/.jsonl file [wikitext2]")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+                   "or a .txt/.jsonl file [wikitext2 when no task is given]")
+    p.add_argument("--tasks", help="zero-shot tasks on the bundled data: arc_easy, arc_challenge, piqa, winogrande, "
+                   "lambada_openai")
+    p.add_argument("--limit", type=int, help="only the first N documents of each task")
+    p.add_argument("--harness", metavar="TASKS", help="run these lm-evaluation-harness tasks (needs lm-eval; downloads data)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (for quipkit report)")
 
     p = command("generate", cmd_generate, "generate text from a model")
     p.add_argument("model", help="quantized folder or model")
@@ -391,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "QuIP's proxy-loss bound")
     p.add_argument("--nsamples", type=int, default=16, help="--incoherence: calibration sequences [16]")
     p.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="--incoherence: bits of the bound [2]")
+
+    p = command("report", cmd_report, "turn bench/eval JSON results into a Markdown table and PNG plots")
+    p.add_argument("results", nargs="+", help="files from bench/quality.py (JSON lines) or quipkit eval --json")
+    p.add_argument("--out", help="folder for report.md and the plots [the first file's folder]")
+    p.add_argument("--proxy-bits", type=int, default=2, help="bits whose per-layer proxy loss is plotted [2]")
 
     p = command("demo", cmd_demo, "quantize the default model, compare perplexity with float32, generate")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)

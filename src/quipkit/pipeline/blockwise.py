@@ -10,6 +10,7 @@ the calibration set. With a work folder, each finished block is saved so a rerun
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.pipeline.capture import block_output, capture_block_calls, move
+from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.run_state import RunState, fingerprint_of
 from quipkit.rounding import HessianAccumulator
@@ -139,8 +141,13 @@ def quantize_blockwise(
     reporter: Reporter | None = None,
     work_folder: Path | None = None,
     model_id: str = "",
+    hessian_cache: Path | None = None,
 ) -> QuantizeReport:
-    """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done."""
+    """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done.
+
+    With `hessian_cache`, a folder shared between runs: Hessians found there complete are used
+    without any forward pass; otherwise this run's are stored there for the next one.
+    """
     reporter = reporter or Reporter()
     report = QuantizeReport()
     prefix, blocks = find_blocks(model)
@@ -149,7 +156,16 @@ def quantize_blockwise(
     if work_folder is not None:
         fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id)
         state = RunState.open(work_folder, fingerprint)
-    calibrated = config.needs_calibration
+    cache = None
+    if hessian_cache is not None and cacheable(config):
+        identity = {"model": model_id, "weights": _signature(model), "calibration": calibration.to_dict()}
+        cache = HessianCache(hessian_cache, identity, len(blocks))
+    elif hessian_cache is not None:
+        reporter.log("not using the Hessian cache: this method's Hessians depend on its own quantized layers")
+    use_cache = cache is not None and cache.complete
+    if use_cache:
+        reporter.log(f"using cached Hessians from {cache.folder}")
+    calibrated = config.needs_calibration and not use_cache
     start = time.perf_counter()
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
     calls = capture_block_calls(model, blocks, batches) if calibrated else None
@@ -172,7 +188,12 @@ def quantize_blockwise(
             block = blocks[index].to(device)
             linears = select_linears(block, f"{prefix}.{index}", config.include, config.exclude)
             kwargs = calls.kwargs[index] if calls is not None else []
-            inputs, saved, records = _quantize_block(block, linears, inputs, kwargs, config, device, reporter, report)
+            cached = cache.load(index) if use_cache else None
+            inputs, saved, records, groups = _quantize_block(
+                block, linears, inputs, kwargs, config, device, reporter, report, cached
+            )
+            if cache is not None and not use_cache:
+                cache.save(index, groups)
             blocks[index] = block.to("cpu") if device.type != "cpu" else block
             report.layers.extend(r.to_dict() for r in records)
             if state is not None:
@@ -196,14 +217,20 @@ def _quantize_block(
     device: torch.device,
     reporter: Reporter,
     report: QuantizeReport,
-) -> tuple[list[Tensor], dict, list[LayerRecord]]:
-    """Quantize one block; without calibration (round-to-nearest) each linear uses H = I.
+    cached: HessianGroups | None = None,
+) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups]:
+    """Quantize one block: (next inputs, saved layers, records, the Hessians it collected).
+
+    Without calibration (round-to-nearest) each linear uses H = I; with `cached` Hessians the
+    block is not run at all.
 
     With `config.sequential` (GPTQ's true-sequential), each group after the first gets its Hessian
     from the block with the earlier groups already quantized, so it learns to absorb their error.
     """
     t0 = time.perf_counter()
-    if config.needs_calibration:
+    if cached is not None:
+        outputs, groups = inputs, cached
+    elif config.needs_calibration:
         outputs, groups = collect_hessians(block, linears, inputs, kwargs, device)
     else:
         outputs = inputs
@@ -231,7 +258,13 @@ def _quantize_block(
     if config.needs_calibration and config.propagate == "quantized":
         outputs = _run_block(block, inputs, kwargs, device)
         report.seconds["propagate"] += time.perf_counter() - t2
-    return outputs, saved, records
+    return outputs, saved, records, groups
+
+
+def _signature(model: nn.Module) -> str:
+    """A cheap fingerprint of the weights, so a cache never serves another model's Hessians."""
+    parts = [f"{name}:{tuple(p.shape)}:{float(p.detach().float().abs().sum()):.6e}" for name, p in model.named_parameters()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _relative(block: nn.Module, full_name: str, linears: dict[str, nn.Linear]) -> str:

@@ -1,0 +1,62 @@
+"""A folder of per-block Hessians, so quantizing one model at several methods or bit widths pays
+for the calibration forward passes once.
+
+Valid only where the Hessians do not depend on the method: inputs propagated from the original
+model and no true-sequential updates. Keyed by a hash of the model and the calibration settings;
+each block is one safetensors file, written atomically. A cache is used only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from quipkit.config import QuantConfig
+from quipkit.errors import QuipkitError
+from quipkit.pipeline.run_state import atomic_save_tensors
+
+HessianGroups = list[tuple[list[str], Tensor]]  # [(linear names reading one input, E[x x^T] [n, n])]
+
+
+def cacheable(config: QuantConfig) -> bool:
+    """Whether `config`'s Hessians are the original model's, so a cache can serve them."""
+    return config.needs_calibration and config.propagate == "original" and not config.sequential
+
+
+class HessianCache:
+    """Hessians of one (model, calibration) pair under `root/<key>/block_NNNN.safetensors`."""
+
+    def __init__(self, root: Path, identity: dict[str, Any], blocks: int) -> None:
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.folder = Path(root) / key
+        self.blocks = blocks
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "identity.json").write_text(json.dumps(identity, sort_keys=True, indent=1, default=str))
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"block_{index:04d}.safetensors"
+
+    @property
+    def complete(self) -> bool:
+        return all(self._file(i).is_file() for i in range(self.blocks))
+
+    def save(self, index: int, groups: HessianGroups) -> None:
+        names = [group for group, _ in groups]
+        tensors = {f"h{i}": hessian.cpu() for i, (_, hessian) in enumerate(groups)}
+        atomic_save_tensors(self._file(index), tensors, {"groups": json.dumps(names)})
+
+    def load(self, index: int) -> HessianGroups:
+        path = self._file(index)
+        try:
+            with safe_open(str(path), "pt") as handle:
+                names = json.loads(handle.metadata()["groups"])
+            tensors = load_file(str(path))
+            return [(group, tensors[f"h{i}"]) for i, group in enumerate(names)]
+        except Exception as err:  # a truncated or foreign file: name it and how to recover
+            raise QuipkitError(f"Hessian cache file {path} is unreadable ({err}); delete {self.folder} and rerun") from None
