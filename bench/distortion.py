@@ -1,6 +1,6 @@
 """Gaussian distortion of every codebook at its best scale (MSE per coordinate of i.i.d. N(0,1) data).
 
-    python bench/distortion.py [--samples 1048576] [--codebooks e8p,rvq3,rvq4,uniform2,...]
+    python bench/distortion.py [--samples 1048576] [--codebooks e8p,rvq3,rvq4,uniform2,...] [--sweep 0.97,1,1.03]
 
 Prints one JSON object per codebook: mse at the best data scale of a sweep around the codebook's
 default, the rate-distortion bound 2^(-2R) and the gap to it in dB.
@@ -50,13 +50,14 @@ def main() -> None:
     parser.add_argument("--codebooks", default=",".join(CODEBOOKS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiles", type=int, default=4096, help="trellis codes: 256-weight sequences measured")
+    parser.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="data scales tried, as multiples of the default")
     args = parser.parse_args()
     x = torch.randn(args.samples // 64, 64, generator=torch.Generator().manual_seed(args.seed))
     for name in args.codebooks.split(","):
         spec = CODEBOOKS[name]
         start = time.perf_counter()
         data = x[: args.tiles * 4] if spec["name"] == "trellis" else x  # 4 rows of 64 = one 256 tile
-        results = {s: distortion(spec, data, s) for s in SWEEP}
+        results = {s: distortion(spec, data, s) for s in map(float, args.sweep.split(","))}
         scale, mse = min(results.items(), key=lambda kv: kv[1])
         bound = 2.0 ** (-2 * spec["bits"])
         print(json.dumps({

@@ -69,7 +69,8 @@ def main() -> None:
         if args.save_dir:
             from quipkit.formats.checkpoint import save
 
-            save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}", config, calibration, overwrite=True)
+            suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()) if k not in ("propagate", "sequential"))
+            save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}{suffix}", config, calibration, overwrite=True)
         report(label, model)
         del model
 

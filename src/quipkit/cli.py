@@ -63,8 +63,8 @@ def _dir_size(folder: Path) -> int:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
-    for key in ("group_size", "symmetric", "act_order", "sequential", "greedy_sweeps", "trellis_code", "L",
-                "damping", "propagate", "seed"):
+    for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "order", "greedy_sweeps",
+                "trellis_code", "L", "damping", "propagate", "seed"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -382,7 +382,10 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: round columns by decreasing H_ii [on]")
     g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
-                   help="gptq: each layer's Hessian sees the block's earlier layers quantized [on]")
+                   help="gptq, quip: each layer's Hessian sees the block's earlier layers quantized [on]")
+    g.add_argument("--incoherence", action="store_true", default=None,
+                   help="gptq: QuIP's Kronecker incoherence processing around the grid [off]")
+    g.add_argument("--order", choices=("natural", "rg"), help="quip: column order, rg = LDLQ-RG [natural]")
     g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
     g.add_argument("--trellis-code", choices=("1mad", "3inst", "hyb", "lut"), help="qtip: the computed code [1mad]")
     g.add_argument("--L", type=int, help="qtip: trellis state bits, 8-16; 12 is faster, 16 better [16]")
