@@ -258,7 +258,9 @@ def _qtip(bits: int, L: int = 16, trellis_code: str = "1mad", greedy_sweeps: int
 
 
 @register_method("quip", (2, 3, 4), "QuIP: Kronecker random orthogonal incoherence + LDLQ on a uniform grid + greedy passes")
-def _quip(bits: int, rescale: bool = True, order: str = "natural", greedy_sweeps: int = 10, **options: Any) -> QuantConfig:
+def _quip(
+    bits: int, rescale: bool = True, order: str = "natural", greedy_sweeps: int = 10, sequential: bool = True, **options: Any
+) -> QuantConfig:
     """`order="rg"` is LDLQ-RG: columns by decreasing diagonal of the processed Hessian. Greedy passes
     run until a sweep no longer lowers the proxy (at most `greedy_sweeps`)."""
     if order not in ("natural", "rg"):
@@ -271,6 +273,6 @@ def _quip(bits: int, rescale: bool = True, order: str = "natural", greedy_sweeps
         rounding="ldlq",
         greedy_sweeps=greedy_sweeps,
         act_order=order == "rg",
-        sequential=True,
+        sequential=sequential,
         **_common(options),
     )
