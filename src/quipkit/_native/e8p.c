@@ -88,9 +88,8 @@ static float search_coset(const float y[8], const float *patterns, const float *
     return best;
 }
 
-void e8p_nearest(const float *x, int64_t count, const float *patterns, const int32_t *lookup, int32_t *codes) {
-    float norms[256], lengths[256];
-    uint8_t mask15[256];
+/* Per pattern: squared norm, norm, and the coordinates whose value is 1.5 mod 2 (as a bit mask). */
+static void pattern_tables(const float *patterns, float *norms, float *lengths, uint8_t *mask15) {
     for (int j = 0; j < 256; j++) {
         norms[j] = 0.0f;
         mask15[j] = 0;
@@ -101,6 +100,12 @@ void e8p_nearest(const float *x, int64_t count, const float *patterns, const int
         }
         lengths[j] = sqrtf(norms[j]);
     }
+}
+
+void e8p_nearest(const float *x, int64_t count, const float *patterns, const int32_t *lookup, int32_t *codes) {
+    float norms[256], lengths[256];
+    uint8_t mask15[256];
+    pattern_tables(patterns, norms, lengths, mask15);
     for (int64_t v = 0; v < count; v++) {
         const float *xv = x + 8 * v;
         float lo[8], hi[8];
@@ -188,16 +193,7 @@ static void scan_two(const float y[8], int shift_bit, const float *patterns, con
 void e8p_two_nearest(const float *x, int64_t count, const float *patterns, int32_t *codes) {
     float norms[256], lengths[256];
     uint8_t mask15[256];
-    for (int j = 0; j < 256; j++) {
-        norms[j] = 0.0f;
-        mask15[j] = 0;
-        for (int i = 0; i < 8; i++) {
-            float a = patterns[8 * j + i];
-            norms[j] += a * a;
-            if (lrintf(2.0f * a) % 4 == 3) mask15[j] |= (uint8_t)(1u << i);
-        }
-        lengths[j] = sqrtf(norms[j]);
-    }
+    pattern_tables(patterns, norms, lengths, mask15);
     for (int64_t v = 0; v < count; v++) {
         const float *xv = x + 8 * v;
         float lo[8], hi[8];
