@@ -21,7 +21,8 @@ except ImportError:  # no C compiler at install time
 
 
 def available() -> bool:
-    return _native is not None
+    # Running from a source tree without the build imports the C sources' folder as an empty package.
+    return hasattr(_native, "trellis_encode")
 
 
 @lru_cache(maxsize=1)

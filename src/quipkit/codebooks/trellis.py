@@ -152,12 +152,18 @@ def viterbi_torch(x: Tensor, table: Tensor, L: int, k: int) -> tuple[Tensor, Ten
     return _viterbi_pass(seq, table, L, kv, fixed)
 
 
-def trellis_encode(x: Tensor, table: Tensor, L: int, k: int, chunk: int = 64) -> tuple[Tensor, Tensor]:
-    """States [B, T / V] (int64) and costs [B] of the tail-biting walks for tiles x [B, T]."""
+def trellis_encode(x: Tensor, table: Tensor, L: int, k: int, memory: int = 1 << 30) -> tuple[Tensor, Tensor]:
+    """States [B, T / V] (int64) and costs [B] of the tail-biting walks for tiles x [B, T].
+
+    The torch path takes as many tiles at once as fit their back-pointers in `memory` bytes: a GPU
+    needs large batches to hide the per-step launches.
+    """
     if x.device.type == "cpu" and native.available():
         states, cost = native.trellis_encode(x, table, L, k)
         return states.long(), cost
-    parts = [viterbi_torch(part, table, L, k) for part in x.split(chunk)]
+    v = table.shape[1]
+    back_bytes = x.shape[1] // v << (L - k * v)
+    parts = [viterbi_torch(part, table, L, k) for part in x.split(max(1, memory // back_bytes))]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

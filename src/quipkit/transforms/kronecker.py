@@ -104,7 +104,7 @@ class RandomKronecker(Transform):
 
     def weight(self, weight: Tensor, params: Params) -> Tensor:
         m, n = weight.shape
-        w = weight * params["rescale"].to(weight.dtype) if self.rescale else weight
+        w = weight * params["rescale"].to(weight) if self.rescale else weight
         w = self._in(params, n).apply(w)  # rows: V r, i.e. W V^T
         return self._out(params, m).apply(w.t()).t()  # U (.)
 
@@ -112,18 +112,18 @@ class RandomKronecker(Transform):
         n = hessian.shape[0]
         h = hessian
         if self.rescale:
-            inv = 1.0 / params["rescale"].to(h.dtype)
+            inv = 1.0 / params["rescale"].to(h)
             h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
         op = self._in(params, n)
         return op.apply(op.apply(h).t()).t()
 
     def input(self, x: Tensor, params: Params) -> Tensor:
         if self.rescale:
-            x = x / params["rescale"].to(x.dtype)
+            x = x / params["rescale"].to(x)
         return self._in(params, x.shape[-1]).apply(x)
 
     def output(self, y: Tensor, params: Params) -> Tensor:
-        return self._out(params, y.shape[-1]).apply(y, transpose=True) * params["sv"].to(y.dtype)
+        return self._out(params, y.shape[-1]).apply(y, transpose=True) * params["sv"].to(y)
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         out = {"seed_in": ((1,), torch.int64), "seed_out": ((1,), torch.int64), "sv": ((rows,), torch.float16)}

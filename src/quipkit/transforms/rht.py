@@ -17,7 +17,7 @@ def random_signs(size: int, seed: int) -> Tensor:
 
 def rotate_rows(matrix: Tensor, signs: Tensor) -> Tensor:
     """Each row r of `matrix` [k, n] -> Had_n^T (signs ⊙ r)."""
-    return orthogonal_op(matrix.shape[-1]).apply(matrix * signs.to(matrix.dtype), transpose=True)
+    return orthogonal_op(matrix.shape[-1]).apply(matrix * signs.to(matrix), transpose=True)
 
 
 @register_transform("rht")
@@ -42,7 +42,7 @@ class RandomHadamard(Transform):
         return rotate_rows(x, params["su"])
 
     def output(self, y: Tensor, params: Params) -> Tensor:
-        return orthogonal_op(y.shape[-1]).apply(y) * params["sv"].to(y.dtype)
+        return orthogonal_op(y.shape[-1]).apply(y) * params["sv"].to(y)
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"su": ((cols,), torch.float16), "sv": ((rows,), torch.float16)}
