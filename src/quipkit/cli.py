@@ -63,7 +63,7 @@ def _dir_size(folder: Path) -> int:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
-    for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "order", "greedy_sweeps",
+    for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
                 "trellis_code", "L", "damping", "propagate", "seed"):
         value = getattr(args, key, None)
         if value is not None:
@@ -197,6 +197,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model, tokenizer, source = load_model(args.model)
     model.to(device)
+    if args.decode_once:
+        from quipkit.layers.quantized_linear import keep_decoded
+
+        keep_decoded(model)
     label = _model_label(model, source)
     results: list[dict[str, Any]] = []
     with RichReporter() as reporter:
@@ -385,6 +389,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
                    help="gptq, quip: each layer's Hessian sees the block's earlier layers quantized [on]")
     g.add_argument("--incoherence", action="store_true", default=None,
                    help="gptq: QuIP's Kronecker incoherence processing around the grid [off]")
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: per-group range of least squared error instead of min-max [on with --incoherence]")
     g.add_argument("--order", choices=("natural", "rg"), help="quip: column order, rg = LDLQ-RG [natural]")
     g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
     g.add_argument("--trellis-code", choices=("1mad", "3inst", "hyb", "lut"), help="qtip: the computed code [1mad]")
@@ -440,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N documents of each task")
     p.add_argument("--harness", metavar="TASKS", help="run these lm-evaluation-harness tasks (needs lm-eval; downloads data)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON (for quipkit report)")
+    p.add_argument("--decode-once", action="store_true",
+                   help="decode quantized weights once and hold them dense (4 bytes/weight): much faster "
+                   "evaluation of trellis and lattice codes when memory allows")
 
     p = command("generate", cmd_generate, "generate text from a model")
     p.add_argument("model", help="quantized folder or model")

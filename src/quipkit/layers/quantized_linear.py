@@ -40,6 +40,7 @@ class QuantizedLinear(nn.Module):
         for name, (shape, dtype) in layout.items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_buffer("decoded", None, persistent=False)  # see keep_decoded
 
     @classmethod
     def from_tensors(
@@ -47,8 +48,8 @@ class QuantizedLinear(nn.Module):
     ) -> "QuantizedLinear":
         """Build a layer from `spec` and fill its buffers from `tensors` (shapes and dtypes must match)."""
         layer = cls(**spec)
-        for name, buf in layer.named_buffers(recurse=False):
-            value = tensors[name]
+        for name in layer._codebook_names + layer._transform_names:
+            buf, value = getattr(layer, name), tensors[name]
             if value.shape != buf.shape:
                 raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
             setattr(layer, name, value.to(buf.dtype).clone())
@@ -76,11 +77,23 @@ class QuantizedLinear(nn.Module):
 
     def stored_bits(self) -> int:
         """Bits this layer stores: codes, scales and transform vectors (bias excluded)."""
-        return sum(buf.numel() * buf.element_size() * 8 for _, buf in self.named_buffers(recurse=False))
+        stored = {**self.codebook_tensors(), **self.transform_params()}.values()
+        return sum(buf.numel() * buf.element_size() * 8 for buf in stored)
+
+    @torch.no_grad()
+    def keep_decoded(self, keep: bool = True) -> None:
+        """Hold the dense rotated weight between calls (4 bytes per weight, never saved).
+
+        Evaluation runs thousands of forwards, and decoding every time (trellis walks, codebook
+        lookups) costs more than the matmul; generation on a small device wants the codes only.
+        """
+        codes = self.codebook_tensors()
+        self.decoded = self.codebook.dequantize(codes, self.out_features, self.in_features) if keep else None
 
     def forward(self, x: Tensor) -> Tensor:
         params = self.transform_params()
-        y = decode_matmul(self.transform.input(x, params), self)
+        x = self.transform.input(x, params)
+        y = x @ self.decoded.to(x.dtype).t() if self.decoded is not None else decode_matmul(x, self)
         y = self.transform.output(y, params)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -101,3 +114,13 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, codebook={cb['name']}, "
             f"bits={cb['bits']}, transform={self.transform.name}, bias={self.bias is not None}"
         )
+
+
+def keep_decoded(model: nn.Module, keep: bool = True) -> int:
+    """`QuantizedLinear.keep_decoded` on every quantized layer of `model`; returns the bytes now held."""
+    held = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.keep_decoded(keep)
+            held += module.decoded.numel() * 4 if keep else 0
+    return held
