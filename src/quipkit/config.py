@@ -213,13 +213,17 @@ def _gptq(
     act_order: bool = True,
     incoherence: bool = False,
     sequential: bool = True,
+    clip: bool | None = None,
     **options: Any,
 ) -> QuantConfig:
+    """`clip` (default: on with `incoherence`) searches each group's range instead of min-max:
+    incoherence processing leaves Gaussian-like weights, whose min-max 2-bit grid is far too wide."""
     transform = {"name": "kronecker", "rescale": True} if incoherence else {"name": "identity"}
+    clip = incoherence if clip is None else clip
     return QuantConfig(
         method="gptq",
         bits=bits,
-        codebook={"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric},
+        codebook={"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric, "clip": clip},
         transform=transform,
         rounding="ldlq",
         act_order=act_order,

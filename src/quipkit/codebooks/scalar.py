@@ -15,6 +15,10 @@ from quipkit.layers.packing import pack_bits, packed_length, unpack_bits
 # fp16 cannot hold a smaller normal number; a group whose range is below this is all but zero.
 _MIN_SCALE = 2.0**-14
 
+# Range factors tried by the clipped grid: min-max wastes low-bit levels on the tails of
+# outlier-free (e.g. incoherence-processed) weights, whose best 2-bit range is about half of it.
+_CLIP_SHRINKS = torch.linspace(1.0, 0.3, 15).tolist()
+
 
 @register_codebook("scalar")
 class GroupGrid(Codebook):
@@ -22,11 +26,12 @@ class GroupGrid(Codebook):
 
     Asymmetric (default): the grid spans [min(w, 0), max(w, 0)] of the group, as GPTQ does.
     Symmetric: it spans [-max|w|, max|w|] with the zero point fixed at 2^(bits-1).
+    Clip: that range shrunk by the factor (of `_CLIP_SHRINKS`) with the least squared error.
     """
 
     dim = 1
 
-    def __init__(self, bits: int, group_size: int = 128, symmetric: bool = False) -> None:
+    def __init__(self, bits: int, group_size: int = 128, symmetric: bool = False, clip: bool = False) -> None:
         if not 1 <= bits <= 8:
             raise QuipkitError(f"the scalar codebook supports 1 to 8 bits, got {bits}")
         if group_size < 1:
@@ -34,32 +39,49 @@ class GroupGrid(Codebook):
         super().__init__(bits)
         self.group_size = group_size
         self.symmetric = symmetric
+        self.clip = clip
         self.qmax = 2**bits - 1
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "clip": self.clip}
 
     def groups(self, cols: int) -> int:
         return -(-cols // self.group_size)
 
     def fit(self, weight: Tensor) -> Params:
+        """Per (row, group): the min-max range, or with `clip` the shrunk range of least squared error."""
         rows, cols = weight.shape
-        index = (torch.arange(cols, device=weight.device) // self.group_size).expand(rows, cols)
+        group = torch.arange(cols, device=weight.device) // self.group_size
         shape = (rows, self.groups(cols))
         w = weight.float()
+        index = group.expand(rows, cols)
         wmax = torch.zeros(shape, device=w.device).scatter_reduce(1, index, w, "amax", include_self=True)
         wmin = torch.zeros(shape, device=w.device).scatter_reduce(1, index, w, "amin", include_self=True)
+        best = self._grid(wmin, wmax)
+        if not self.clip:
+            return best
+        columns = torch.arange(cols, device=w.device)
+        best_err = None
+        for shrink in _CLIP_SHRINKS:
+            params = self._grid(wmin * shrink, wmax * shrink)
+            err = (self.quantize(w, params, columns)[1] - w).square()
+            err = torch.zeros(shape, device=w.device).index_add_(1, group, err)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = {k: torch.where(better, params[k], best[k]) for k in best}
+        return best
+
+    def _grid(self, wmin: Tensor, wmax: Tensor) -> Params:
+        """Scale and zero point [rows, groups] of the grid spanning [wmin, wmax] (both contain 0)."""
         if self.symmetric:
-            bound = torch.maximum(wmax, -wmin)
-            scale = 2 * bound / self.qmax
-            zero = torch.full_like(scale, float(2 ** (self.bits - 1)))
-        else:
-            scale = (wmax - wmin) / self.qmax
-            zero = None
-        scale = scale.clamp_min(_MIN_SCALE).half().float()
-        if zero is None:
-            zero = torch.round(-wmin / scale).clamp(0, self.qmax)
-        return {"scale": scale, "zero": zero}
+            scale = (2 * torch.maximum(wmax, -wmin) / self.qmax).clamp_min(_MIN_SCALE).half().float()
+            return {"scale": scale, "zero": torch.full_like(scale, float(2 ** (self.bits - 1)))}
+        scale = ((wmax - wmin) / self.qmax).clamp_min(_MIN_SCALE).half().float()
+        return {"scale": scale, "zero": torch.round(-wmin / scale).clamp(0, self.qmax)}
 
     def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
         group = cols // self.group_size
