@@ -194,3 +194,20 @@ def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, mon
     monkeypatch.undo()
     quantize_blockwise(tiny_model(seed=1), _tokens(), config, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
     assert len(list((tmp_path / "h").iterdir())) == 2
+
+
+@pytest.mark.parametrize("method,bits,options", [("gptq", 4, {"group_size": 32}), ("qtip", 2, {"L": 10})])
+def test_keep_decoded_gives_identical_logits_and_is_never_saved(method, bits, options):
+    from quipkit.layers.quantized_linear import keep_decoded
+
+    model, _ = _quantized(method=method, bits=bits, **options)
+    tokens = _tokens(seed=2)[:2]
+    with torch.no_grad():
+        before = model(tokens).logits
+        held = keep_decoded(model)
+        after = model(tokens).logits
+    assert held == 4 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert torch.equal(before, after)
+    assert not any(k.endswith("decoded") for k in model.state_dict())
+    keep_decoded(model, keep=False)
+    assert all(m.decoded is None for m in model.modules() if isinstance(m, QuantizedLinear))
