@@ -106,6 +106,7 @@ def test_quantize_info_eval_generate_end_to_end(capsys, tmp_path, tiny_folder):
     assert code == 0, err
     result = json.loads((tmp_path / "e.json").read_text())[0]
     assert result["perplexity"] > 1 and result["windows"] >= 1
+    assert result["method"] == "gptq" and 4 < result["bits_per_weight"] < 5  # labelled for `quipkit report`
 
 
 def test_method_options_reach_the_config():
@@ -115,5 +116,7 @@ def test_method_options_reach_the_config():
     assert _build_configs(args)[0].transform == {"name": "kronecker", "rescale": True}
     args = build_parser().parse_args(["quantize", "--method", "quip", "--bits", "2", "--order", "rg", "--out", "x"])
     assert _build_configs(args)[0].act_order is True
+    args = build_parser().parse_args(["quantize", "--method", "gptq", "--bits", "2", "--incoherence", "--no-clip", "--out", "x"])
+    assert _build_configs(args)[0].codebook["clip"] is False
     args = build_parser().parse_args(["quantize", "--method", "qtip", "--bits", "2", "--L", "12", "--out", "x"])
     assert _build_configs(args)[0].codebook["L"] == 12

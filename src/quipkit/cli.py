@@ -160,14 +160,13 @@ def _evaluate(model, tokenizer, name: str, device: str | None, reporter) -> dict
 
 def _model_label(model, source) -> dict[str, Any]:
     """Model, method and bits per weight, so eval JSON files can be compared in a report."""
-    from quipkit.formats.checkpoint import quantized_layers
+    from quipkit.formats.checkpoint import quantized_layers, read_quantization_config
 
     layers = quantized_layers(model)
     if not layers:
         return {"model": source.describe(), "method": "fp32", "bits_per_weight": 32.0}
-    config = getattr(model.config, "quantization_config", None) or {}
-    config = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
-    method = (config.get("config") or {}).get("method", "quantized")
+    config = read_quantization_config(source.location)[1].get("config") or {} if source.kind == "quipkit" else {}
+    method = config.get("method", "quantized")
     weights = sum(layer.out_features * layer.in_features for layer in layers.values())
     bits = sum(layer.stored_bits() for layer in layers.values())
     return {"model": source.describe(), "method": method, "bits_per_weight": bits / weights}
