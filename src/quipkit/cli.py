@@ -165,8 +165,9 @@ def _model_label(model, source) -> dict[str, Any]:
     layers = quantized_layers(model)
     if not layers:
         return {"model": source.describe(), "method": "fp32", "bits_per_weight": 32.0}
-    config = read_quantization_config(source.location)[1].get("config") or {} if source.kind == "quipkit" else {}
-    method = config.get("method", "quantized")
+    method = "quantized"
+    if source.kind == "quipkit":
+        method = (read_quantization_config(source.location)[1].get("config") or {}).get("method", method)
     weights = sum(layer.out_features * layer.in_features for layer in layers.values())
     bits = sum(layer.stored_bits() for layer in layers.values())
     return {"model": source.describe(), "method": method, "bits_per_weight": bits / weights}
