@@ -10,7 +10,6 @@ the calibration set. With a work folder, each finished block is saved so a rerun
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.pipeline.capture import block_output, capture_block_calls, move
-from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable
+from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.run_state import RunState, fingerprint_of
 from quipkit.rounding import HessianAccumulator
@@ -158,7 +157,7 @@ def quantize_blockwise(
         state = RunState.open(work_folder, fingerprint)
     cache = None
     if hessian_cache is not None and cacheable(config):
-        identity = {"model": model_id, "weights": _signature(model), "calibration": calibration.to_dict()}
+        identity = {"model": model_id, "weights": weight_signature(model), "calibration": calibration.to_dict()}
         cache = HessianCache(hessian_cache, identity, len(blocks))
     elif hessian_cache is not None:
         reporter.log("not using the Hessian cache: this method's Hessians depend on its own quantized layers")
@@ -259,12 +258,6 @@ def _quantize_block(
         outputs = _run_block(block, inputs, kwargs, device)
         report.seconds["propagate"] += time.perf_counter() - t2
     return outputs, saved, records, groups
-
-
-def _signature(model: nn.Module) -> str:
-    """A cheap fingerprint of the weights, so a cache never serves another model's Hessians."""
-    parts = [f"{name}:{tuple(p.shape)}:{float(p.detach().float().abs().sum()):.6e}" for name, p in model.named_parameters()]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _relative(block: nn.Module, full_name: str, linears: dict[str, nn.Linear]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from quipkit.config import QuantConfig
 from quipkit.errors import QuipkitError
@@ -27,6 +27,12 @@ HessianGroups = list[tuple[list[str], Tensor]]  # [(linear names reading one inp
 def cacheable(config: QuantConfig) -> bool:
     """Whether `config`'s Hessians are the original model's, so a cache can serve them."""
     return config.needs_calibration and config.propagate == "original" and not config.sequential
+
+
+def weight_signature(model: nn.Module) -> str:
+    """A cheap fingerprint of the weights, so a cache never serves another model's Hessians."""
+    parts = [f"{name}:{tuple(p.shape)}:{float(p.detach().float().abs().sum()):.6e}" for name, p in model.named_parameters()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 class HessianCache:
