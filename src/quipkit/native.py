@@ -18,11 +18,12 @@ try:
     from quipkit import _native
 except ImportError:  # no C compiler at install time
     _native = None
+if not hasattr(_native, "trellis_encode"):  # a source tree without the build imports _native/ as an empty package
+    _native = None
 
 
 def available() -> bool:
-    # Running from a source tree without the build imports the C sources' folder as an empty package.
-    return hasattr(_native, "trellis_encode")
+    return _native is not None
 
 
 @lru_cache(maxsize=1)
