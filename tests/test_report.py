@@ -21,11 +21,15 @@ def test_report_tables_and_plots(tmp_path, capsys):
     bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     evals = tmp_path / "eval.json"
     evals.write_text(json.dumps([{"kind": "task", "model": "m", "method": "fp32", "bits_per_weight": 32.0, "task": "piqa",
-                                  "n": 10, "metrics": {"acc": {"value": 0.6, "stderr": 0.1}}}]))
+                                  "n": 10, "metrics": {"acc": {"value": 0.6, "stderr": 0.1}}},
+                                 {"kind": "harness", "model": "q", "method": "quip#", "bits_per_weight": 2.05, "results": {
+                                     "quipkit_piqa": {"alias": "quipkit_piqa", "sample_len": 10, "acc,none": 0.55,
+                                                      "acc_stderr,none": 0.1}}}]))
     assert main(["report", str(bench), str(evals)]) == 0
     text = (tmp_path / "report.md").read_text()
     assert "| gptq | 4.160 | wt2-512x40 | 37.50 |" in text and "40.00" not in text
-    assert "| qtip (L=12) | 2.040 |" in text and "| fp32 | 32.000 | 60.0 |" in text
+    assert "| qtip (L=12) | 2.040 |" in text and "| fp32 | 32.000 | 60.0 |  |" in text
+    assert "| piqa acc | quipkit_piqa acc |" in text and "| quip# | 2.050 |  | 55.0 |" in text  # harness results too
     for png in ("perplexity_vs_bits.png", "proxy_per_layer.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -194,6 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from quipkit.eval.harness import require_harness
 
         require_harness()
+        if args.harness_include and not Path(args.harness_include).is_dir():
+            raise QuipkitError(f"--harness-include {args.harness_include} is not a folder; pass the folder of your task YAMLs")
     device = pick_device(args.device)
     model, tokenizer, source = load_model(args.model)
     model.to(device)
@@ -212,7 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if harness:
         from quipkit.eval.harness import run_harness
 
-        results.append({**label, "kind": "harness", "results": run_harness(model, tokenizer, harness, device, args.limit)})
+        output = run_harness(model, tokenizer, harness, device, args.limit, include_path=args.harness_include)
+        results.append({**label, "kind": "harness", "results": output["results"]})
     if protocols:
         _table("perplexity", ["model", "protocol", "perplexity", "tokens", "seconds"],
                [[r["model"], r["protocol"], r["perplexity"], r["tokens"], r["seconds"]] for r in results if r["kind"] == "perplexity"])
@@ -222,7 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _table(f"zero-shot: {label['model']}", ["task", "metric", "value", "stderr", "documents", "seconds"], rows)
     for r in results:
         if r["kind"] == "harness":
-            print(json.dumps(r["results"], indent=1, default=str))
+            from quipkit.eval.harness import harness_metrics
+
+            _table(f"lm-evaluation-harness: {label['model']}", ["task", "metric", "value", "stderr"],
+                   [[t, m, v, e if e is not None else ""] for t, m, v, e in harness_metrics(r["results"])])
     if args.json:
         from quipkit.pipeline.run_state import atomic_write_text
 
@@ -444,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="zero-shot tasks on the bundled data: arc_easy, arc_challenge, piqa, winogrande, "
                    "lambada_openai")
     p.add_argument("--limit", type=int, help="only the first N documents of each task")
-    p.add_argument("--harness", metavar="TASKS", help="run these lm-evaluation-harness tasks (needs lm-eval; downloads data)")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="run these lm-evaluation-harness tasks (needs lm-eval; hub tasks download their data, the "
+                   "bundled quipkit_arc_easy, quipkit_arc_challenge, quipkit_piqa, quipkit_winogrande, "
+                   "quipkit_lambada_openai run offline)")
+    p.add_argument("--harness-include", metavar="DIR", help="a folder of your own harness task YAMLs")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON (for quipkit report)")
     p.add_argument("--decode-once", action="store_true",
                    help="decode quantized weights once and hold them dense (4 bytes/weight): much faster "

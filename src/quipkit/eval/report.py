@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quipkit.errors import QuipkitError, missing_dependency
+from quipkit.eval.harness import harness_metrics
 from quipkit.pipeline.run_state import atomic_write_text
 
 FLOAT = "fp32"
@@ -64,20 +65,24 @@ def _label(record: dict[str, Any]) -> str:
 
 
 def task_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns 'task metric', one row per evaluated model with its scores)."""
+    """(columns 'task metric', one row per evaluated model with its scores from `--tasks` or `--harness`)."""
     columns: list[str] = []
     models: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        if r.get("kind") != "task":
+        if r.get("kind") == "task":
+            scores = [(r["task"], metric, value["value"]) for metric, value in r["metrics"].items()]
+        elif r.get("kind") == "harness":
+            scores = [(name, metric, value) for name, metric, value, _ in harness_metrics(r["results"])]
+        else:
             continue
         key = (r.get("method"), r.get("model"))
         row = models.setdefault(key, {"method": r.get("method"), "model": r.get("model"),
                                       "bits_per_weight": r.get("bits_per_weight"), "scores": {}})
-        for metric, value in r["metrics"].items():
-            column = f"{r['task']} {metric}"
+        for name, metric, value in scores:
+            column = f"{name} {metric}"
             if column not in columns:
                 columns.append(column)
-            row["scores"][column] = value["value"]
+            row["scores"][column] = value
     return columns, sorted(models.values(), key=lambda row: -(row["bits_per_weight"] or 0))
 
 

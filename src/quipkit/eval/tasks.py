@@ -38,12 +38,20 @@ class Document:
 
 @dataclass(frozen=True)
 class Task:
+    """A bundled task: its rows in the schema of the harness's dataset, and how they become documents."""
+
     name: str
-    load: Callable[[], list[Document]]
+    rows: Callable[[], list[dict]]
+    documents: Callable[[list[dict]], list[Document]]
     metrics: tuple[str, ...]
+    harness_yaml: str  # the harness's own task config, relative to lm_eval/tasks
+    harness_split: str  # the split the harness evaluates
+
+    def load(self) -> list[Document]:
+        return self.documents(self.rows())
 
 
-def _rows(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise QuipkitError(f"bundled task file {path} not found; reinstall quipkit")
     with open(path, encoding="utf-8") as handle:
@@ -58,32 +66,41 @@ def _question_answer(question: str, choices: list[str], gold: int) -> Document:
     return Document(tuple((f"Question: {question}\nAnswer:", f" {choice}") for choice in choices), gold)
 
 
-def _arc_easy() -> list[Document]:
-    docs = []
-    for row in _rows(DATA_DIR / "arc" / "arc_easy_test.jsonl"):
-        choices = row["question"]["choices"]
-        labels = [c["label"] for c in choices]
-        docs.append(_question_answer(row["question"]["stem"], [c["text"] for c in choices], labels.index(row["answerKey"])))
-    return docs
+def _arc_rows(path: Path) -> list[dict]:
+    """ai2_arc rows {question, choices: {text, label}, answerKey}; the two bundled files differ in layout."""
+    rows = []
+    for row in _read_jsonl(path):
+        if isinstance(row["question"], dict):  # AI2's original layout (ARC-Easy)
+            question, options, answer = row["question"]["stem"], row["question"]["choices"], row["answerKey"]
+        else:
+            question, options, answer = row["question"], row["options"], row["answer"]
+        choices = {"text": [o["text"] for o in options], "label": [o["label"] for o in options]}
+        rows.append({"id": row["id"], "question": question, "choices": choices, "answerKey": answer})
+    return rows
 
 
-def _arc_challenge() -> list[Document]:
-    docs = []
-    for row in _rows(DATA_DIR / "arc" / "arc_challenge_test.jsonl"):
-        labels = [o["label"] for o in row["options"]]
-        docs.append(_question_answer(row["question"], [o["text"] for o in row["options"]], labels.index(row["answer"])))
-    return docs
+def _arc_documents(rows: list[dict]) -> list[Document]:
+    return [_question_answer(r["question"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"])) for r in rows]
 
 
-def _piqa() -> list[Document]:
-    rows = _rows(DATA_DIR / "piqa" / "valid.jsonl")
+def _piqa_rows() -> list[dict]:
+    rows = _read_jsonl(DATA_DIR / "piqa" / "valid.jsonl")
     labels = _labels(DATA_DIR / "piqa" / "valid-labels.lst")
-    return [_question_answer(r["goal"], [r["sol1"], r["sol2"]], label) for r, label in zip(rows, labels, strict=True)]
+    return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": label} for r, label in zip(rows, labels, strict=True)]
 
 
-def _winogrande() -> list[Document]:
+def _piqa_documents(rows: list[dict]) -> list[Document]:
+    return [_question_answer(r["goal"], [r["sol1"], r["sol2"]], r["label"]) for r in rows]
+
+
+def _winogrande_rows() -> list[dict]:
+    keys = ("sentence", "option1", "option2", "answer")
+    return [{k: row[k] for k in keys} for row in _read_jsonl(DATA_DIR / "winogrande" / "dev.jsonl")]
+
+
+def _winogrande_documents(rows: list[dict]) -> list[Document]:
     docs = []
-    for row in _rows(DATA_DIR / "winogrande" / "dev.jsonl"):
+    for row in rows:
         sentence = row["sentence"]
         blank = sentence.index("_")
         rest = " " + sentence[blank + 1 :].strip()
@@ -92,20 +109,27 @@ def _winogrande() -> list[Document]:
     return docs
 
 
-def _lambada() -> list[Document]:
+def _lambada_rows() -> list[dict]:
+    return [{"text": row["text"]} for row in _read_jsonl(DATA_DIR / "lambada" / "lambada_openai_test.jsonl")]
+
+
+def _lambada_documents(rows: list[dict]) -> list[Document]:
     docs = []
-    for row in _rows(DATA_DIR / "lambada" / "lambada_openai_test.jsonl"):
+    for row in rows:
         context, word = row["text"].rsplit(" ", 1)
         docs.append(Document(((context, " " + word),), 0))
     return docs
 
 
 TASKS = {
-    "arc_easy": Task("arc_easy", _arc_easy, ("acc", "acc_norm")),
-    "arc_challenge": Task("arc_challenge", _arc_challenge, ("acc", "acc_norm")),
-    "piqa": Task("piqa", _piqa, ("acc", "acc_norm")),
-    "winogrande": Task("winogrande", _winogrande, ("acc",)),
-    "lambada_openai": Task("lambada_openai", _lambada, ("acc", "perplexity")),
+    "arc_easy": Task("arc_easy", lambda: _arc_rows(DATA_DIR / "arc" / "arc_easy_test.jsonl"), _arc_documents,
+                     ("acc", "acc_norm"), "arc/arc_easy.yaml", "test"),
+    "arc_challenge": Task("arc_challenge", lambda: _arc_rows(DATA_DIR / "arc" / "arc_challenge_test.jsonl"), _arc_documents,
+                          ("acc", "acc_norm"), "arc/arc_challenge.yaml", "test"),
+    "piqa": Task("piqa", _piqa_rows, _piqa_documents, ("acc", "acc_norm"), "piqa/piqa.yaml", "validation"),
+    "winogrande": Task("winogrande", _winogrande_rows, _winogrande_documents, ("acc",), "winogrande/default.yaml", "validation"),
+    "lambada_openai": Task("lambada_openai", _lambada_rows, _lambada_documents, ("acc", "perplexity"),
+                           "lambada/lambada_openai.yaml", "test"),
 }
 ALIASES = {"lambada": "lambada_openai", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
