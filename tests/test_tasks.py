@@ -3,6 +3,8 @@ harness's tokenization split, the bundled task files parse to the right gold ans
 is reproducible to the last digit."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,3 +84,17 @@ def test_task_run_is_reproducible_and_cli_writes_json(tmp_path, capsys, smol_tok
     assert rows[0]["metrics"] == first["metrics"] and rows[0]["method"] == "fp32"
     assert main(["eval", str(folder), "--tasks", "hellaswag"]) != 0
     assert "unknown task 'hellaswag'" in capsys.readouterr().err
+
+
+def test_reference_model_scores_the_same_digits_in_two_processes(tmp_path):
+    """The real SmolLM2 on PIQA, two separate runs of the CLI: every digit of every metric agrees."""
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.json"
+        done = subprocess.run([sys.executable, "-m", "quipkit.cli", "eval", "smollm2-135m", "--tasks", "piqa",
+                               "--limit", "48", "--json", str(out)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(out.read_text())[0])
+    first, second = outputs
+    assert first["n"] == 48 and first["metrics"] == second["metrics"]
+    assert 0.5 < first["metrics"]["acc"]["value"] < 0.9  # a real model, above chance on PIQA
