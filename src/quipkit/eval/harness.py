@@ -87,7 +87,6 @@ def run_harness(
     return output
 
 
-
 def harness_metrics(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float | None]]:
     """(task, metric, value, stderr) from the harness's `{task: {"acc,none": .., "acc_stderr,none": ..}}`."""
     rows = []
