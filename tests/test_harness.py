@@ -8,7 +8,7 @@ import math
 import pytest
 
 from quipkit.cli import main
-from quipkit.eval.harness import run_harness
+from quipkit.eval.harness import harness_task_manager, run_harness
 from quipkit.eval.tasks import TASKS, encode_pair, evaluate_task, loglikelihoods
 
 from conftest import tiny_model
@@ -22,7 +22,8 @@ def harness_run(smol_tokenizer):
         pytest.fail("lm-eval is not installed; `make test` installs it (pip install -e '.[harness]')")
     model = tiny_model(vocab_size=len(smol_tokenizer))
     names = ["quipkit_" + name for name in TASKS]
-    return model, run_harness(model, smol_tokenizer, names, limit=LIMIT, log_samples=True)
+    with harness_task_manager(names) as manager:
+        return model, run_harness(model, smol_tokenizer, names, manager, limit=LIMIT, log_samples=True)
 
 
 @pytest.mark.parametrize("name", list(TASKS))

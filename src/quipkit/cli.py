@@ -174,10 +174,8 @@ def _model_label(model, source) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from quipkit.console import RichReporter
     from quipkit.eval.perplexity import protocol
-    from quipkit.eval.tasks import evaluate_task, task
-    from quipkit.models.loading import load_model, pick_device
+    from quipkit.eval.tasks import task
 
     tasks = _protocols(args.tasks)
     harness = _protocols(args.harness)
@@ -190,12 +188,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         protocol(name)  # fail on a bad name before loading the model
     for name in tasks:
         task(name)
-    if harness:
-        from quipkit.eval.harness import require_harness
+    if not harness:
+        _run_eval(args, protocols, tasks, harness, None)
+        return
+    from quipkit.eval.harness import harness_task_manager
 
-        require_harness()
-        if args.harness_include and not Path(args.harness_include).is_dir():
-            raise QuipkitError(f"--harness-include {args.harness_include} is not a folder; pass the folder of your task YAMLs")
+    with harness_task_manager(harness, args.harness_include) as manager:  # before the model: fail early
+        _run_eval(args, protocols, tasks, harness, manager)
+
+
+def _run_eval(args: argparse.Namespace, protocols: list[str], tasks: list[str], harness: list[str], manager: Any) -> None:
+    from quipkit.console import RichReporter
+    from quipkit.eval.tasks import evaluate_task
+    from quipkit.models.loading import load_model, pick_device
+
     device = pick_device(args.device)
     model, tokenizer, source = load_model(args.model)
     model.to(device)
@@ -214,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if harness:
         from quipkit.eval.harness import run_harness
 
-        output = run_harness(model, tokenizer, harness, device, args.limit, include_path=args.harness_include)
+        output = run_harness(model, tokenizer, harness, manager, device, args.limit)
         results.append({**label, "kind": "harness", "results": output["results"]})
     if protocols:
         _table("perplexity", ["model", "protocol", "perplexity", "tokens", "seconds"],

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -56,35 +57,41 @@ def write_bundled_tasks(folder: Path) -> Path:
     return folder
 
 
-def run_harness(
-    model: nn.Module,
-    tokenizer,
-    tasks: list[str],
-    device: torch.device | str = "cpu",
-    limit: int | None = None,
-    batch_size: int = 8,
-    include_path: str | None = None,
-    log_samples: bool = False,
-) -> dict[str, Any]:
-    """The harness's output for `model` (`results` per task; `samples` when `log_samples`).
-
-    The bundled tasks are always available; `include_path` adds a folder of the user's task YAMLs.
-    """
+@contextmanager
+def harness_task_manager(tasks: list[str], include_path: str | None = None) -> Iterator[Any]:
+    """The harness's TaskManager with the bundled tasks (their files live as long as the context)
+    and `include_path`'s YAMLs; fails on an unknown task before any model is loaded."""
     require_harness()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    if include_path and not Path(include_path).is_dir():
+        raise QuipkitError(f"--harness-include {include_path} is not a folder; pass the folder of your task YAMLs")
     with tempfile.TemporaryDirectory(prefix="quipkit-harness-") as tmp:
-        folders = [str(write_bundled_tasks(Path(tmp)))] + ([include_path] if include_path else [])
-        manager = TaskManager(include_path=folders)
+        manager = TaskManager(include_path=[str(write_bundled_tasks(Path(tmp)))] + ([include_path] if include_path else []))
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise QuipkitError(f"lm-evaluation-harness has no task {', '.join(unknown)}; offline, use one of "
                                + ", ".join(BUNDLED_PREFIX + name for name in TASKS))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples)
-    return output
+        yield manager
+
+
+def run_harness(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    manager: Any,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+    batch_size: int = 8,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """The harness's output for `model` on `tasks` of `manager` (see `harness_task_manager`):
+    `results` per task, and `samples` when `log_samples`."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples)
 
 
 def harness_metrics(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float | None]]:
