@@ -50,8 +50,9 @@ def write_bundled_tasks(folder: Path) -> Path:
             "dataset_name": None,
             "dataset_kwargs": {"data_files": {spec.harness_split: str(data)}},
             "training_split": None,
-            "validation_split": spec.harness_split if spec.harness_split == "validation" else None,
-            "test_split": spec.harness_split if spec.harness_split == "test" else None,
+            "validation_split": None,
+            "test_split": None,
+            f"{spec.harness_split}_split": spec.harness_split,  # the one split the harness evaluates
         }
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return folder
