@@ -1,4 +1,4 @@
-"""Build hook for quipkit's compiled helpers (E8P search, Viterbi); all metadata is in pyproject.toml.
+"""Build hook for quipkit's compiled helpers (E8P search, Viterbi, decode kernels); metadata is in pyproject.toml.
 
 The extension is plain C on raw buffers, so it needs no torch headers and builds in pip's isolated
 environment. It is optional: without a C compiler quipkit installs and uses slower torch code.
@@ -8,9 +8,12 @@ from setuptools import Extension, setup
 
 native = Extension(
     "quipkit._native",
-    sources=["src/quipkit/_native/module.c", "src/quipkit/_native/e8p.c", "src/quipkit/_native/viterbi.c"],
-    depends=["src/quipkit/_native/native.h", "src/quipkit/_native/viterbi_step.h"],
-    extra_compile_args=["-O3", "-std=c11"],
+    sources=[f"src/quipkit/_native/{name}.c" for name in
+             ("module", "e8p", "viterbi", "threads", "isa", "kernels_generic", "kernels_avx512")],
+    depends=[f"src/quipkit/_native/{name}.h" for name in
+             ("native", "viterbi_step", "kernels", "kernels_common", "kernels_generic")],
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
     optional=True,
 )
 

@@ -197,7 +197,9 @@ def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, mon
 
 
 @pytest.mark.parametrize("method,bits,options", [("gptq", 4, {"group_size": 32}), ("qtip", 2, {"L": 10})])
-def test_keep_decoded_gives_identical_logits_and_is_never_saved(method, bits, options):
+def test_keep_decoded_gives_the_same_logits_and_is_never_saved(method, bits, options):
+    """The held weight goes through the dense kernel, the codes through a decode kernel: the same
+    numbers, summed in another order."""
     from quipkit.layers.quantized_linear import keep_decoded
 
     model, _ = _quantized(method=method, bits=bits, **options)
@@ -207,7 +209,7 @@ def test_keep_decoded_gives_identical_logits_and_is_never_saved(method, bits, op
         held = keep_decoded(model)
         after = model(tokens).logits
     assert held == 4 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
-    assert torch.equal(before, after)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert not any(k.endswith("decoded") for k in model.state_dict())
     keep_decoded(model, keep=False)
     assert all(m.decoded is None for m in model.modules() if isinstance(m, QuantizedLinear))

@@ -2,11 +2,13 @@
 
 The C routines take raw buffer addresses, so every wrapper here makes its tensors contiguous, on
 the CPU and of the right dtype first, and splits large inputs across threads (the C code releases
-the GIL). `available()` says whether the extension was built; callers fall back to torch code.
+the GIL). `available()` says whether the extension was built (QUIPKIT_NATIVE=0 pretends it was not);
+callers fall back to torch code.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable
@@ -20,10 +22,17 @@ except ImportError:  # no C compiler at install time
     _native = None
 if not hasattr(_native, "trellis_encode"):  # a source tree without the build imports _native/ as an empty package
     _native = None
+if os.environ.get("QUIPKIT_NATIVE") == "0":  # behave as a machine without the extension would
+    _native = None
 
 
 def available() -> bool:
     return _native is not None
+
+
+def module():
+    """The compiled extension itself (its decode kernels take raw pointers; see quipkit/kernels/cpu.py)."""
+    return _native
 
 
 @lru_cache(maxsize=1)

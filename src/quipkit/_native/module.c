@@ -4,6 +4,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "kernels.h"
 #include "native.h"
 
 static PyObject *py_e8p_nearest(PyObject *self, PyObject *args) {
@@ -43,6 +44,151 @@ static PyObject *py_trellis_encode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* ---------------------------------------------------------------------------------------------
+ * Decode kernels: each call fills an io_t and the codebook's struct from the arguments, then
+ * splits the output rows over the thread pool. Pointers are tensor.data_ptr() values. */
+
+typedef enum { GRID, LATTICE, TRELLIS, BF16, HADAMARD } family_t;
+
+typedef struct {
+    const kernel_set_t *ks;
+    family_t family;
+    int decode; /* rows of W instead of x W^T */
+    io_t io;
+    grid_t grid;
+    lattice_t lattice;
+    trellis_layer_t trellis;
+    bf16_t bf16;
+    hadamard_t hadamard;
+} call_t;
+
+static void run_task(void *ctx, int64_t lo, int64_t hi) {
+    const call_t *c = ctx;
+    const kernel_set_t *k = c->ks;
+    if (c->decode) {
+        lo += c->io.row0, hi += c->io.row0;
+        if (c->family == GRID) k->grid_decode(&c->io, &c->grid, lo, hi);
+        else if (c->family == LATTICE) k->lattice_decode(&c->io, &c->lattice, lo, hi);
+        else k->trellis_decode(&c->io, &c->trellis, lo, hi);
+        return;
+    }
+    switch (c->family) {
+    case GRID: k->grid_matvec(&c->io, &c->grid, lo, hi); break;
+    case LATTICE: k->lattice_matvec(&c->io, &c->lattice, lo, hi); break;
+    case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
+    case BF16: k->bf16_matvec(&c->io, &c->bf16, lo, hi); break;
+    case HADAMARD: k->hadamard(&c->io, &c->hadamard, lo, hi); break;
+    }
+}
+
+/* Common leading arguments of every kernel call:
+ *   decode (0: y = x W^T for all rows; 1: rows [lo, hi) of W into y), lo, hi, threads,
+ *   x, batch, rows, cols, y */
+#define IO_FORMAT "iLLiKLLLK"
+#define IO_ARGS &decode, &lo, &hi, &threads, &x, &c.io.batch, &c.io.rows, &c.io.cols, &y
+
+static PyObject *launch(call_t *c, int decode, int64_t lo, int64_t hi, int threads, unsigned long long x,
+                        unsigned long long y, int64_t grain) {
+    c->ks = active_kernels();
+    c->decode = decode;
+    c->io.x = (const float *)x;
+    c->io.y = (float *)y;
+    c->io.row0 = decode ? lo : 0;
+    int64_t count = decode ? hi - lo : (c->family == HADAMARD ? c->io.batch : c->io.rows);
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(threads, count, grain, run_task, c);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* After the common arguments come the layer's tensors (pointers, in the codebook's storage order,
+ * 0 for absent ones), then its static spec. */
+static PyObject *py_grid(PyObject *self, PyObject *args) {
+    call_t c = {.family = GRID};
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, codes, scales, zeros;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKKLiLLff", IO_ARGS, &codes, &scales, &zeros, &c.grid.row_bytes,
+                          &c.grid.bits, &c.grid.group_size, &c.grid.groups, &c.grid.scale, &c.grid.zero))
+        return NULL;
+    c.grid.codes = (const uint8_t *)codes;
+    c.grid.scales = (const uint16_t *)scales;
+    c.grid.zeros = (const uint8_t *)zeros;
+    return launch(&c, decode, lo, hi, threads, x, y, 16);
+}
+
+static PyObject *py_lattice(PyObject *self, PyObject *args) {
+    call_t c = {.family = LATTICE};
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, codes, codes2, patterns, parity, second_table;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiKKKf", IO_ARGS, &codes, &codes2, &c.lattice.second, &patterns, &parity,
+                          &second_table, &c.lattice.inv_residual))
+        return NULL;
+    c.lattice.codes = (const int16_t *)codes;
+    c.lattice.codes2 = (const void *)codes2;
+    c.lattice.patterns = (const float *)patterns;
+    c.lattice.parity = (const uint8_t *)parity;
+    c.lattice.second_table = (const float *)second_table;
+    return launch(&c, decode, lo, hi, threads, x, y, 16);
+}
+
+static PyObject *py_trellis(PyObject *self, PyObject *args) {
+    call_t c = {.family = TRELLIS};
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, codes, table;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiiii", IO_ARGS, &codes, &table, &c.trellis.L, &c.trellis.k, &c.trellis.V,
+                          &c.trellis.code))
+        return NULL;
+    c.trellis.codes = (const uint8_t *)codes;
+    c.trellis.table = (const float *)table;
+    return launch(&c, decode, lo, hi, threads, x, y, 16);
+}
+
+static PyObject *py_bf16(PyObject *self, PyObject *args) {
+    call_t c = {.family = BF16};
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, weight;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "K", IO_ARGS, &weight)) return NULL;
+    c.bf16.weight = (const uint16_t *)weight;
+    if (decode) {
+        PyErr_SetString(PyExc_ValueError, "bf16 weights are decoded by a dtype conversion, not by this kernel");
+        return NULL;
+    }
+    return launch(&c, 0, lo, hi, threads, x, y, 16);
+}
+
+static PyObject *py_hadamard(PyObject *self, PyObject *args) {
+    call_t c = {.family = HADAMARD};
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, hk, pre, post;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "LKKK", IO_ARGS, &c.hadamard.K, &hk, &pre, &post))
+        return NULL;
+    if (decode) {
+        PyErr_SetString(PyExc_ValueError, "the Hadamard kernel has no decode mode");
+        return NULL;
+    }
+    c.hadamard.n = c.io.cols;
+    c.hadamard.hk = (const float *)hk;
+    c.hadamard.pre = (const uint16_t *)pre;
+    c.hadamard.post = (const uint16_t *)post;
+    return launch(&c, 0, lo, hi, threads, x, y, 1);
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    if (name != NULL && use_kernels(name) != 0) {
+        PyErr_Format(PyExc_ValueError, "kernel tier '%s' is unknown or not supported by this CPU", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(active_kernels()->name);
+}
+
 static PyMethodDef methods[] = {
     {"e8p_nearest", py_e8p_nearest, METH_VARARGS,
      "e8p_nearest(x, count, patterns, lookup, codes): x float32[count, 8] -> codes int32[count]"},
@@ -51,6 +197,12 @@ static PyMethodDef methods[] = {
     {"trellis_encode", py_trellis_encode, METH_VARARGS,
      "trellis_encode(x, count, T, L, k, V, table, states, costs): tail-biting Viterbi of float32[count, T] "
      "-> states int32[count, T / V], costs float32[count]"},
+    {"grid", py_grid, METH_VARARGS, "integer-grid kernel (kernels.h: grid_t)"},
+    {"lattice", py_lattice, METH_VARARGS, "E8P / residual lattice kernel (kernels.h: lattice_t)"},
+    {"trellis", py_trellis, METH_VARARGS, "bitshift trellis kernel (kernels.h: trellis_layer_t)"},
+    {"bf16", py_bf16, METH_VARARGS, "dense bf16 matvec (kernels.h: bf16_t)"},
+    {"hadamard", py_hadamard, METH_VARARGS, "orthonormal Hadamard transform of rows (kernels.h: hadamard_t)"},
+    {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -70,6 +70,10 @@ class Codebook(ABC):
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every tensor `pack` returns for a rows x cols weight."""
 
+    def upgrade(self, stored: dict[str, Tensor], version: int) -> dict[str, Tensor]:
+        """Stored tensors written by checkpoint format `version` -> the current layout (default: unchanged)."""
+        return stored
+
     def dequantize(self, stored: dict[str, Tensor], rows: int, cols: int) -> Tensor:
         """Stored tensors -> weight values [rows, cols] (float32), the reference decode path."""
         codes, params = self.unpack(stored, rows, cols)

@@ -6,6 +6,11 @@ is circular (tail-biting): the state before step 0 is made of the stream's last 
 stores exactly k * T bits. Encoding is Viterbi (compiled C on the CPU, the torch version below on
 GPUs and as its test oracle); decoding rebuilds each state from the circular stream.
 
+Stored layout (checkpoint format 2): each tile's N chunks of kV bits are packed last-to-first into
+a little-endian bit stream, so the state of step t is the L-bit window starting at bit
+(N - 1 - t) kV (wrapping around): a decode kernel reads it with one load and one shift. Format 1
+packed the chunks first-to-last; `upgrade` converts such checkpoints on load.
+
 Codes c(s), all computed from s (no table to store) except HYB's small 512 x 2 table:
   1MAD (V=1):  x = (s * 34038481 + 76625530) mod 2^32; (sum of x's 4 bytes - 510) / 147.800537
   3INST (V=1): x = (s * 89226354 + 64248484) mod 2^32; x = (x & 0x8FFF8FFF) ^ 0x3B603B60;
@@ -236,15 +241,21 @@ class BitshiftTrellis(Codebook):
         return {}
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
-        out = {"codes": pack_bits(codes, self.kv)}
+        out = {"codes": pack_bits(codes.flip(-1), self.kv)}
         if self.code == "hyb":
             out["hyb"] = hyb_table().half()
         return out
 
     def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
-        codes = unpack_bits(stored["codes"], self.kv, self.steps)
+        codes = unpack_bits(stored["codes"], self.kv, self.steps).flip(-1)
         params = {"hyb": stored["hyb"].float()} if self.code == "hyb" else {}
         return codes, params
+
+    def upgrade(self, stored: dict[str, Tensor], version: int) -> dict[str, Tensor]:
+        if version >= 2:
+            return stored
+        chunks = unpack_bits(stored["codes"], self.kv, self.steps)  # format 1: first-to-last
+        return {**stored, "codes": pack_bits(chunks.flip(-1), self.kv)}
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         out = {"codes": ((rows // TILE, cols // TILE, packed_length(self.steps, self.kv)), torch.uint8)}

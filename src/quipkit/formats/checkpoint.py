@@ -23,7 +23,9 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import set_module
 
-FORMAT_VERSION = 1
+# 2: trellis codes packed last-to-first within a tile (kernel-friendly); format 1 is upgraded on load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANT_METHOD = "quipkit"
 WEIGHTS = "model.safetensors"
 REPORT = "quipkit_report.json"
@@ -122,8 +124,11 @@ def read_quantization_config(folder: str | os.PathLike) -> tuple[dict[str, Any],
             "quantize it with `quipkit quantize` first"
         )
     version = quant.get("format_version")
-    if version != FORMAT_VERSION:
-        raise QuipkitError(f"{folder} uses checkpoint format {version}; this quipkit reads format {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise QuipkitError(
+            f"{folder} uses checkpoint format {version}; this quipkit reads formats "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade quipkit or re-quantize)"
+        )
     if not isinstance(quant.get("layers"), dict) or not quant["layers"]:
         raise QuipkitError(f"{path} lists no quantized layers; the checkpoint is corrupt")
     return cfg, quant
@@ -142,6 +147,17 @@ def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             set_module(model, name, QuantizedLinear(**spec))
         except TypeError as err:
             raise QuipkitError(f"layer '{name}' in the checkpoint has a bad spec: {err}") from None
+
+
+@torch.no_grad()
+def upgrade_layers(model: nn.Module, version: int) -> None:
+    """Bring the quantized layers of a model loaded from checkpoint format `version` to the current layout."""
+    if version == FORMAT_VERSION:
+        return
+    for layer in quantized_layers(model).values():
+        stored = layer.codebook.upgrade(layer.codebook_tensors(), version)
+        for name, value in stored.items():
+            setattr(layer, name, value)
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -167,6 +183,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     unexpected = set(state) - set(model.state_dict())
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    upgrade_layers(model, quant["format_version"])
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if unexpected or still_meta:
         problem = sorted(unexpected)[:3] if unexpected else still_meta[:3]

@@ -20,7 +20,7 @@ def _register(auto_module: Any) -> None:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from quipkit.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, replace_linears
+    from quipkit.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, READABLE_VERSIONS, replace_linears, upgrade_layers
 
     if QUANT_METHOD in auto_module.AUTO_QUANTIZER_MAPPING:
         return
@@ -44,14 +44,17 @@ def _register(auto_module: Any) -> None:
         requires_calibration = True
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            if self.quantization_config.format_version != FORMAT_VERSION:
+            if self.quantization_config.format_version not in READABLE_VERSIONS:
                 raise ValueError(
                     f"quipkit checkpoint format {self.quantization_config.format_version} is not supported "
-                    f"by this quipkit (reads {FORMAT_VERSION})"
+                    f"by this quipkit (reads {', '.join(map(str, READABLE_VERSIONS))})"
                 )
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             replace_linears(model, self.quantization_config.layers)
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
+            upgrade_layers(model, self.quantization_config.format_version)
 
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
             return False

@@ -1,8 +1,10 @@
 """QuantizedLinear: a linear layer held as packed codes plus the transform that makes them incoherent.
 
-forward(x) = transform.output(decode_matmul(transform.input(x))) + bias. The module holds buffers
-only (codes, scales, sign vectors), named exactly as in the checkpoint, and its constructor is the
-loading contract: `QuantizedLinear(**spec)` builds empty buffers of the right shapes and dtypes.
+forward(x) = transform.output(decode_matmul(transform.input(x))) + bias, where decode_matmul is the
+kernel op (quipkit.kernels.ops) that takes the layer's stored tensors and its codebook spec. The
+module holds buffers only (codes, scales, sign vectors), named exactly as in the checkpoint, and its
+constructor is the loading contract: `QuantizedLinear(**spec)` builds empty buffers of the right
+shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
-from quipkit.kernels.dispatch import decode_matmul
+from quipkit.kernels.dispatch import spec_of
+from quipkit.kernels.ops import decode_matmul
 from quipkit.transforms import make_transform
+
+# The kernel spec of a held float32 weight (see keep_decoded).
+DENSE_FLOAT32 = spec_of(make_codebook({"name": "dense", "bits": 32}))
 
 
 class QuantizedLinear(nn.Module):
@@ -41,6 +47,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("decoded", None, persistent=False)  # see keep_decoded
+        self.kernel_spec = spec_of(self.codebook)
 
     @classmethod
     def from_tensors(
@@ -72,6 +79,12 @@ class QuantizedLinear(nn.Module):
     def codebook_tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self._codebook_names}
 
+    def kernel_inputs(self) -> tuple[list[Tensor], str]:
+        """(tensors, spec) for the decode_matmul op: the stored codes, or the held dense weight."""
+        if self.decoded is not None:
+            return [self.decoded], DENSE_FLOAT32
+        return [getattr(self, name) for name in self._codebook_names], self.kernel_spec
+
     def transform_params(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self._transform_names}
 
@@ -93,7 +106,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         params = self.transform_params()
         x = self.transform.input(x, params)
-        y = x @ self.decoded.to(x.dtype).t() if self.decoded is not None else decode_matmul(x, self)
+        tensors, spec = self.kernel_inputs()
+        y = decode_matmul(x, tensors, spec, self.out_features, self.in_features)
         y = self.transform.output(y, params)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

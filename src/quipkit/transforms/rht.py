@@ -38,11 +38,17 @@ class RandomHadamard(Transform):
         h = rotate_rows(hessian, params["su"])
         return rotate_rows(h.t(), params["su"]).t()
 
+    # The online transforms run as the quipkit::hadamard kernel op; imported on first use because
+    # the kernels' reference path imports this package.
     def input(self, x: Tensor, params: Params) -> Tensor:
-        return rotate_rows(x, params["su"])
+        from quipkit.kernels.ops import hadamard
+
+        return hadamard(x, params["su"], None, transpose=True)
 
     def output(self, y: Tensor, params: Params) -> Tensor:
-        return orthogonal_op(y.shape[-1]).apply(y) * params["sv"].to(y)
+        from quipkit.kernels.ops import hadamard
+
+        return hadamard(y, None, params["sv"], transpose=False)
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"su": ((cols,), torch.float16), "sv": ((rows,), torch.float16)}

@@ -1,0 +1,95 @@
+/* Decode kernels: y = x W^T straight from a layer's packed codes, and the same codes decoded to rows
+ * of W (the tile a prefill GEMM consumes). One struct per codebook family holds the layer's stored
+ * tensors (raw pointers into torch tensors, see quipkit/kernels/cpu.py) and its static spec.
+ *
+ * Every kernel exists once in portable C (kernels_generic.h, compiled for the baseline and, on x86,
+ * again for AVX2 + FMA) and, for the hot paths, in AVX-512 intrinsics (kernels_avx512.c). isa.c picks
+ * the tier at run time. Row ranges [lo, hi) let the thread pool split a call over output rows.
+ */
+#ifndef QUIPKIT_KERNELS_H
+#define QUIPKIT_KERNELS_H
+#include <stdint.h>
+
+/* Activations and outputs. matvec: x [batch, cols] -> y [batch, rows]. decode: rows [row0, ...) of
+ * the weight into y [.., cols] (y holds row r at (r - row0) * cols). hadamard: x, y [batch, cols]. */
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t batch, rows, cols, row0;
+} io_t;
+
+/* Integer grid: w[r, c] = scale[r, g] * (q[r, c] - zero[r, g]), g = c / group_size.
+ * codes: uint8 [rows, row_bytes], b-bit values as a little-endian bit stream per row.
+ * scales: fp16 [rows, groups] and zeros: b-bit stream [rows * groups]; or, when scales is NULL, one
+ * float scale and zero for the whole matrix (QuIP's uniform grid). */
+typedef struct {
+    const uint8_t *codes;
+    int64_t row_bytes, group_size, groups;
+    int bits;
+    const uint16_t *scales;
+    const uint8_t *zeros;
+    float scale, zero;
+} grid_t;
+
+/* E8P (QuIP#) and its residual stages. codes: int16 [rows, cols / 8]; code bits 0-7 index the 256
+ * absolute patterns, 8-14 are the signs of coordinates 0-6, bit 15 the +-1/4 shift; the sign of
+ * coordinate 7 makes the sum even (parity[index] is the parity of the pattern's sum).
+ * second: 0 none, 1 the 1-bit E8 codebook (codes2 uint8 -> second_table [256, 8]), 2 E8P again
+ * (codes2 int16). w = first + second / residual_scale. */
+typedef struct {
+    const int16_t *codes;
+    const void *codes2;
+    const float *patterns;     /* [256, 8] */
+    const uint8_t *parity;     /* [256] */
+    const float *second_table; /* [256, 8] */
+    int second;
+    float inv_residual;
+} lattice_t;
+
+/* Bitshift trellis (QTIP), 16 x 16 tiles, k bits per weight, V values per state, L-bit states.
+ * codes: uint8 [rows / 16, cols / 16, 32 k]; in each tile the N = 256 / V chunks of kV bits are
+ * stored last-to-first, so the state of step t is the L-bit window at bit (N - 1 - t) kV (circular).
+ * code: 0 1MAD, 1 3INST, 2 table (HYB: 512 x 2 indexed by a hash; LUT: 2^L x V). */
+enum { CODE_1MAD = 0, CODE_3INST = 1, CODE_HYB = 2, CODE_LUT = 3 };
+typedef struct {
+    const uint8_t *codes;
+    int L, k, V, code;
+    const float *table;
+} trellis_layer_t;
+
+/* Dense bf16 weight [rows, cols] (the unquantized embeddings and head), fp32 arithmetic. */
+typedef struct {
+    const uint16_t *weight;
+} bf16_t;
+
+/* Orthonormal Hadamard (M (x) H_{n/K}) / sqrt(n) on each row of x [batch, n], M = H_K or its
+ * transpose: y = post (.) that (pre (.) x); pre/post are fp16 vectors or NULL. */
+typedef struct {
+    int64_t n, K;
+    const float *hk; /* M [K, K], +-1 entries, row-major; NULL when K = 1 */
+    const uint16_t *pre, *post;
+} hadamard_t;
+
+typedef struct {
+    const char *name;
+    void (*grid_matvec)(const io_t *, const grid_t *, int64_t lo, int64_t hi);
+    void (*grid_decode)(const io_t *, const grid_t *, int64_t lo, int64_t hi);
+    void (*lattice_matvec)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
+    void (*lattice_decode)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
+    void (*trellis_matvec)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
+    void (*trellis_decode)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
+    void (*bf16_matvec)(const io_t *, const bf16_t *, int64_t lo, int64_t hi);
+    void (*hadamard)(const io_t *, const hadamard_t *, int64_t lo, int64_t hi); /* lo, hi: rows of x */
+} kernel_set_t;
+
+extern const kernel_set_t kernels_portable;
+#if defined(__x86_64__)
+extern const kernel_set_t kernels_avx2;
+extern const kernel_set_t kernels_avx512;
+#endif
+
+/* The tier in use: the best the CPU supports, or QUIPKIT_ISA=portable|avx2|avx512 (never above it). */
+const kernel_set_t *active_kernels(void);
+int use_kernels(const char *name);
+
+#endif

@@ -1,0 +1,482 @@
+/* The AVX-512 decode kernels (Ice Lake / Zen 4 and newer: F, BW, DQ, VL, VBMI, VNNI, VPOPCNTDQ).
+ *
+ * Each weight is decoded in registers, 16 at a time, and multiplied at once against up to MAX_BATCH
+ * activation rows, so a weight is read and decoded once per call:
+ *   grid     16 codes of b bits: one masked load, one byte permute, one variable shift
+ *   E8P      a pair of codes: two 8-float pattern loads, a sign flip and a shift under k-masks;
+ *            signs and parities of 16 codes are worked out together beforehand
+ *   trellis  16 states of a tile row: one load, one byte permute, one variable shift, then the code
+ *            (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two fp16 halves)
+ * Shapes these paths do not cover (rows not in 16-lane chunks, table codes) go to the AVX2 kernels.
+ */
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "kernels_common.h"
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vnni,avx512vpopcntdq,fma,f16c,popcnt")))
+#define INLINE AVX512 static inline __attribute__((always_inline))
+#define MAX_BATCH 8
+
+/* Lane l of a 16-lane chunk of `bits`-bit values starts at bit l * bits: the byte permute gathers
+ * bytes [b, b + 3] (b = l * bits / 8) into lane l, and the variable shift drops l * bits mod 8. */
+INLINE void unpack_constants(int bits, __m512i *perm, __m512i *shift) {
+    uint8_t p[64];
+    uint32_t s[16];
+    for (int l = 0; l < 16; l++) {
+        const int bit = l * bits;
+        for (int i = 0; i < 4; i++) p[4 * l + i] = (uint8_t)((bit >> 3) + i);
+        s[l] = (uint32_t)(bit & 7);
+    }
+    *perm = _mm512_loadu_si512(p);
+    *shift = _mm512_loadu_si512(s);
+}
+
+INLINE __m512 unpack16(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
+    const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(bytes, src));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shift), mask));
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * Integer grids */
+
+INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int NB) {
+    const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
+    const int64_t groups = (cols + gs - 1) / gs;
+    const int bits = g->bits;
+    __m512i perm, shift;
+    unpack_constants(bits, &perm, &shift);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    const float *x[MAX_BATCH];
+    for (int b = 0; b < NB; b++) x[b] = io->x + (b0 + b) * cols;
+    float xsum[MAX_BATCH * groups];
+    for (int b = 0; b < NB; b++)
+        for (int64_t j = 0; j < groups; j++) {
+            __m512 s = _mm512_setzero_ps();
+            const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+            for (int64_t c = j * gs; c < end; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x[b] + c));
+            xsum[b * groups + j] = _mm512_reduce_add_ps(s);
+        }
+    int32_t zeros[groups];
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = g->codes + r * g->row_bytes;
+        if (g->scales) {
+            const int64_t first = r * groups * bits;
+            for (int64_t j = 0; j < groups; j++) { /* the zero points: one b-bit stream over all rows */
+                const int64_t bit = first + j * bits;
+                uint32_t word = g->zeros[bit >> 3];
+                if (((bit & 7) + bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
+                zeros[j] = (int32_t)((word >> (bit & 7)) & ((1u << bits) - 1));
+            }
+        }
+        __m512 acc[MAX_BATCH];
+        float offset[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps(), offset[b] = 0.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            __m512 part[MAX_BATCH];
+            for (int b = 0; b < NB; b++) part[b] = _mm512_setzero_ps();
+            const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+            for (int64_t col = j * gs; col < end; col += 16) {
+                const __m512 q = unpack16(row + col * bits / 8, bytes, perm, shift, mask);
+                for (int b = 0; b < NB; b++) part[b] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[b] + col), part[b]);
+            }
+            const float scale = g->scales ? half_to_float(g->scales[r * groups + j]) : g->scale;
+            const float zero = g->scales ? (float)zeros[j] : g->zero;
+            for (int b = 0; b < NB; b++) {
+                acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(scale), part[b], acc[b]);
+                offset[b] += scale * zero * xsum[b * groups + j];
+            }
+        }
+        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = _mm512_reduce_add_ps(acc[b]) - offset[b];
+    }
+}
+
+/* Groups and rows must come in whole 16-value chunks (the last group may be shorter). */
+static int grid_fits(const grid_t *g, int64_t cols) {
+    return cols % 16 == 0 && (g->scales == NULL || g->group_size % 16 == 0);
+}
+
+AVX512 static void grid_matvec(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
+    if (!grid_fits(g, io->cols)) {
+        kernels_avx2.grid_matvec(io, g, lo, hi);
+        return;
+    }
+    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
+        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {
+        case 1: grid_rows(io, g, lo, hi, b0, 1); break;
+        case 2: grid_rows(io, g, lo, hi, b0, 2); break;
+        case 3: grid_rows(io, g, lo, hi, b0, 3); break;
+        case 4: grid_rows(io, g, lo, hi, b0, 4); break;
+        case 5: grid_rows(io, g, lo, hi, b0, 5); break;
+        case 6: grid_rows(io, g, lo, hi, b0, 6); break;
+        case 7: grid_rows(io, g, lo, hi, b0, 7); break;
+        default: grid_rows(io, g, lo, hi, b0, 8); break;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * E8P and residual lattice codes */
+
+typedef struct {
+    __m512i parity_words; /* bit i of word w: parity of pattern 32 w + i */
+    __m512 sign_bit, half;
+} e8p_consts_t;
+
+INLINE e8p_consts_t e8p_consts(const lattice_t *l) {
+    uint32_t words[16] = {0};
+    for (int i = 0; i < 256; i++) words[i >> 5] |= (uint32_t)(l->parity[i] & 1) << (i & 31);
+    e8p_consts_t k = {_mm512_loadu_si512(words), _mm512_set1_ps(-0.0f), _mm512_set1_ps(0.5f)};
+    return k;
+}
+
+/* For up to 16 codes: pattern offsets (index * 8), the 8 signs of each code as one byte (parity
+ * resolved), and 0xFF per code whose shift is +1/4; a pair of codes then reads its two k-masks as
+ * one 16-bit load. */
+INLINE void e8p_prepare(const uint16_t *codes, int count, const e8p_consts_t *k, int32_t *offsets,
+                        uint8_t *signs, uint8_t *shifts) {
+    const __m512i c = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), codes));
+    const __m512i index = _mm512_and_si512(c, _mm512_set1_epi32(0xFF));
+    const __m512i signs7 = _mm512_and_si512(_mm512_srli_epi32(c, 8), _mm512_set1_epi32(0x7F));
+    const __m512i word = _mm512_permutexvar_epi32(_mm512_srli_epi32(index, 5), k->parity_words);
+    const __m512i parity = _mm512_srlv_epi32(word, _mm512_and_si512(index, _mm512_set1_epi32(31)));
+    const __m512i last = _mm512_and_si512(_mm512_xor_si512(_mm512_popcnt_epi32(signs7), parity), _mm512_set1_epi32(1));
+    const __m512i signs8 = _mm512_or_si512(signs7, _mm512_slli_epi32(last, 7));
+    const __mmask16 up = _mm512_test_epi32_mask(c, _mm512_set1_epi32(0x8000));
+    _mm512_storeu_si512(offsets, _mm512_slli_epi32(index, 3));
+    _mm_storeu_si128((__m128i *)signs, _mm512_cvtepi32_epi8(signs8));
+    _mm_storeu_si128((__m128i *)shifts, _mm512_cvtepi32_epi8(_mm512_maskz_set1_epi32(up, 0xFF)));
+}
+
+/* Codes 2p and 2p + 1 of a prepared block as 16 weights, less the common -1/4 shift. */
+INLINE __m512 e8p_pair(const float *patterns, const int32_t *offsets, const uint8_t *signs, const uint8_t *shifts,
+                       int p, const e8p_consts_t *k) {
+    const __m512 a = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(patterns + offsets[2 * p])),
+                                        _mm256_loadu_ps(patterns + offsets[2 * p + 1]), 1);
+    uint16_t sign_mask, shift_mask;
+    memcpy(&sign_mask, signs + 2 * p, 2);
+    memcpy(&shift_mask, shifts + 2 * p, 2);
+    const __m512 w = _mm512_mask_xor_ps(a, (__mmask16)sign_mask, a, k->sign_bit);
+    return _mm512_mask_add_ps(w, (__mmask16)shift_mask, w, k->half);
+}
+
+INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB,
+                         const int second) {
+    const int64_t cols = io->cols, groups = cols / 8;
+    const e8p_consts_t k = e8p_consts(l);
+    const float *x[MAX_BATCH];
+    float xsum[MAX_BATCH];
+    for (int b = 0; b < NB; b++) {
+        x[b] = io->x + (b0 + b) * cols;
+        __m512 s = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 16 <= cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x[b] + c));
+        if (c < cols) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(0xFF, x[b] + c));
+        xsum[b] = _mm512_reduce_add_ps(s);
+    }
+    /* each stage's -1/4 shift, taken out of the loop: sum_c x_c * (-1/4) per E8P stage */
+    const float base = -0.25f * (1.0f + (second == 2 ? l->inv_residual : 0.0f));
+    int32_t offsets[16], offsets2[16];
+    uint8_t signs[16], shifts[16], signs2[16], shifts2[16];
+    for (int64_t r = lo; r < hi; r++) {
+        const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
+        __m512 acc[MAX_BATCH], acc2[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps(), acc2[b] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < groups; j += 16) {
+            const int count = groups - j < 16 ? (int)(groups - j) : 16;
+            e8p_prepare(codes + j, count, &k, offsets, signs, shifts);
+            if (second == 2)
+                e8p_prepare((const uint16_t *)l->codes2 + r * groups + j, count, &k, offsets2, signs2, shifts2);
+            for (int p = 0; p < (count + 1) / 2; p++) {
+                const int64_t col = 8 * (j + 2 * p);
+                const __mmask16 lanes = 2 * p + 1 < count ? 0xFFFF : 0x00FF;
+                const __m512 w = e8p_pair(l->patterns, offsets, signs, shifts, p, &k);
+                __m512 w2 = _mm512_setzero_ps();
+                if (second == 2) {
+                    w2 = e8p_pair(l->patterns, offsets2, signs2, shifts2, p, &k);
+                } else if (second == 1) {
+                    const uint8_t *c2 = (const uint8_t *)l->codes2 + r * groups + j + 2 * p;
+                    const __m256 lo8 = _mm256_loadu_ps(l->second_table + 8 * c2[0]);
+                    w2 = _mm512_zextps256_ps512(lo8);
+                    if (lanes == 0xFFFF) w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * c2[1]), 1);
+                }
+                for (int b = 0; b < NB; b++) {
+                    const __m512 xv = _mm512_maskz_loadu_ps(lanes, x[b] + col);
+                    acc[b] = _mm512_fmadd_ps(w, xv, acc[b]);
+                    if (second) acc2[b] = _mm512_fmadd_ps(w2, xv, acc2[b]);
+                }
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            float y = _mm512_reduce_add_ps(acc[b]) + base * xsum[b];
+            if (second) y += l->inv_residual * _mm512_reduce_add_ps(acc2[b]);
+            io->y[(b0 + b) * io->rows + r] = y;
+        }
+    }
+}
+
+#define LATTICE_CASES(second)                                                \
+    switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {       \
+    case 1: lattice_rows(io, l, lo, hi, b0, 1, second); break;               \
+    case 2: lattice_rows(io, l, lo, hi, b0, 2, second); break;               \
+    case 3: lattice_rows(io, l, lo, hi, b0, 3, second); break;               \
+    case 4: lattice_rows(io, l, lo, hi, b0, 4, second); break;               \
+    case 5: lattice_rows(io, l, lo, hi, b0, 5, second); break;               \
+    case 6: lattice_rows(io, l, lo, hi, b0, 6, second); break;               \
+    case 7: lattice_rows(io, l, lo, hi, b0, 7, second); break;               \
+    default: lattice_rows(io, l, lo, hi, b0, 8, second); break;              \
+    }
+
+AVX512 static void lattice_matvec(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
+    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
+        if (l->second == 0) {
+            LATTICE_CASES(0)
+        } else if (l->second == 1) {
+            LATTICE_CASES(1)
+        } else {
+            LATTICE_CASES(2)
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * Bitshift trellis (V = 1, computed codes) */
+
+typedef struct {
+    __m512i perm, shift, mask;
+} window_t;
+
+/* Step t of a tile row starting at step t0 = 16 rr reads the L-bit window at bit (255 - t) k, which
+ * is (15 - l) k bits above the row's base (240 - 16 rr) k, a whole byte. */
+INLINE window_t window_constants(int k, int L) {
+    uint8_t p[64];
+    uint32_t s[16];
+    for (int l = 0; l < 16; l++) {
+        const int bit = (15 - l) * k;
+        for (int i = 0; i < 4; i++) p[4 * l + i] = (uint8_t)((bit >> 3) + i);
+        s[l] = (uint32_t)(bit & 7);
+    }
+    window_t w = {_mm512_loadu_si512(p), _mm512_loadu_si512(s), _mm512_set1_epi32((1 << L) - 1)};
+    return w;
+}
+
+INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const window_t *win) {
+    const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
+    const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift),
+                                       win->mask);
+    if (code == CODE_1MAD) {
+        const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)),
+                                           _mm512_set1_epi32(76625530));
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi32(0x01010101));
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ONE_MAD_SCALE),
+                               _mm512_set1_ps(-510.0f * ONE_MAD_SCALE));
+    }
+    __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)), _mm512_set1_epi32(64248484));
+    x = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32((int)0x8FFF8FFFu)), _mm512_set1_epi32(0x3B603B60));
+    const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
+    const __m512 high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+    return _mm512_mul_ps(_mm512_add_ps(low, high), _mm512_set1_ps(THREE_INST_SCALE));
+}
+
+INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
+                         const int code) {
+    const int64_t cols = io->cols, tiles_n = cols / 16;
+    const int k = t->k, bytes = 32 * k;
+    const window_t win = window_constants(k, t->L);
+    uint8_t ring[128 + 64];
+    for (int64_t i = lo / 16; i < hi / 16; i++) {
+        __m512 acc[MAX_BATCH][16];
+        for (int b = 0; b < NB; b++)
+            for (int rr = 0; rr < 16; rr++) acc[b][rr] = _mm512_setzero_ps();
+        const uint8_t *tile = t->codes + i * tiles_n * bytes;
+        for (int64_t j = 0; j < tiles_n; j++, tile += bytes) {
+            memcpy(ring, tile, bytes);
+            memcpy(ring + bytes, tile, 16); /* the stream is circular */
+            __m512 xv[MAX_BATCH];
+            for (int b = 0; b < NB; b++) xv[b] = _mm512_loadu_ps(io->x + (b0 + b) * cols + 16 * j);
+            for (int rr = 0; rr < 16; rr++) {
+                const __m512 w = trellis_row16(ring, rr, k, code, &win);
+                for (int b = 0; b < NB; b++) acc[b][rr] = _mm512_fmadd_ps(w, xv[b], acc[b][rr]);
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            for (int rr = 0; rr < 16; rr++) io->y[(b0 + b) * io->rows + 16 * i + rr] = _mm512_reduce_add_ps(acc[b][rr]);
+    }
+}
+
+#define TRELLIS_CASES(code)                                                  \
+    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                       \
+    case 1: trellis_rows(io, t, lo, hi, b0, 1, code); break;                 \
+    case 2: trellis_rows(io, t, lo, hi, b0, 2, code); break;                 \
+    case 3: trellis_rows(io, t, lo, hi, b0, 3, code); break;                 \
+    default: trellis_rows(io, t, lo, hi, b0, 4, code); break;                \
+    }
+
+AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
+    if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {
+        kernels_avx2.trellis_matvec(io, t, lo, hi);
+        return;
+    }
+    for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
+        if (t->code == CODE_1MAD) {
+            TRELLIS_CASES(CODE_1MAD)
+        } else {
+            TRELLIS_CASES(CODE_3INST)
+        }
+    }
+}
+
+AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
+    if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {
+        kernels_avx2.trellis_decode(io, t, lo, hi);
+        return;
+    }
+    const int64_t cols = io->cols, tiles_n = cols / 16;
+    const int k = t->k, bytes = 32 * k;
+    const window_t win = window_constants(k, t->L);
+    uint8_t ring[128 + 64];
+    for (int64_t i = lo / 16; i < hi / 16; i++)
+        for (int64_t j = 0; j < tiles_n; j++) {
+            const uint8_t *tile = t->codes + (i * tiles_n + j) * bytes;
+            memcpy(ring, tile, bytes);
+            memcpy(ring + bytes, tile, 16);
+            for (int rr = 0; rr < 16; rr++) {
+                float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
+                _mm512_storeu_ps(out, t->code == CODE_1MAD ? trellis_row16(ring, rr, k, CODE_1MAD, &win)
+                                                           : trellis_row16(ring, rr, k, CODE_3INST, &win));
+            }
+        }
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * Dense bf16: four rows at a time share each load of x */
+
+INLINE __m512 bf16_load(const uint16_t *p, __mmask16 lanes) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16));
+}
+
+AVX512 static void bf16_matvec(const io_t *io, const bf16_t *d, int64_t lo, int64_t hi) {
+    const int64_t cols = io->cols;
+    for (int64_t b = 0; b < io->batch; b++) {
+        const float *x = io->x + b * cols;
+        int64_t r = lo;
+        for (; r + 4 <= hi; r += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t c = 0; c < cols; c += 16) {
+                const __mmask16 lanes = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+                const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + c);
+                for (int i = 0; i < 4; i++)
+                    acc[i] = _mm512_fmadd_ps(bf16_load(d->weight + (r + i) * cols + c, lanes), xv, acc[i]);
+            }
+            for (int i = 0; i < 4; i++) io->y[b * io->rows + r + i] = _mm512_reduce_add_ps(acc[i]);
+        }
+        for (; r < hi; r++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < cols; c += 16) {
+                const __mmask16 lanes = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+                acc = _mm512_fmadd_ps(bf16_load(d->weight + r * cols + c, lanes), _mm512_maskz_loadu_ps(lanes, x + c), acc);
+            }
+            io->y[b * io->rows + r] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * Hadamard transform: butterflies of span 1-8 inside a 16-lane register, wider ones across them */
+
+INLINE __m512 butterfly_in_register(__m512 v, __m512i partner, __mmask16 upper) {
+    const __m512 other = _mm512_permutexvar_ps(partner, v);
+    return _mm512_mask_sub_ps(_mm512_add_ps(v, other), upper, other, v);
+}
+
+AVX512 static void fwht16(float *v, int64_t n) {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i partner[4];
+    __mmask16 upper[4];
+    for (int s = 0; s < 4; s++) {
+        partner[s] = _mm512_xor_si512(lane, _mm512_set1_epi32(1 << s));
+        upper[s] = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(1 << s));
+    }
+    for (int64_t c = 0; c < n; c += 16) {
+        __m512 x = _mm512_loadu_ps(v + c);
+        for (int s = 0; s < 4; s++) x = butterfly_in_register(x, partner[s], upper[s]);
+        _mm512_storeu_ps(v + c, x);
+    }
+    for (int64_t h = 16; h < n; h *= 2)
+        for (int64_t start = 0; start < n; start += 2 * h)
+            for (int64_t i = start; i < start + h; i += 16) {
+                const __m512 a = _mm512_loadu_ps(v + i), b = _mm512_loadu_ps(v + i + h);
+                _mm512_storeu_ps(v + i, _mm512_add_ps(a, b));
+                _mm512_storeu_ps(v + i + h, _mm512_sub_ps(a, b));
+            }
+}
+
+AVX512 static void hadamard(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
+    const int64_t n = h->n, K = h->K, p = n / K;
+    if (p % 16) {
+        kernels_avx2.hadamard(io, h, lo, hi);
+        return;
+    }
+    const __m512 norm = _mm512_set1_ps(1.0f / sqrtf((float)n));
+    float *mixed = K > 1 ? malloc(sizeof(float) * n) : NULL;
+    for (int64_t r = lo; r < hi; r++) {
+        float *y = io->y + r * n;
+        const float *x = io->x + r * n;
+        for (int64_t c = 0; c < n; c += 16) {
+            __m512 v = _mm512_loadu_ps(x + c);
+            if (h->pre) v = _mm512_mul_ps(v, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h->pre + c))));
+            _mm512_storeu_ps(y + c, v);
+        }
+        for (int64_t j = 0; j < K; j++) fwht16(y + j * p, p);
+        const float *src = y;
+        if (K > 1) { /* mixed [K, p] = M [K, K] @ y [K, p], four rows of M at a time */
+            for (int64_t c = 0; c < p; c += 16) {
+                int64_t i = 0;
+                for (; i + 4 <= K; i += 4) {
+                    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                    for (int64_t j = 0; j < K; j++) {
+                        const __m512 v = _mm512_loadu_ps(y + j * p + c);
+                        for (int q = 0; q < 4; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(h->hk[(i + q) * K + j]), v, acc[q]);
+                    }
+                    for (int q = 0; q < 4; q++) _mm512_storeu_ps(mixed + (i + q) * p + c, acc[q]);
+                }
+                for (; i < K; i++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < K; j++)
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(h->hk[i * K + j]), _mm512_loadu_ps(y + j * p + c), acc);
+                    _mm512_storeu_ps(mixed + i * p + c, acc);
+                }
+            }
+            src = mixed;
+        }
+        for (int64_t c = 0; c < n; c += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + c), norm);
+            if (h->post) v = _mm512_mul_ps(v, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h->post + c))));
+            _mm512_storeu_ps(y + c, v);
+        }
+    }
+    free(mixed);
+}
+
+/* Decoding whole rows for a GEMM is not the bottleneck of a prefill; the AVX2 kernels serve it. */
+AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
+    kernels_avx2.grid_decode(io, g, lo, hi);
+}
+
+AVX512 static void lattice_decode(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
+    kernels_avx2.lattice_decode(io, l, lo, hi);
+}
+
+const kernel_set_t kernels_avx512 = {
+    .name = "avx512",
+    .grid_matvec = grid_matvec,
+    .grid_decode = grid_decode,
+    .lattice_matvec = lattice_matvec,
+    .lattice_decode = lattice_decode,
+    .trellis_matvec = trellis_matvec,
+    .trellis_decode = trellis_decode,
+    .bf16_matvec = bf16_matvec,
+    .hadamard = hadamard,
+};
+#endif

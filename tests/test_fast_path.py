@@ -1,0 +1,95 @@
+"""Quantized models on the fast path: the same logits as the eager reference, through torch.compile
+too, and checkpoints written before the trellis layout changed still load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import quipkit
+from quipkit.config import make_config
+from quipkit.kernels import dispatch
+from quipkit.layers.packing import pack_bits, unpack_bits
+
+from test_pipeline import CAL, _quantized, _tokens
+
+
+@pytest.fixture(scope="module")
+def quip_sharp_model():
+    model, _ = _quantized(method="quip#", bits=2)
+    return model
+
+
+def _reference_logits(model, tokens, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv("QUIPKIT_KERNELS", "reference")
+    dispatch.forget_choices()
+    try:
+        with torch.no_grad():
+            return model(tokens).logits
+    finally:
+        monkeypatch.delenv("QUIPKIT_KERNELS")
+        dispatch.forget_choices()
+
+
+@pytest.mark.parametrize("method,bits,options", [("quip#", 2, {}), ("quip#", 4, {}), ("qtip", 2, {"L": 10}),
+                                                 ("gptq", 4, {"group_size": 32}), ("quip", 3, {})])
+def test_fast_kernels_give_the_reference_logits(method, bits, options, monkeypatch):
+    model, _ = _quantized(method=method, bits=bits, **options)
+    for tokens in (_tokens(seed=5)[:1, :1], _tokens(seed=5)[:2]):  # one decode step, and a prefill
+        with torch.no_grad():
+            fast = model(tokens).logits
+        torch.testing.assert_close(fast, _reference_logits(model, tokens, monkeypatch), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_of_a_quantized_model_gives_the_same_logits(quip_sharp_model):
+    tokens = _tokens(seed=6)[:2, :8]
+    with torch.no_grad():
+        eager = quip_sharp_model(tokens).logits
+        compiled = torch.compile(quip_sharp_model)(tokens).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_format_1_trellis_checkpoints_load_with_the_same_logits(tmp_path, smol_tokenizer):
+    """Format 1 packed each tile's chunks first-to-last; loading converts them to format 2."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _quantized(method="qtip", bits=2, L=10)
+    out = quipkit.save(model, smol_tokenizer, tmp_path / "q", make_config("qtip", 2, L=10), CAL)
+    tokens = _tokens(seed=7)[:2]
+    with torch.no_grad():
+        expected = model(tokens).logits
+    state = load_file(out / "model.safetensors")
+    for name in [n for n in state if n.endswith(".codes")]:
+        chunks = unpack_bits(state[name], 2, 256).flip(-1)  # back to first-to-last
+        state[name] = pack_bits(chunks, 2)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, _ = quipkit.load(out)
+    via_hf = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, expected)
+        assert torch.equal(via_hf(tokens).logits, expected)
+
+
+def test_a_machine_without_the_extension_runs_the_reference():
+    """QUIPKIT_NATIVE=0 hides the compiled extension, as on a machine without a C compiler."""
+    code = (
+        "import torch, quipkit\n"
+        "from quipkit import native\n"
+        "from quipkit.codebooks import make_codebook\n"
+        "from quipkit.kernels import dispatch\n"
+        "cb = make_codebook({'name': 'e8p', 'bits': 2})\n"
+        "print(native.available(), dispatch.select_kernel(torch.zeros(1, 64), cb, 16, 64).name,"
+        " dispatch.select_hadamard(torch.zeros(1, 64)).name)\n"
+    )
+    env = {**os.environ, "QUIPKIT_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["False", "reference", "reference"]

@@ -1,0 +1,159 @@
+"""Every fast kernel against its eager reference: random stored tensors (every code value is valid),
+every codebook, the reference model's shapes, the tiny models' shapes and odd ones, activation
+batches on both sides of the matvec/GEMM switch, and every instruction-set tier this CPU has."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quipkit import native
+from quipkit.codebooks import make_codebook
+from quipkit.kernels import cpu, dispatch
+from quipkit.kernels.ops import decode_matmul, hadamard
+from quipkit.kernels.reference import reference_hadamard, reference_matmul
+from quipkit.transforms.rht import random_signs
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the compiled extension is not built")
+
+SPECS = (
+    [{"name": "scalar", "bits": b, "group_size": g} for b in (2, 3, 4, 8) for g in (128, 32)]
+    + [{"name": "scalar", "bits": 4, "group_size": 20}, {"name": "scalar", "bits": 3, "group_size": 64, "symmetric": True}]
+    + [{"name": "uniform", "bits": b} for b in (2, 3, 4, 8)]
+    + [{"name": "e8p", "bits": 2}, {"name": "rvq", "bits": 3}, {"name": "rvq", "bits": 4}]
+    + [{"name": "trellis", "bits": k, "L": 16, "code": c} for k in (1, 2, 3, 4) for c in ("1mad", "3inst")]
+    + [{"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}, {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"},
+       {"name": "trellis", "bits": 3, "L": 10, "code": "lut"}]
+    + [{"name": "dense", "bits": 16}, {"name": "dense", "bits": 32}]
+)
+# (rows, cols): the reference model's, the tiny models', and odd ones (rows not a multiple of the
+# 16-lane width, E8P rows with an odd number of codes, group sizes that do not divide the row)
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (64, 64), (128, 64), (64, 128), (50, 40), (33, 200)]
+
+
+def tiers() -> list[str]:
+    if not native.available():
+        return []
+    best = native.module().isa()
+    order = ["portable", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+@pytest.fixture(params=tiers() or ["none"])
+def tier(request):
+    if request.param == "none":
+        pytest.skip("the compiled extension is not built")
+    before = native.module().isa()
+    native.module().isa(request.param)
+    yield request.param
+    native.module().isa(before)
+
+
+def random_stored(codebook, rows: int, cols: int, seed: int) -> list[torch.Tensor]:
+    """Stored tensors of the right shapes and dtypes with random contents (all of them valid codes)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dtype in codebook.storage(rows, cols).values():
+        if dtype.is_floating_point:
+            out.append((torch.randn(shape, generator=gen) * 0.1 + 0.02).to(dtype))
+        elif dtype == torch.uint8:
+            out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
+        else:
+            out.append(torch.randint(-(2**15), 2**15, shape, generator=gen, dtype=torch.int16))
+    return out
+
+
+def fits(codebook, rows: int, cols: int) -> bool:
+    return cols % codebook.dim == 0 and rows % codebook.row_block == 0
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = ref.abs().max().item() + 1e-6
+    assert (y - ref).abs().max().item() <= 2e-5 * scale, f"max error {(y - ref).abs().max().item():.3g} at scale {scale:.3g}"
+
+
+@needs_native
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_cpu_kernels_match_the_reference(spec, tier):
+    codebook = make_codebook(spec)
+    for i, (rows, cols) in enumerate(SHAPES):
+        if not fits(codebook, rows, cols):
+            continue
+        stored = random_stored(codebook, rows, cols, seed=i)
+        for batch in (1, 3, 8, 9, 40):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            kernel = dispatch.select_kernel(x, codebook, rows, cols)
+            assert kernel.name == ("torch-dense" if spec == {"name": "dense", "bits": 32} else
+                                   "cpu-fused-matvec" if batch <= cpu.MATVEC_MAX_ROWS else "cpu-tiled-gemm")
+            assert_matches(kernel.run(x, stored, codebook, rows, cols), reference_matmul(x, stored, codebook, rows, cols))
+
+
+@needs_native
+def test_tiled_gemm_covers_weights_larger_than_one_tile(monkeypatch, tier):
+    monkeypatch.setattr(cpu, "TILE_WEIGHTS", 64 * 64)
+    for spec in ({"name": "e8p", "bits": 2}, {"name": "trellis", "bits": 2, "L": 12, "code": "3inst"},
+                 {"name": "scalar", "bits": 4, "group_size": 32}, {"name": "dense", "bits": 16}):
+        codebook = make_codebook(spec)
+        stored = random_stored(codebook, 336, 64, seed=1)  # 336 rows: five full tiles and a partial one
+        x = torch.randn(2, 7, 64)
+        assert_matches(cpu.tiled_matmul(x, stored, codebook, 336, 64), reference_matmul(x, stored, codebook, 336, 64))
+        rows = cpu.decode_rows(stored, codebook, 336, 64, 16, 48)
+        assert torch.allclose(rows, codebook.dequantize(dict(zip(codebook.storage(336, 64), stored)), 336, 64)[16:48])
+
+
+@needs_native
+@pytest.mark.parametrize("n", [64, 192, 576, 1536, 4096, 11008, 14336, 8, 24, 40])
+def test_cpu_hadamard_matches_the_reference(n, tier):
+    x = torch.randn(3, 2, n)
+    signs = random_signs(n, seed=n)
+    for pre, post, transpose in ((signs, None, True), (None, signs, False), (None, None, True)):
+        assert dispatch.select_hadamard(x.reshape(-1, n)).name == "cpu-hadamard"
+        assert_matches(cpu.hadamard(x, pre, post, transpose), reference_hadamard(x, pre, post, transpose))
+
+
+def test_dimensions_without_a_hadamard_factor_use_the_reference_dct():
+    x = torch.randn(2, 10920)
+    assert dispatch.select_hadamard(x).name == "reference"
+    y = hadamard(x, random_signs(10920, 1), None, True)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-4)  # orthonormal
+
+
+def test_the_ops_keep_shape_and_dtype_and_give_gradients_to_the_activations():
+    codebook = make_codebook({"name": "e8p", "bits": 2})
+    stored = random_stored(codebook, 48, 64, seed=3)
+    spec = dispatch.spec_of(codebook)
+    weight = codebook.dequantize(dict(zip(codebook.storage(48, 64), stored)), 48, 64)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = decode_matmul(x, stored, spec, 48, 64)
+    assert y.shape == (2, 5, 48)
+    (y.square().sum()).backward()
+    expected = 2 * (x.detach() @ weight.t()) @ weight
+    assert_matches(x.grad, expected)
+    signs = random_signs(64, 5)
+    x.grad = None
+    hadamard(x, signs, None, True).square().sum().backward()  # orthonormal: the gradient of |Hx|^2 is 2x
+    assert_matches(x.grad, 2 * x.detach())
+    half = decode_matmul(x.detach().bfloat16(), stored, spec, 48, 64)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), x.detach() @ weight.t(), rtol=0.05, atol=0.5)
+
+
+def test_float64_inputs_stay_exact_through_the_reference():
+    codebook = make_codebook({"name": "trellis", "bits": 2, "L": 12, "code": "1mad"})
+    stored = random_stored(codebook, 32, 32, seed=4)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    y = decode_matmul(x, stored, dispatch.spec_of(codebook), 32, 32)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, reference_matmul(x, stored, codebook, 32, 32))
+
+
+def test_reference_only_mode_routes_everything_to_the_reference(monkeypatch):
+    monkeypatch.setenv("QUIPKIT_KERNELS", "reference")
+    dispatch.forget_choices()
+    try:
+        codebook = make_codebook({"name": "e8p", "bits": 2})
+        x = torch.randn(1, 64)
+        assert dispatch.select_kernel(x, codebook, 16, 64) is dispatch.REFERENCE
+        assert dispatch.select_hadamard(x) is dispatch.HADAMARD_REFERENCE
+    finally:
+        monkeypatch.delenv("QUIPKIT_KERNELS")
+        dispatch.forget_choices()
