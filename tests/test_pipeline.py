@@ -50,10 +50,15 @@ def test_gptq_4bit_keeps_logits_close_and_replaces_every_linear(family):
     ref, out = reference(tokens).logits, model(tokens).logits
     # 4-bit groups of 32 on Gaussian weights err by ~8% per weight; logits stay within that
     assert (out - ref).norm() / ref.norm() < 0.12
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    quantized = [m for m in model.model.layers.modules() if isinstance(m, QuantizedLinear)]
     assert len(quantized) == 14 == len(report.layers)
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
-    assert type(model.lm_head) is torch.nn.Linear  # the head stays in float
+    if family == "gemma":  # its head shares the matrix of an embedding that scales its rows: kept in float
+        assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    else:  # the head and the embeddings are held in bf16 (head_bits=16, the default)
+        assert model.lm_head.codebook.spec() == {"name": "dense", "bits": 16}
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert model.get_input_embeddings().codebook.spec() == {"name": "dense", "bits": 16}
     if family == "qwen2":  # q/k/v carry biases; they survive quantization
         assert model.model.layers[0].self_attn.q_proj.bias is not None
 
@@ -153,7 +158,8 @@ def test_save_load_round_trip_and_transformers_loading(tmp_path, smol_tokenizer)
     via_hf = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(via_hf(tokens).logits, expected)
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert quant["quant_method"] == "quipkit" and len(quant["layers"]) == 14
+    assert quant["quant_method"] == "quipkit" and len(quant["layers"]) == 15  # 14 linears and the bf16 head
+    assert list(quant["embeddings"]) == ["model.embed_tokens"]
 
 
 def test_checkpoint_size_reflects_stored_bits(tmp_path, smol_tokenizer):

@@ -64,7 +64,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "damping", "propagate", "seed"):
+                "trellis_code", "L", "damping", "propagate", "seed", "head_bits"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -160,9 +160,10 @@ def _evaluate(model, tokenizer, name: str, device: str | None, reporter) -> dict
 
 def _model_label(model, source) -> dict[str, Any]:
     """Model, method and bits per weight, so eval JSON files can be compared in a report."""
-    from quipkit.formats.checkpoint import quantized_layers, read_quantization_config
+    from quipkit.formats.checkpoint import head_name, quantized_layers, read_quantization_config
 
-    layers = quantized_layers(model)
+    head = head_name(model)
+    layers = {name: layer for name, layer in quantized_layers(model).items() if name != head}
     if not layers:
         return {"model": source.describe(), "method": "fp32", "bits_per_weight": 32.0}
     method = "quantized"
@@ -310,7 +311,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quipkit.formats.checkpoint import REPORT, read_quantization_config
+    from quipkit.formats.checkpoint import REPORT, decoder_layers, read_quantization_config
 
     if args.incoherence:
         cmd_incoherence(args)
@@ -323,13 +324,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     records = {r["name"]: r for r in report.get("layers", [])}
     config = quant.get("config") or {}
-    weights = sum(s["in_features"] * s["out_features"] for s in quant["layers"].values())
+    layers = decoder_layers(quant)
+    weights = sum(s["in_features"] * s["out_features"] for s in layers.values())
     stored = sum(records[n]["bits"] * records[n]["shape"][0] * records[n]["shape"][1] for n in records)
+    head = quant["layers"].get(quant.get("head")) if quant.get("head") else None
     info = {
         "folder": str(folder),
         "method": config.get("method"),
         "bits": config.get("bits"),
-        "layers": len(quant["layers"]),
+        "layers": len(layers),
+        "head": {"name": quant["head"], "codebook": head["codebook"]} if head else None,
         "quantized_weights": weights,
         "bits_per_weight": stored / weights if records else None,
         "size_bytes": _dir_size(folder),
@@ -339,8 +343,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         _print_json({**info, "layer_specs": quant["layers"], "records": list(records.values())}, None)
         return
-    _table(f"{folder}", ["method", "bits", "bits/weight", "layers", "size (MB)"],
-           [[info["method"], info["bits"], info["bits_per_weight"] or "?", info["layers"], info["size_bytes"] / 1e6]])
+    head_text = "float" if head is None else (
+        "bf16" if head["codebook"]["name"] == "dense" else f"{head['codebook']['bits']}-bit grid")
+    _table(f"{folder}", ["method", "bits", "bits/weight", "layers", "head", "size (MB)"],
+           [[info["method"], info["bits"], info["bits_per_weight"] or "?", info["layers"], head_text,
+             info["size_bytes"] / 1e6]])
     rows = []
     for name, spec in quant["layers"].items():
         rec = records.get(name, {})
@@ -410,6 +417,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
     g.add_argument("--propagate", choices=("original", "quantized"),
                    help="next block's inputs come from the original or the quantized block")
+    g.add_argument("--head-bits", type=int, choices=(32, 16, 8, 6, 4),
+                   help="output head and (tied) embeddings: 16 = bf16, 32 = float32, 8/6/4 = integer grid in "
+                   "groups of 32 rounded against the head's Hessian [16]")
     g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
     c = p.add_argument_group("calibration")

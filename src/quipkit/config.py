@@ -18,6 +18,7 @@ from quipkit.errors import QuipkitError
 CONFIG_VERSION = 1
 
 ROUNDINGS = ("nearest", "ldlq")
+HEAD_BITS = (32, 16, 8, 6, 4)
 PROPAGATIONS = ("original", "quantized")
 
 
@@ -39,6 +40,8 @@ class QuantConfig:
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
     propagate: str = "quantized"
     seed: int = 0
+    # bits of the output head (and a tied embedding): 16 bf16, 32 float32, 8/6/4 an integer grid
+    head_bits: int = 16
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -57,6 +60,10 @@ class QuantConfig:
             raise QuipkitError(f"greedy_sweeps must be >= 0, got {self.greedy_sweeps}")
         if not 0 < self.damping < 1:
             raise QuipkitError(f"damping must be in (0, 1), got {self.damping}")
+        if self.head_bits not in HEAD_BITS:
+            raise QuipkitError(
+                f"head_bits must be one of {', '.join(map(str, HEAD_BITS))} (16: bf16, 32: float32), got {self.head_bits}"
+            )
         if self.version != CONFIG_VERSION:
             raise QuipkitError(
                 f"config version {self.version} is not supported by this quipkit (expects {CONFIG_VERSION}); "
@@ -117,6 +124,7 @@ class QuantConfig:
             exclude=self.exclude,
             propagate=self.propagate,
             seed=self.seed,
+            head_bits=self.head_bits,
         )
 
     def for_layer(self, name: str) -> "QuantConfig":
@@ -186,7 +194,7 @@ def make_config(method: str, bits: int, **options: Any) -> QuantConfig:
 
 def _common(options: dict[str, Any]) -> dict[str, Any]:
     """Options every preset accepts, passed straight to QuantConfig."""
-    allowed = {"damping", "include", "exclude", "overrides", "propagate", "seed"}
+    allowed = {"damping", "include", "exclude", "overrides", "propagate", "seed", "head_bits"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"unexpected options {sorted(unknown)}")

@@ -39,9 +39,11 @@ typedef struct {
 typedef struct {
     const int16_t *codes;
     const void *codes2;
-    const float *patterns;     /* [256, 8] */
-    const uint8_t *parity;     /* [256] */
-    const float *second_table; /* [256, 8] */
+    const float *patterns;        /* [256, 8] */
+    const uint8_t *parity;        /* [256] */
+    const float *signed_patterns; /* [512, 8]: row i + 256 q is pattern i with coordinate 7 negated iff
+                                     q xor parity[i]; q = parity of the code's 7 sign bits */
+    const float *second_table;    /* [256, 8] */
     int second;
     float inv_residual;
 } lattice_t;

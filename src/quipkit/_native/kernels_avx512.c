@@ -1,10 +1,11 @@
-/* The AVX-512 decode kernels (Ice Lake / Zen 4 and newer: F, BW, DQ, VL, VBMI, VNNI, VPOPCNTDQ).
+/* The AVX-512 decode kernels (Ice Lake / Zen 4 and newer: F, BW, DQ, VL, VBMI, VNNI, VPOPCNTDQ, BITALG).
  *
  * Each weight is decoded in registers, 16 at a time, and multiplied at once against up to MAX_BATCH
  * activation rows, so a weight is read and decoded once per call:
  *   grid     16 codes of b bits: one masked load, one byte permute, one variable shift
- *   E8P      a pair of codes: two 8-float pattern loads, a sign flip and a shift under k-masks;
- *            signs and parities of 16 codes are worked out together beforehand
+ *   E8P      a pair of codes: two 8-float pattern loads and a sign flip under a k-mask; rows,
+ *            signs and shifts of 32 codes are worked out together beforehand, and the shifts
+ *            enter as sums of x over each code's columns
  *   trellis  16 states of a tile row: one load, one byte permute, one variable shift, then the code
  *            (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two fp16 halves)
  * Shapes these paths do not cover (rows not in 16-lane chunks, table codes) go to the AVX2 kernels.
@@ -14,7 +15,7 @@
 
 #include "kernels_common.h"
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vnni,avx512vpopcntdq,fma,f16c,popcnt")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vnni,avx512vpopcntdq,avx512bitalg,fma,f16c,popcnt")))
 #define INLINE AVX512 static inline __attribute__((always_inline))
 #define MAX_BATCH 8
 
@@ -119,101 +120,112 @@ AVX512 static void grid_matvec(const io_t *io, const grid_t *g, int64_t lo, int6
 /* ----------------------------------------------------------------------------------------------
  * E8P and residual lattice codes */
 
+/* 32 codes at a time are turned into what each pair of codes needs: the byte offset of its row in
+ * the 512-row table (pattern index, plus the parity of its 7 sign bits, which decides the sign of
+ * coordinate 7), its 7 sign bits as a byte, and its shift bit. */
 typedef struct {
-    __m512i parity_words; /* bit i of word w: parity of pattern 32 w + i */
-    __m512 sign_bit, half;
-} e8p_consts_t;
+    uint16_t offsets[32];
+    uint8_t signs[32];
+    uint32_t shifts;
+} e8p_block_t;
 
-INLINE e8p_consts_t e8p_consts(const lattice_t *l) {
-    uint32_t words[16] = {0};
-    for (int i = 0; i < 256; i++) words[i >> 5] |= (uint32_t)(l->parity[i] & 1) << (i & 31);
-    e8p_consts_t k = {_mm512_loadu_si512(words), _mm512_set1_ps(-0.0f), _mm512_set1_ps(0.5f)};
-    return k;
+INLINE void e8p_prepare(const uint16_t *codes, int count, e8p_block_t *out) {
+    const __m512i c = _mm512_maskz_loadu_epi16((__mmask32)(count == 32 ? 0xFFFFFFFFu : (1u << count) - 1), codes);
+    const __m512i signs7 = _mm512_and_si512(_mm512_srli_epi16(c, 8), _mm512_set1_epi16(0x7F));
+    const __m512i parity = _mm512_and_si512(_mm512_popcnt_epi16(signs7), _mm512_set1_epi16(1));
+    const __m512i row = _mm512_or_si512(_mm512_and_si512(c, _mm512_set1_epi16(0xFF)), _mm512_slli_epi16(parity, 8));
+    _mm512_storeu_si512(out->offsets, _mm512_slli_epi16(row, 5));
+    _mm256_storeu_si256((__m256i *)out->signs, _mm512_cvtepi16_epi8(signs7));
+    out->shifts = (uint32_t)_mm512_test_epi16_mask(c, _mm512_set1_epi16((short)0x8000));
 }
 
-/* For up to 16 codes: pattern offsets (index * 8), the 8 signs of each code as one byte (parity
- * resolved), and 0xFF per code whose shift is +1/4; a pair of codes then reads its two k-masks as
- * one 16-bit load. */
-INLINE void e8p_prepare(const uint16_t *codes, int count, const e8p_consts_t *k, int32_t *offsets,
-                        uint8_t *signs, uint8_t *shifts) {
-    const __m512i c = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), codes));
-    const __m512i index = _mm512_and_si512(c, _mm512_set1_epi32(0xFF));
-    const __m512i signs7 = _mm512_and_si512(_mm512_srli_epi32(c, 8), _mm512_set1_epi32(0x7F));
-    const __m512i word = _mm512_permutexvar_epi32(_mm512_srli_epi32(index, 5), k->parity_words);
-    const __m512i parity = _mm512_srlv_epi32(word, _mm512_and_si512(index, _mm512_set1_epi32(31)));
-    const __m512i last = _mm512_and_si512(_mm512_xor_si512(_mm512_popcnt_epi32(signs7), parity), _mm512_set1_epi32(1));
-    const __m512i signs8 = _mm512_or_si512(signs7, _mm512_slli_epi32(last, 7));
-    const __mmask16 up = _mm512_test_epi32_mask(c, _mm512_set1_epi32(0x8000));
-    _mm512_storeu_si512(offsets, _mm512_slli_epi32(index, 3));
-    _mm_storeu_si128((__m128i *)signs, _mm512_cvtepi32_epi8(signs8));
-    _mm_storeu_si128((__m128i *)shifts, _mm512_cvtepi32_epi8(_mm512_maskz_set1_epi32(up, 0xFF)));
+/* Codes 2p and 2p + 1 of a prepared block as 16 weights, without their +-1/4 shift. */
+INLINE __m512 e8p_pair(const float *table, const e8p_block_t *blk, int p) {
+    const char *base = (const char *)table;
+    const __m512 a = _mm512_insertf32x8(
+        _mm512_castps256_ps512(_mm256_loadu_ps((const float *)(base + blk->offsets[2 * p]))),
+        _mm256_loadu_ps((const float *)(base + blk->offsets[2 * p + 1])), 1);
+    uint16_t sign_mask;
+    memcpy(&sign_mask, blk->signs + 2 * p, 2);
+    return _mm512_mask_xor_ps(a, (__mmask16)sign_mask, a, _mm512_set1_ps(-0.0f));
 }
 
-/* Codes 2p and 2p + 1 of a prepared block as 16 weights, less the common -1/4 shift. */
-INLINE __m512 e8p_pair(const float *patterns, const int32_t *offsets, const uint8_t *signs, const uint8_t *shifts,
-                       int p, const e8p_consts_t *k) {
-    const __m512 a = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(patterns + offsets[2 * p])),
-                                        _mm256_loadu_ps(patterns + offsets[2 * p + 1]), 1);
-    uint16_t sign_mask, shift_mask;
-    memcpy(&sign_mask, signs + 2 * p, 2);
-    memcpy(&shift_mask, shifts + 2 * p, 2);
-    const __m512 w = _mm512_mask_xor_ps(a, (__mmask16)sign_mask, a, k->sign_bit);
-    return _mm512_mask_add_ps(w, (__mmask16)shift_mask, w, k->half);
+/* The shifts of one prepared block: lanes of `group_sums` (x summed over each code's 8 columns) whose
+ * code has the +1/4 shift, added into `acc` (the -1/4 of every code is taken out once per row). */
+INLINE __m512 e8p_shifts(__m512 acc, const e8p_block_t *blk, const float *group_sums, int count) {
+    acc = _mm512_mask_add_ps(acc, (__mmask16)blk->shifts, acc,
+                             _mm512_maskz_loadu_ps((__mmask16)(count >= 16 ? 0xFFFF : (1u << count) - 1), group_sums));
+    if (count > 16)
+        acc = _mm512_mask_add_ps(acc, (__mmask16)(blk->shifts >> 16), acc,
+                                 _mm512_maskz_loadu_ps((__mmask16)(count >= 32 ? 0xFFFF : (1u << (count - 16)) - 1),
+                                                       group_sums + 16));
+    return acc;
 }
 
 INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int second) {
     const int64_t cols = io->cols, groups = cols / 8;
-    const e8p_consts_t k = e8p_consts(l);
     const float *x[MAX_BATCH];
+    float *group_sums = malloc(sizeof(float) * (size_t)(NB * (groups + 32)));
     float xsum[MAX_BATCH];
     for (int b = 0; b < NB; b++) {
         x[b] = io->x + (b0 + b) * cols;
-        __m512 s = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 16 <= cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x[b] + c));
-        if (c < cols) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(0xFF, x[b] + c));
-        xsum[b] = _mm512_reduce_add_ps(s);
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int i = 0; i < 8; i++) s += x[b][8 * g + i];
+            group_sums[b * (groups + 32) + g] = s;
+            total += s;
+        }
+        xsum[b] = total;
     }
-    /* each stage's -1/4 shift, taken out of the loop: sum_c x_c * (-1/4) per E8P stage */
-    const float base = -0.25f * (1.0f + (second == 2 ? l->inv_residual : 0.0f));
-    int32_t offsets[16], offsets2[16];
-    uint8_t signs[16], shifts[16], signs2[16], shifts2[16];
+    const float *table = l->signed_patterns;
+    e8p_block_t blk, blk2;
     for (int64_t r = lo; r < hi; r++) {
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
-        __m512 acc[MAX_BATCH], acc2[MAX_BATCH];
-        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps(), acc2[b] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < groups; j += 16) {
-            const int count = groups - j < 16 ? (int)(groups - j) : 16;
-            e8p_prepare(codes + j, count, &k, offsets, signs, shifts);
-            if (second == 2)
-                e8p_prepare((const uint16_t *)l->codes2 + r * groups + j, count, &k, offsets2, signs2, shifts2);
+        const uint16_t *codes2 = second == 2 ? (const uint16_t *)l->codes2 + r * groups : NULL;
+        const uint8_t *bytes2 = second == 1 ? (const uint8_t *)l->codes2 + r * groups : NULL;
+        __m512 acc[MAX_BATCH], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
+        for (int b = 0; b < NB; b++)
+            acc[b] = acc2[b] = up[b] = up2[b] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < groups; j += 32) {
+            const int count = groups - j < 32 ? (int)(groups - j) : 32;
+            e8p_prepare(codes + j, count, &blk);
+            if (second == 2) e8p_prepare(codes2 + j, count, &blk2);
+            for (int b = 0; b < NB; b++) {
+                const float *sums = group_sums + b * (groups + 32) + j;
+                up[b] = e8p_shifts(up[b], &blk, sums, count);
+                if (second == 2) up2[b] = e8p_shifts(up2[b], &blk2, sums, count);
+            }
             for (int p = 0; p < (count + 1) / 2; p++) {
                 const int64_t col = 8 * (j + 2 * p);
                 const __mmask16 lanes = 2 * p + 1 < count ? 0xFFFF : 0x00FF;
-                const __m512 w = e8p_pair(l->patterns, offsets, signs, shifts, p, &k);
+                const __m512 w = e8p_pair(table, &blk, p);
                 __m512 w2 = _mm512_setzero_ps();
                 if (second == 2) {
-                    w2 = e8p_pair(l->patterns, offsets2, signs2, shifts2, p, &k);
+                    w2 = e8p_pair(table, &blk2, p);
                 } else if (second == 1) {
-                    const uint8_t *c2 = (const uint8_t *)l->codes2 + r * groups + j + 2 * p;
-                    const __m256 lo8 = _mm256_loadu_ps(l->second_table + 8 * c2[0]);
-                    w2 = _mm512_zextps256_ps512(lo8);
-                    if (lanes == 0xFFFF) w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * c2[1]), 1);
+                    w2 = _mm512_zextps256_ps512(_mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p]));
+                    if (lanes == 0xFFFF)
+                        w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p + 1]), 1);
                 }
                 for (int b = 0; b < NB; b++) {
-                    const __m512 xv = _mm512_maskz_loadu_ps(lanes, x[b] + col);
+                    const __m512 xv = lanes == 0xFFFF ? _mm512_loadu_ps(x[b] + col) : _mm512_maskz_loadu_ps(lanes, x[b] + col);
                     acc[b] = _mm512_fmadd_ps(w, xv, acc[b]);
                     if (second) acc2[b] = _mm512_fmadd_ps(w2, xv, acc2[b]);
                 }
             }
         }
         for (int b = 0; b < NB; b++) {
-            float y = _mm512_reduce_add_ps(acc[b]) + base * xsum[b];
-            if (second) y += l->inv_residual * _mm512_reduce_add_ps(acc2[b]);
+            float y = _mm512_reduce_add_ps(acc[b]) + 0.5f * _mm512_reduce_add_ps(up[b]) - 0.25f * xsum[b];
+            if (second == 1) y += l->inv_residual * _mm512_reduce_add_ps(acc2[b]);
+            if (second == 2)
+                y += l->inv_residual *
+                     (_mm512_reduce_add_ps(acc2[b]) + 0.5f * _mm512_reduce_add_ps(up2[b]) - 0.25f * xsum[b]);
             io->y[(b0 + b) * io->rows + r] = y;
         }
     }
+    free(group_sums);
 }
 
 #define LATTICE_CASES(second)                                                \
@@ -261,29 +273,38 @@ INLINE window_t window_constants(int k, int L) {
     return w;
 }
 
+/* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale below). */
 INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const window_t *win) {
     const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
     const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift),
                                        win->mask);
-    if (code == CODE_1MAD) {
+    if (code == CODE_1MAD) { /* the byte sum of s * a + b */
         const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)),
                                            _mm512_set1_epi32(76625530));
-        const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi32(0x01010101));
-        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ONE_MAD_SCALE),
-                               _mm512_set1_ps(-510.0f * ONE_MAD_SCALE));
+        return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi32(0x01010101)));
     }
     __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)), _mm512_set1_epi32(64248484));
     x = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32((int)0x8FFF8FFFu)), _mm512_set1_epi32(0x3B603B60));
     const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
     const __m512 high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
-    return _mm512_mul_ps(_mm512_add_ps(low, high), _mm512_set1_ps(THREE_INST_SCALE));
+    return _mm512_add_ps(low, high);
 }
+
+static float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
+static float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }
 
 INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int code) {
     const int64_t cols = io->cols, tiles_n = cols / 16;
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
+    const float scale = code_scale(code), offset = code_offset(code);
+    float xsum[MAX_BATCH];
+    for (int b = 0; b < NB; b++) {
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(io->x + (b0 + b) * cols + c));
+        xsum[b] = _mm512_reduce_add_ps(s);
+    }
     uint8_t ring[128 + 64];
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         __m512 acc[MAX_BATCH][16];
@@ -301,7 +322,8 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
             }
         }
         for (int b = 0; b < NB; b++)
-            for (int rr = 0; rr < 16; rr++) io->y[(b0 + b) * io->rows + 16 * i + rr] = _mm512_reduce_add_ps(acc[b][rr]);
+            for (int rr = 0; rr < 16; rr++)
+                io->y[(b0 + b) * io->rows + 16 * i + rr] = scale * (_mm512_reduce_add_ps(acc[b][rr]) - offset * xsum[b]);
     }
 }
 
@@ -341,10 +363,12 @@ AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int6
             const uint8_t *tile = t->codes + (i * tiles_n + j) * bytes;
             memcpy(ring, tile, bytes);
             memcpy(ring + bytes, tile, 16);
+            const __m512 scale = _mm512_set1_ps(code_scale(t->code)), offset = _mm512_set1_ps(code_offset(t->code));
             for (int rr = 0; rr < 16; rr++) {
                 float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
-                _mm512_storeu_ps(out, t->code == CODE_1MAD ? trellis_row16(ring, rr, k, CODE_1MAD, &win)
-                                                           : trellis_row16(ring, rr, k, CODE_3INST, &win));
+                const __m512 raw = t->code == CODE_1MAD ? trellis_row16(ring, rr, k, CODE_1MAD, &win)
+                                                        : trellis_row16(ring, rr, k, CODE_3INST, &win);
+                _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_sub_ps(raw, offset), scale));
             }
         }
 }

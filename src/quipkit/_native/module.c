@@ -82,23 +82,61 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
     }
 }
 
+/* A whole linear layer in one call (the eager fast path of QuantizedLinear): the input transform
+ * (Hadamard with factor in_K and signs before it; in_K = 0: none), the matvec, the output transform
+ * (factor out_K, scales after it), then the bias. */
+typedef struct {
+    long long in_K, out_K;
+    unsigned long long in_hk, in_pre, out_hk, out_post, bias;
+} epilogue_t;
+
 /* Common leading arguments of every kernel call:
  *   decode (0: y = x W^T for all rows; 1: rows [lo, hi) of W into y), lo, hi, threads,
- *   x, batch, rows, cols, y */
-#define IO_FORMAT "iLLiKLLLK"
-#define IO_ARGS &decode, &lo, &hi, &threads, &x, &c.io.batch, &c.io.rows, &c.io.cols, &y
+ *   x, batch, rows, cols, y, and the layer's transforms and bias (epilogue_t; all 0 for none) */
+#define IO_FORMAT "iLLiKLLLKLKKLKKK"
+#define IO_ARGS &decode, &lo, &hi, &threads, &x, &c.io.batch, &c.io.rows, &c.io.cols, &y, &ep.in_K, &ep.in_hk, \
+                &ep.in_pre, &ep.out_K, &ep.out_hk, &ep.out_post, &ep.bias
 
-static PyObject *launch(call_t *c, int decode, int64_t lo, int64_t hi, int threads, unsigned long long x,
-                        unsigned long long y, int64_t grain) {
+static void transform_rows(const kernel_set_t *ks, const float *x, float *y, int64_t batch, int64_t n, long long K,
+                           unsigned long long hk, unsigned long long pre, unsigned long long post) {
+    const io_t io = {.x = x, .y = y, .batch = batch, .rows = 0, .cols = n, .row0 = 0};
+    const hadamard_t h = {.n = n, .K = K, .hk = (const float *)hk, .pre = (const uint16_t *)pre,
+                          .post = (const uint16_t *)post};
+    ks->hadamard(&io, &h, 0, batch);
+}
+
+static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo, int64_t hi, int threads,
+                        unsigned long long x, unsigned long long y, int64_t grain) {
+    if ((decode || c->family == HADAMARD) && (ep->in_K || ep->out_K || ep->bias)) {
+        PyErr_SetString(PyExc_ValueError, "transforms and bias apply to a matvec only");
+        return NULL;
+    }
     c->ks = active_kernels();
     c->decode = decode;
     c->io.x = (const float *)x;
     c->io.y = (float *)y;
     c->io.row0 = decode ? lo : 0;
-    int64_t count = decode ? hi - lo : (c->family == HADAMARD ? c->io.batch : c->io.rows);
+    const int64_t batch = c->io.batch, rows = c->io.rows, cols = c->io.cols;
+    int64_t count = decode ? hi - lo : (c->family == HADAMARD ? batch : rows);
+    float *rotated = NULL;
+    if (ep->in_K) {
+        rotated = malloc(sizeof(float) * (size_t)(batch * cols));
+        if (rotated == NULL) return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
+    if (rotated) {
+        transform_rows(c->ks, c->io.x, rotated, batch, cols, ep->in_K, ep->in_hk, ep->in_pre, 0);
+        c->io.x = rotated;
+    }
     parallel_for(threads, count, grain, run_task, c);
+    if (ep->out_K) transform_rows(c->ks, c->io.y, c->io.y, batch, rows, ep->out_K, ep->out_hk, 0, ep->out_post);
+    if (ep->bias) {
+        const float *bias = (const float *)ep->bias;
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t r = 0; r < rows; r++) c->io.y[b * rows + r] += bias[r];
+    }
     Py_END_ALLOW_THREADS
+    free(rotated);
     Py_RETURN_NONE;
 }
 
@@ -106,6 +144,7 @@ static PyObject *launch(call_t *c, int decode, int64_t lo, int64_t hi, int threa
  * 0 for absent ones), then its static spec. */
 static PyObject *py_grid(PyObject *self, PyObject *args) {
     call_t c = {.family = GRID};
+    epilogue_t ep;
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, codes, scales, zeros;
@@ -115,27 +154,30 @@ static PyObject *py_grid(PyObject *self, PyObject *args) {
     c.grid.codes = (const uint8_t *)codes;
     c.grid.scales = (const uint16_t *)scales;
     c.grid.zeros = (const uint8_t *)zeros;
-    return launch(&c, decode, lo, hi, threads, x, y, 16);
+    return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
 }
 
 static PyObject *py_lattice(PyObject *self, PyObject *args) {
     call_t c = {.family = LATTICE};
+    epilogue_t ep;
     int decode, threads;
     long long lo, hi;
-    unsigned long long x, y, codes, codes2, patterns, parity, second_table;
-    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiKKKf", IO_ARGS, &codes, &codes2, &c.lattice.second, &patterns, &parity,
-                          &second_table, &c.lattice.inv_residual))
+    unsigned long long x, y, codes, codes2, patterns, parity, signed_patterns, second_table;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiKKKKf", IO_ARGS, &codes, &codes2, &c.lattice.second, &patterns, &parity,
+                          &signed_patterns, &second_table, &c.lattice.inv_residual))
         return NULL;
+    c.lattice.signed_patterns = (const float *)signed_patterns;
     c.lattice.codes = (const int16_t *)codes;
     c.lattice.codes2 = (const void *)codes2;
     c.lattice.patterns = (const float *)patterns;
     c.lattice.parity = (const uint8_t *)parity;
     c.lattice.second_table = (const float *)second_table;
-    return launch(&c, decode, lo, hi, threads, x, y, 16);
+    return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
 }
 
 static PyObject *py_trellis(PyObject *self, PyObject *args) {
     call_t c = {.family = TRELLIS};
+    epilogue_t ep;
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, codes, table;
@@ -144,11 +186,12 @@ static PyObject *py_trellis(PyObject *self, PyObject *args) {
         return NULL;
     c.trellis.codes = (const uint8_t *)codes;
     c.trellis.table = (const float *)table;
-    return launch(&c, decode, lo, hi, threads, x, y, 16);
+    return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
 }
 
 static PyObject *py_bf16(PyObject *self, PyObject *args) {
     call_t c = {.family = BF16};
+    epilogue_t ep;
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, weight;
@@ -158,11 +201,12 @@ static PyObject *py_bf16(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bf16 weights are decoded by a dtype conversion, not by this kernel");
         return NULL;
     }
-    return launch(&c, 0, lo, hi, threads, x, y, 16);
+    return launch(&c, &ep, 0, lo, hi, threads, x, y, 16);
 }
 
 static PyObject *py_hadamard(PyObject *self, PyObject *args) {
     call_t c = {.family = HADAMARD};
+    epilogue_t ep;
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, hk, pre, post;
@@ -176,7 +220,7 @@ static PyObject *py_hadamard(PyObject *self, PyObject *args) {
     c.hadamard.hk = (const float *)hk;
     c.hadamard.pre = (const uint16_t *)pre;
     c.hadamard.post = (const uint16_t *)post;
-    return launch(&c, 0, lo, hi, threads, x, y, 1);
+    return launch(&c, &ep, 0, lo, hi, threads, x, y, 1);
 }
 
 static PyObject *py_isa(PyObject *self, PyObject *args) {

@@ -79,6 +79,11 @@ class Codebook(ABC):
         codes, params = self.unpack(stored, rows, cols)
         return self.decode(codes, params)
 
+    def dequantize_rows(self, stored: dict[str, Tensor], rows: int, cols: int, index: Tensor) -> Tensor:
+        """Rows `index` [k] of the weight -> [k, cols] (float32): an embedding lookup. Codebooks used for
+        embeddings decode only those rows; this fallback decodes the whole matrix."""
+        return self.dequantize(stored, rows, cols)[index]
+
 
 def split_rows(tensors: dict[str, Tensor], sizes: list[int], row_block: int) -> list[dict[str, Tensor]]:
     """Split per-row tensors (codes or params, first dim in units of `row_block` rows) into parts."""

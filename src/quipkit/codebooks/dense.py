@@ -47,5 +47,8 @@ class Dense(Codebook):
     def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
         return stored["weight"], {}
 
+    def dequantize_rows(self, stored: dict[str, Tensor], rows: int, cols: int, index: Tensor) -> Tensor:
+        return stored["weight"][index].float()
+
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"weight": ((rows, cols), self.dtype)}

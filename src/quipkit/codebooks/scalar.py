@@ -106,6 +106,18 @@ class GroupGrid(Codebook):
         zero = unpack_bits(stored["zeros"], self.bits, rows * groups).reshape(rows, groups).float()
         return codes, {"scale": stored["scales"].float(), "zero": zero}
 
+    def dequantize_rows(self, stored: dict[str, Tensor], rows: int, cols: int, index: Tensor) -> Tensor:
+        groups = self.groups(cols)
+        codes = unpack_bits(stored["codes"][index], self.bits, cols)
+        # zero points of row r sit at positions r * groups + g of one b-bit stream
+        position = index.reshape(-1, 1).long() * groups + torch.arange(groups, device=index.device)
+        bit = position * self.bits
+        byte, shift = bit >> 3, (bit & 7).to(torch.int32)
+        stream = torch.nn.functional.pad(stored["zeros"], (0, 1)).to(torch.int32)
+        zero = ((stream[byte] | (stream[byte + 1] << 8)) >> shift) & self.qmax
+        params = {"scale": stored["scales"][index].float(), "zero": zero.float()}
+        return self.decode(codes, params)
+
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         groups = self.groups(cols)
         return {

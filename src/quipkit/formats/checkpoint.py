@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quipkit.errors import QuipkitError
+from quipkit.layers.quantized_embedding import QuantizedEmbedding
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import set_module
 
@@ -35,6 +36,10 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def quantized_embeddings(model: nn.Module) -> dict[str, QuantizedEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Persistent tensors by name, tied duplicates dropped, quantized buffers in canonical dtypes."""
     canonical: dict[str, torch.dtype] = {}
@@ -42,6 +47,10 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         layout = {**layer.codebook.storage(layer.out_features, layer.in_features),
                   **layer.transform.storage(layer.out_features, layer.in_features)}
         canonical.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
+    for name, embedding in quantized_embeddings(model).items():
+        if not embedding.tied:
+            layout = embedding.codebook.storage(embedding.num_embeddings, embedding.embedding_dim)
+            canonical.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
     seen: dict[tuple[int, int, tuple], str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -65,7 +74,22 @@ def quantization_config(model: nn.Module, config: Any = None, calibration: Any =
         "config": config.to_dict() if config is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "layers": {name: layer.spec() for name, layer in quantized_layers(model).items()},
+        "embeddings": {name: embedding.spec() for name, embedding in quantized_embeddings(model).items()},
+        "head": head_name(model),
     }
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The name of the output head when quipkit holds it (bf16 or quantized), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, QuantizedLinear):
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def decoder_layers(quant: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The quantized linears of the decoder blocks: every layer of `quantization_config` but the head."""
+    return {name: spec for name, spec in quant["layers"].items() if name != quant.get("head")}
 
 
 def save(
@@ -149,6 +173,27 @@ def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None
             raise QuipkitError(f"layer '{name}' in the checkpoint has a bad spec: {err}") from None
 
 
+def replace_embeddings(model: nn.Module, embeddings: dict[str, dict[str, Any]]) -> None:
+    """Swap the named nn.Embedding modules for empty QuantizedEmbedding ones; tied ones read the output head."""
+    for name, spec in embeddings.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise QuipkitError(f"the checkpoint has embeddings '{name}', which this model does not have") from None
+        if not isinstance(current, (nn.Embedding, QuantizedEmbedding)):
+            raise QuipkitError(f"the checkpoint's embeddings '{name}' are a {type(current).__name__} in this model")
+        try:
+            embedding = QuantizedEmbedding(**spec)
+        except TypeError as err:
+            raise QuipkitError(f"embeddings '{name}' in the checkpoint have a bad spec: {err}") from None
+        if embedding.tied:
+            head = model.get_output_embeddings()
+            if not isinstance(head, QuantizedLinear):
+                raise QuipkitError(f"embeddings '{name}' are tied to an output head the checkpoint does not quantize")
+            embedding.tie_to(head)
+        set_module(model, name, embedding)
+
+
 @torch.no_grad()
 def upgrade_layers(model: nn.Module, version: int) -> None:
     """Bring the quantized layers of a model loaded from checkpoint format `version` to the current layout."""
@@ -180,6 +225,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, quant.get("dtype", "float32")))
     replace_linears(model, quant["layers"])
+    replace_embeddings(model, quant.get("embeddings", {}))
     unexpected = set(state) - set(model.state_dict())
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

@@ -20,7 +20,14 @@ def _register(auto_module: Any) -> None:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from quipkit.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, READABLE_VERSIONS, replace_linears, upgrade_layers
+    from quipkit.formats.checkpoint import (
+        FORMAT_VERSION,
+        QUANT_METHOD,
+        READABLE_VERSIONS,
+        replace_embeddings,
+        replace_linears,
+        upgrade_layers,
+    )
 
     if QUANT_METHOD in auto_module.AUTO_QUANTIZER_MAPPING:
         return
@@ -52,6 +59,7 @@ def _register(auto_module: Any) -> None:
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             replace_linears(model, self.quantization_config.layers)
+            replace_embeddings(model, getattr(self.quantization_config, "embeddings", None) or {})
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
             upgrade_layers(model, self.quantization_config.format_version)

@@ -34,11 +34,18 @@ def tier() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _lattice_tables() -> tuple[Tensor, Tensor, Tensor]:
-    """E8P's 256 absolute patterns [256, 8], their sums' parities [256] (uint8), the 1-bit E8 points [256, 8]."""
+def _lattice_tables() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """E8P's 256 absolute patterns [256, 8], their sums' parities [256] (uint8), the same patterns with
+    coordinate 7 signed for both parities of a code's 7 sign bits [512, 8], the 1-bit E8 points [256, 8].
+
+    A code's 8th sign makes the number of negative coordinates match the pattern's parity, so it is
+    negative iff (parity of the 7 stored signs) xor (pattern parity): row i + 256 q has it resolved."""
     patterns = source_set().contiguous()
     parity = (patterns.sum(1).round().to(torch.int64) % 2).to(torch.uint8)
-    return patterns, parity, e8_one_bit().contiguous()
+    signed = patterns.repeat(2, 1)
+    negate = torch.cat([parity, 1 - parity]).bool()
+    signed[negate, 7] *= -1
+    return patterns, parity, signed.contiguous(), e8_one_bit().contiguous()
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -51,17 +58,20 @@ class Plan:
     that follow them. Built once per spec and shape, so a call costs little more than reading the
     tensors' addresses."""
 
-    __slots__ = ("function", "block", "static", "arguments")
+    __slots__ = ("function", "block", "static", "arguments", "dtypes")
 
     def __init__(self, function: str, block: int, static: tuple,
                  arguments: Callable[[Sequence[Tensor]], Sequence[Tensor | None]]):
         self.function = getattr(native.module(), function)
         self.block, self.static, self.arguments = block, static, arguments
+        self.dtypes: tuple[torch.dtype, ...] = ()
 
     def call(self, decode: int, lo: int, hi: int, x: Tensor | None, batch: int, rows: int, cols: int, y: Tensor,
-             stored: Sequence[Tensor]) -> None:
-        tensors = [t if t is None or t.is_contiguous() else t.contiguous() for t in self.arguments(stored)]
-        self.function(decode, lo, hi, torch.get_num_threads(), _ptr(x), batch, rows, cols, y.data_ptr(),
+             stored: Sequence[Tensor], epilogue: tuple = (0,) * 7) -> None:
+        # a model moved with .to(dtype) converts fp16 scales too: bring them back to what the C code reads
+        stored = [t if t.dtype == d and t.is_contiguous() else t.to(d).contiguous() for t, d in zip(stored, self.dtypes)]
+        tensors = self.arguments(stored)
+        self.function(decode, lo, hi, torch.get_num_threads(), _ptr(x), batch, rows, cols, y.data_ptr(), *epilogue,
                       *[_ptr(t) for t in tensors], *self.static)
 
 
@@ -80,11 +90,11 @@ def _grid_plan(codebook, rows: int, cols: int) -> Plan:
 
 
 def _lattice_plan(codebook, rows: int, cols: int) -> Plan:
-    patterns, parity, one_bit = _lattice_tables()
+    patterns, parity, signed, one_bit = _lattice_tables()
     second = 0 if codebook.name == "e8p" else (1 if codebook.bits == 3 else 2)
     inverse = 1.0 / codebook.residual_scale if second else 0.0
-    return Plan("lattice", 1, (second, patterns.data_ptr(), parity.data_ptr(), one_bit.data_ptr(), inverse),
-                _padded(2))
+    return Plan("lattice", 1, (second, patterns.data_ptr(), parity.data_ptr(), signed.data_ptr(), one_bit.data_ptr(),
+                               inverse), _padded(2))
 
 
 def _trellis_plan(codebook, rows: int, cols: int) -> Plan:
@@ -107,7 +117,9 @@ _PLANNERS: dict[str, Callable[[object, int, int], Plan]] = {
 
 @lru_cache(maxsize=4096)
 def plan(codebook, rows: int, cols: int) -> Plan:
-    return _PLANNERS[codebook.name](codebook, rows, cols)
+    p = _PLANNERS[codebook.name](codebook, rows, cols)
+    p.dtypes = tuple(dtype for _, dtype in codebook.storage(rows, cols).values())
+    return p
 
 
 def matvec(x: Tensor, tensors: Sequence[Tensor], codebook, rows: int, cols: int) -> Tensor:
@@ -143,6 +155,61 @@ def tiled_matmul(x: Tensor, tensors: Sequence[Tensor], codebook, rows: int, cols
     return y.reshape(*lead, rows)
 
 
+class OneCallLinear:
+    """A layer's eager fast path on the CPU: input Hadamard, matvec and output Hadamard (or none of the
+    transforms) and the bias in one call of the extension. Holds only static facts (the plan, the
+    Hadamard factors); the layer hands in its tensors on every call. Built by `one_call_linear`."""
+
+    __slots__ = ("plan", "rows", "cols", "max_numel", "static_epilogue")
+
+    def __init__(self, p: Plan, rows: int, cols: int, hadamard_io: bool) -> None:
+        self.plan, self.rows, self.cols = p, rows, cols
+        self.max_numel = MATVEC_MAX_ROWS * cols
+        in_k = out_k = 0
+        hk_in = hk_out = 0
+        if hadamard_io:
+            in_k, out_k = orthogonal_op(cols).factor, orthogonal_op(rows).factor
+            hk_in = _hadamard_factor(in_k, True).data_ptr() if in_k > 1 else 0  # cached: the address is stable
+            hk_out = _hadamard_factor(out_k, False).data_ptr() if out_k > 1 else 0
+        self.static_epilogue = (in_k, hk_in, out_k, hk_out)
+
+    def applies(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype is torch.float32 and x.numel() <= self.max_numel and x.is_contiguous()
+
+    def __call__(self, x: Tensor, tensors: Sequence[Tensor], su: Tensor | None, sv: Tensor | None,
+                 bias: Tensor | None) -> Tensor:
+        """sv ⊙ Had_m (W (Had_n^T (su ⊙ x))) + bias for x [..., cols] (x W^T + bias without signs)."""
+        in_k, hk_in, out_k, hk_out = self.static_epilogue
+        p, rows, cols = self.plan, self.rows, self.cols
+        y = torch.empty(*x.shape[:-1], rows)
+        p.function(0, 0, 0, torch.get_num_threads(), x.data_ptr(), x.numel() // cols, rows, cols, y.data_ptr(),
+                   in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias),
+                   *[_ptr(t) for t in p.arguments(tensors)], *p.static)
+        return y
+
+
+def one_call_linear(codebook, rows: int, cols: int, transform: str, tensors: Sequence[Tensor],
+                    vectors: Sequence[Tensor | None]) -> OneCallLinear | None:
+    """The fast path for a layer whose stored `tensors` and sign/bias `vectors` are as the extension
+    reads them (CPU, storage dtypes, contiguous; signs fp16, bias float32), or None."""
+    if not native.available() or codebook.name not in _PLANNERS or (codebook.name == "dense" and codebook.bits != 16):
+        return None
+    if transform not in ("rht", "identity"):
+        return None
+    hadamard_io = transform == "rht"
+    if hadamard_io and (orthogonal_op(cols).factor is None or orthogonal_op(rows).factor is None):
+        return None  # a DCT side: the transform ops handle it
+    expected = [dtype for _, dtype in codebook.storage(rows, cols).values()]
+    if any(t.device.type != "cpu" or t.dtype != d or not t.is_contiguous() for t, d in zip(tensors, expected)):
+        return None
+    su, sv, bias = vectors
+    if any(v is not None and (v.device.type != "cpu" or v.dtype != torch.float16) for v in (su, sv)):
+        return None
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
+        return None
+    return OneCallLinear(plan(codebook, rows, cols), rows, cols, hadamard_io)
+
+
 def _fused_applies(x: Tensor, codebook, rows: int, cols: int) -> bool:
     return x.numel() // cols <= MATVEC_MAX_ROWS and (codebook.name != "dense" or codebook.bits == 16)
 
@@ -170,7 +237,8 @@ def hadamard(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool
     pre = pre.to(torch.float16).contiguous() if pre is not None else None
     post = post.to(torch.float16).contiguous() if post is not None else None
     y = torch.empty_like(x)
-    native.module().hadamard(0, 0, 0, torch.get_num_threads(), x.data_ptr(), x.numel() // n, 0, n, y.data_ptr(), k,
+    native.module().hadamard(0, 0, 0, torch.get_num_threads(), x.data_ptr(), x.numel() // n, 0, n, y.data_ptr(),
+                             *(0,) * 7, k,
                              _ptr(hk), _ptr(pre), _ptr(post))
     return y
 

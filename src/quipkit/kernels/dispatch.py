@@ -66,9 +66,12 @@ def register_hadamard(name: str, device: str, applies: Callable[[Tensor], bool],
     return kernel
 
 
-def _reference_only() -> bool:
+def reference_only() -> bool:
     """QUIPKIT_KERNELS=reference runs everything through the eager reference (for checks and debugging)."""
     return os.environ.get("QUIPKIT_KERNELS", "").lower() == "reference"
+
+
+REFERENCE_ONLY = reference_only()  # read once; forget_choices() reads it again
 
 
 def _load_device(device: str) -> None:
@@ -112,6 +115,8 @@ _chosen: dict[tuple, Kernel] = {}
 
 def forget_choices() -> None:
     """Select afresh on the next call (after QUIPKIT_KERNELS or the registered kernels changed)."""
+    global REFERENCE_ONLY
+    REFERENCE_ONLY = reference_only()
     _chosen.clear()
     _chosen_hadamard.clear()
 
@@ -119,7 +124,7 @@ def forget_choices() -> None:
 def _select(x: Tensor, codebook, rows: int, cols: int) -> Kernel:
     device = x.device.type
     _load_device(device)
-    if _reference_only():
+    if REFERENCE_ONLY:
         return REFERENCE
     for kernel in KERNELS:
         if kernel.device in (device, "any") and codebook.name in kernel.codebooks and kernel.applies(x, codebook, rows, cols):
@@ -141,7 +146,7 @@ _chosen_hadamard: dict[tuple, HadamardKernel] = {}
 def _select_hadamard(x: Tensor) -> HadamardKernel:
     device = x.device.type
     _load_device(device)
-    if _reference_only():
+    if REFERENCE_ONLY:
         return HADAMARD_REFERENCE
     for kernel in HADAMARD_KERNELS:
         if kernel.device in (device, "any") and kernel.applies(x):

@@ -75,19 +75,20 @@ def _hadamard_backward(ctx, grad: Tensor):
 torch.library.register_autograd("quipkit::hadamard", _hadamard_backward, setup_context=_hadamard_context)
 
 
-def _through_dispatcher(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+def eager_call(x: Tensor) -> bool:
+    """True when a call may skip the dispatcher: nothing is being traced and no gradient is needed."""
+    return not (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()))
 
 
 def decode_matmul(x: Tensor, tensors: Sequence[Tensor], spec: str, rows: int, cols: int) -> Tensor:
     """x [..., cols] @ W^T -> [..., rows] (see the module docstring)."""
-    if _through_dispatcher(x):
+    if not eager_call(x):
         return torch.ops.quipkit.decode_matmul(x, list(tensors), spec, rows, cols)
     return run_decode_matmul(x, tensors, spec, rows, cols)
 
 
 def hadamard(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool) -> Tensor:
     """post ⊙ Had_n^(T if transpose) (pre ⊙ x) along the last dim of x [..., n]."""
-    if _through_dispatcher(x):
+    if not eager_call(x):
         return torch.ops.quipkit.hadamard(x, pre, post, transpose)
     return run_hadamard(x, pre, post, transpose)

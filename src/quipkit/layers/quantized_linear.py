@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
 from quipkit.kernels.dispatch import spec_of
-from quipkit.kernels.ops import decode_matmul
+from quipkit.kernels import cpu, dispatch
+from quipkit.kernels.ops import decode_matmul, eager_call
 from quipkit.transforms import make_transform
 
 # The kernel spec of a held float32 weight (see keep_decoded).
@@ -48,6 +49,29 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("decoded", None, persistent=False)  # see keep_decoded
         self.kernel_spec = spec_of(self.codebook)
+        self._one_call: cpu.OneCallLinear | None | bool = False  # built on first use, see _fast_path
+
+    def _fast_path(self) -> cpu.OneCallLinear | None:
+        """The one-call CPU path for this layer as it is now placed, built once (moves reset it)."""
+        if self._one_call is False:
+            vectors = (self._buffers.get("su"), self._buffers.get("sv"), self.bias) if self.transform.name == "rht" \
+                else (None, None, self.bias)
+            self._one_call = cpu.one_call_linear(self.codebook, self.out_features, self.in_features,
+                                                 self.transform.name, self.codebook_tensors().values(), vectors)
+        return self._one_call
+
+    def _apply(self, fn, recurse: bool = True):
+        self._one_call = False  # device or dtype may change
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._one_call = False  # assign=True may bring tensors of other dtypes
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor) and name in self.__dict__.get("_buffers", ()):
+            self.__dict__["_one_call"] = False  # a replaced buffer may differ in dtype or layout
+        super().__setattr__(name, value)
 
     @classmethod
     def from_tensors(
@@ -104,6 +128,10 @@ class QuantizedLinear(nn.Module):
         self.decoded = self.codebook.dequantize(codes, self.out_features, self.in_features) if keep else None
 
     def forward(self, x: Tensor) -> Tensor:
+        fast = self._one_call if self._one_call is not False else self._fast_path()
+        if fast is not None and self.decoded is None and fast.applies(x) and eager_call(x) and not dispatch.REFERENCE_ONLY:
+            buffers = self._buffers
+            return fast(x, [buffers[n] for n in self._codebook_names], buffers.get("su"), buffers.get("sv"), self.bias)
         params = self.transform_params()
         x = self.transform.input(x, params)
         tensors, spec = self.kernel_inputs()

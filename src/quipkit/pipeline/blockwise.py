@@ -24,6 +24,7 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.pipeline.capture import block_output, capture_block_calls, move
+from quipkit.pipeline.head import compress_head
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.run_state import RunState, fingerprint_of
@@ -37,6 +38,7 @@ class QuantizeReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "hessian": 0.0, "rounding": 0.0, "propagate": 0.0})
     resumed_from_block: int = 0
+    head: dict[str, Any] | None = None  # the output head's record when it was quantized (head_bits 8/6/4)
 
     def bits_per_weight(self) -> float:
         weights = sum(r["shape"][0] * r["shape"][1] for r in self.layers)
@@ -204,6 +206,11 @@ def quantize_blockwise(
             "no linear layer matched the include/exclude patterns; nothing was quantized "
             f"(blocks are '{prefix}.N', e.g. '{prefix}.0.mlp.down_proj')"
         )
+    start = time.perf_counter()
+    head_batches = batches or (list(torch.split(tokens, calibration.batch_size)) if tokens.numel() else [])
+    head = compress_head(model, config, device, head_batches, blocks, inputs if calibrated and inputs else None)
+    report.head = head.to_dict() if head is not None else None
+    report.seconds["head"] = time.perf_counter() - start
     return report
 
 

@@ -123,3 +123,56 @@ def _returns_tuple(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor) -> b
     finally:
         handle.remove()
     return bool(seen and seen[0])
+
+
+class _Replay(nn.Module):
+    """Stands in for block 0 and returns given hidden states (the last block's outputs) instead."""
+
+    def __init__(self, outputs: list[Tensor], returns_tuple: bool) -> None:
+        super().__init__()
+        self.outputs, self.batch, self.returns_tuple = outputs, 0, returns_tuple
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any):
+        out = self.outputs[self.batch].to(hidden.device, hidden.dtype)
+        self.batch += 1
+        return (out,) if self.returns_tuple else out
+
+
+class _PassThrough(nn.Module):
+    def __init__(self, returns_tuple: bool) -> None:
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden: Tensor, *args: Any, **kwargs: Any):
+        return (hidden,) if self.returns_tuple else hidden
+
+
+@torch.no_grad()
+def capture_head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[Tensor], head: nn.Module,
+                        record, final_outputs: list[Tensor] | None = None) -> None:
+    """Call `record(x)` with the output head's input for each token batch [b, T], then stop the forward.
+
+    With `final_outputs` (the last block's outputs per batch) the blocks are not run: block 0 replays
+    them and the others pass them on, so only the embedding and what follows the blocks (the final
+    norm) run. Without, the whole model runs up to the head.
+    """
+    def hook(module: nn.Module, args: tuple) -> None:
+        record(args[0])
+        raise _StopForward
+
+    originals = list(blocks)
+    returns_tuple = _returns_tuple(model, blocks, batches[0][:1]) if final_outputs is not None else False
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        if final_outputs is not None:
+            for i in range(len(originals)):
+                blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -1,0 +1,90 @@
+"""The parts of a model outside its decoder blocks: the output head and the token embeddings.
+
+By default (`head_bits=16`) both are held and stored in bf16, which on a small model with a large
+vocabulary is most of the "2-bit" checkpoint otherwise. `head_bits` 8, 6 or 4 quantize the head on
+a per-group integer grid (groups of HEAD_GROUP), rounded by LDLQ against the Hessian of its input
+(the final hidden states after the last norm), as llama.cpp and ExLlamaV3 do; `32` keeps float32.
+A tied embedding reads the head's stored tensors, so that matrix is held once. Embeddings that do
+more than look rows up (Gemma scales them) keep their float matrix, and so does a head tied to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quipkit.config import QuantConfig
+from quipkit.layers.quantized_embedding import QuantizedEmbedding
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.pipeline.capture import capture_head_inputs
+from quipkit.pipeline.layer_group import LayerRecord, quantize_group
+from quipkit.rounding import HessianAccumulator
+
+HEAD_GROUP = 32
+BF16 = {"name": "dense", "bits": 16}
+IDENTITY = {"name": "identity"}
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _tied(head: nn.Module | None, embedding: nn.Module | None) -> bool:
+    return (isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding)
+            and head.weight.data_ptr() == embedding.weight.data_ptr())
+
+
+def _plain(embedding: nn.Module | None) -> bool:
+    """An embedding that only looks rows up (a subclass may scale them, as Gemma's does: kept as it is)."""
+    return isinstance(embedding, nn.Embedding) and type(embedding).forward is nn.Embedding.forward
+
+
+def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
+                  blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None) -> LayerRecord | None:
+    """Replace the output head and the token embeddings as `config.head_bits` says; returns the head's record.
+
+    `batches` (calibration tokens) are needed when the head is rounded against its Hessian; with
+    `final_outputs` (the last block's outputs per batch) collecting it runs no block.
+    """
+    bits = config.head_bits
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if bits == 32:
+        return None
+    tied = _tied(head, embedding)
+    if tied and not _plain(embedding):
+        return None  # the head shares the embedding's float matrix, which stays as it is
+    record = None
+    if isinstance(head, nn.Linear):
+        name = _name_of(model, head)
+        if bits == 16:
+            spec = {"in_features": head.in_features, "out_features": head.out_features, "codebook": BF16,
+                    "transform": IDENTITY, "bias": head.bias is not None}
+            quantized = QuantizedLinear.from_tensors(spec, {"weight": head.weight.detach()}, head.bias)
+        else:
+            calibrated = config.needs_calibration
+            head_config = QuantConfig(
+                method="gptq" if calibrated else "rtn", bits=bits, transform=IDENTITY,
+                codebook={"name": "scalar", "bits": bits, "group_size": HEAD_GROUP},
+                rounding="ldlq" if calibrated else "nearest", act_order=calibrated, damping=config.damping,
+                seed=config.seed, head_bits=32,
+            )
+            hessian = torch.eye(head.in_features, dtype=torch.float64)
+            if calibrated:
+                accumulator = HessianAccumulator(head.in_features, device)
+                capture_head_inputs(model, blocks, batches, head, accumulator.add, final_outputs)
+                hessian = accumulator.mean()
+            [(quantized, record)] = quantize_group({name: head}, hessian, head_config, device)
+        model.set_output_embeddings(quantized.to(head.weight.device))
+        head = quantized
+    if _plain(embedding):
+        dtype = str(embedding.weight.dtype).removeprefix("torch.")
+        if tied and isinstance(head, QuantizedLinear):
+            replacement = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, head.codebook.spec(),
+                                             tied=True, dtype=dtype)
+            replacement.tie_to(head)
+            model.config.tie_word_embeddings = False  # quipkit ties them: the embedding reads the head
+        else:
+            replacement = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim, BF16, dtype=dtype)
+            replacement.weight = embedding.weight.detach().bfloat16()
+        model.set_input_embeddings(replacement.to(embedding.weight.device))
+    return record
