@@ -246,28 +246,69 @@ def _run_eval(args: argparse.Namespace, protocols: list[str], tasks: list[str], 
 # generate
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool, device) -> str:
-    import torch
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool, device, stream: bool = False,
+                  compile: bool = False):
+    """Greedy continuation of `prompt` through the lean decoding loop: (text, GenerationStats).
+
+    With `stream`, each piece of text is printed as soon as its token is chosen."""
+    from quipkit.generation import eos_ids, generate
 
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
-    inputs = tokenizer(text, return_tensors="pt").to(device)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+    stops = eos_ids(model, tokenizer)
+    shown: list[int] = []
+    printed = [0]
+
+    def show(token: int) -> None:
+        if token in stops:
+            return
+        shown.append(token)
+        decoded = tokenizer.decode(shown, skip_special_tokens=True)
+        if stream:
+            print(decoded[printed[0]:], end="", flush=True)
+        printed[0] = len(decoded)
+
+    tokens, stats = generate(model, ids, max_new_tokens, stops, on_token=show, compile=compile)
+    if stream:
+        print(flush=True)
+    return tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True), stats
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from quipkit.kernels.info import kernel_summary
     from quipkit.models.loading import load_model, pick_device
 
+    if args.max_new_tokens < 1:
+        raise QuipkitError("--max-new-tokens must be at least 1")
     device = pick_device(args.device)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise QuipkitError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_model(args.model)
     model.to(device)
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, not args.no_chat, device))
+    _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, not args.no_chat, device,
+                             stream=True, compile=args.compile)
+    if args.stats:
+        import torch
+
+        row = stats.to_dict()
+        row["threads"] = torch.get_num_threads()
+        row["kernels"] = kernel_summary(model)
+        if args.json:
+            _print_json(row, None)
+            return
+        _table("generation", ["prompt tokens", "prefill tok/s", "new tokens", "decode tok/s", "model (MB)",
+                              "peak RSS (MB)", "threads"],
+               [[stats.prompt_tokens, stats.prefill_tokens_per_second, stats.new_tokens,
+                 stats.decode_tokens_per_second, stats.model_bytes / 1e6, stats.peak_rss_bytes / 1e6,
+                 row["threads"]]])
+        print(f"kernels: {row['kernels']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +351,33 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_kernels(args: argparse.Namespace) -> None:
+    """`info --kernels`: the compiled extension's tier and the kernel each codebook gets."""
+    from quipkit.kernels.info import kernel_rows, machine
+
+    state = machine()
+    rows = kernel_rows()
+    if args.json:
+        _print_json({**state, "kernels": rows}, None)
+        return
+    if not state["compiled_extension"]:
+        where = "disabled by QUIPKIT_NATIVE=0" if os.environ.get("QUIPKIT_NATIVE") == "0" else "not built"
+        print(f"compiled extension: {where}; every quantized layer runs the eager reference (slow)")
+    else:
+        print(f"compiled extension: {state['tier']} tier, {state['threads']} threads"
+              + ("; QUIPKIT_KERNELS=reference forces the reference" if state["reference_only"] else ""))
+    _table("kernels on the CPU", ["codebook", "decode (1 row)", "prefill (512 rows)"],
+           [[r["codebook"], r["decode"], r["prefill"]] for r in rows])
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from quipkit.formats.checkpoint import REPORT, decoder_layers, read_quantization_config
 
+    if args.kernels:
+        cmd_kernels(args)
+        return
+    if args.model is None:
+        raise QuipkitError("info needs a quantized folder (or --kernels, or --incoherence MODEL)")
     if args.incoherence:
         cmd_incoherence(args)
         return
@@ -385,7 +450,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _table(f"{source.describe()} on {proto.name}", ["method", "bits", "bits/weight", "size (MB)", "perplexity", "seconds"], rows)
     prompt = "What is the capital of France?"
     print(f"4/4 generating from the saved model in {out}\n> {prompt}")
-    print(generate_text(model, tokenizer, prompt, 48, True, device))
+    _, stats = generate_text(model, tokenizer, prompt, 48, True, device, stream=True)
+    print(f"({stats.decode_tokens_per_second:.1f} tokens/s decoding, {stats.model_bytes / 1e6:.0f} MB of weights)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,14 +542,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode quantized weights once and hold them dense (4 bytes/weight): much faster "
                    "evaluation of trellis and lattice codes when memory allows")
 
-    p = command("generate", cmd_generate, "generate text from a model")
+    p = command("generate", cmd_generate, "generate text from a model (greedy, static KV cache, fast kernels)")
     p.add_argument("model", help="quantized folder or model")
     p.add_argument("prompt", help="the prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--stats", action="store_true",
+                   help="report prefill and decode tokens/s, the model's memory and the kernels used")
+    p.add_argument("--json", action="store_true", help="with --stats: print them as JSON")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and quipkit's kernels [torch's default]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to compile)")
 
     p = command("info", cmd_info, "describe a quantized checkpoint: method, bits, size, layers")
-    p.add_argument("model", help="quantized folder (with --incoherence: a float model)")
+    p.add_argument("model", nargs="?", help="quantized folder (with --incoherence: a float model)")
+    p.add_argument("--kernels", action="store_true",
+                   help="show the compiled extension's instruction-set tier and each codebook's kernel")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--incoherence", action="store_true",
                    help="analyse a float model: per-layer mu of W and H before/after RHT and Kronecker, and "

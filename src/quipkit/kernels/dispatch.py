@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -129,7 +130,19 @@ def _select(x: Tensor, codebook, rows: int, cols: int) -> Kernel:
     for kernel in KERNELS:
         if kernel.device in (device, "any") and codebook.name in kernel.codebooks and kernel.applies(x, codebook, rows, cols):
             return kernel
+    if device == "cpu" and codebook.name != "dense":
+        _say_once("quipkit: the compiled kernels are not available here, so quantized layers run the eager "
+                  "reference (slow); `quipkit info --kernels` says why")
     return REFERENCE
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
 
 
 def select_hadamard(x: Tensor) -> HadamardKernel:

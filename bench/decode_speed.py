@@ -1,0 +1,234 @@
+"""Decode and prefill speed of quantized models against float32, in the same process.
+
+    python bench/decode_speed.py matrix [--shapes ref,7b] [--threads 1,2] [--repeats 15]
+    python bench/decode_speed.py model --models runs/q2,runs/q4 [--threads 1,2] [--rounds 3] [--tokens 128]
+    python bench/decode_speed.py peer [--threads 1,2] [--types F32,Q4_0,IQ4_KT,IQ2_KT]   (needs ik-llama-cpp-python)
+
+Each result is one JSON line. `matrix`: every codebook's fused decode-matvec against torch's float32
+matvec on the same shape, alternating, median of repeats, and the effective GB/s of packed bytes read.
+`model`: batch-1 greedy decoding (64-token prompt, --tokens new tokens) and a 512-token prefill of the
+reference model in float32 and of every quantized folder, rounds alternating between models: CPU time
+per token of the decoding thread with 1 thread, wall-clock tokens/s with more; through `quipkit
+generate`'s loop and through transformers' `generate` on a model loaded with `from_pretrained`;
+the bytes each model holds and its folder's size. `peer`: ik_llama.cpp on the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine
+
+REF_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+CODEBOOKS = {
+    "e8p-2": {"name": "e8p", "bits": 2},
+    "rvq-3": {"name": "rvq", "bits": 3},
+    "rvq-4": {"name": "rvq", "bits": 4},
+    "trellis-1mad-2": {"name": "trellis", "bits": 2, "L": 16, "code": "1mad"},
+    "trellis-1mad-3": {"name": "trellis", "bits": 3, "L": 16, "code": "1mad"},
+    "trellis-1mad-4": {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"},
+    "trellis-3inst-2": {"name": "trellis", "bits": 2, "L": 16, "code": "3inst"},
+    "grid-2-g128": {"name": "scalar", "bits": 2, "group_size": 128},
+    "grid-3-g128": {"name": "scalar", "bits": 3, "group_size": 128},
+    "grid-4-g128": {"name": "scalar", "bits": 4, "group_size": 128},
+    "grid-8-g128": {"name": "scalar", "bits": 8, "group_size": 128},
+    "uniform-2": {"name": "uniform", "bits": 2},
+    "uniform-4": {"name": "uniform", "bits": 4},
+    "bf16": {"name": "dense", "bits": 16},
+}
+
+
+def _emit(row: dict, out: str | None) -> None:
+    line = json.dumps({**row, "machine": machine()})
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as handle:
+            handle.write(line + "\n")
+
+
+def _random_stored(codebook, rows: int, cols: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    out = []
+    for shape, dtype in codebook.storage(rows, cols).values():
+        if dtype.is_floating_point:
+            out.append((torch.randn(shape, generator=gen) * 0.05).to(dtype))
+        elif dtype == torch.uint8:
+            out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
+        else:
+            out.append(torch.randint(-(2**15), 2**15, shape, generator=gen, dtype=torch.int16))
+    return out
+
+
+def _alternating(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and of b(), called in turn."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_matrix(args) -> None:
+    from quipkit.codebooks import make_codebook
+    from quipkit.kernels import cpu
+
+    shapes = {"ref": REF_SHAPES, "7b": BIG_SHAPES}
+    chosen = [s for key in args.shapes.split(",") for s in shapes[key]]
+    names = list(CODEBOOKS) if args.codebooks == "all" else args.codebooks.split(",")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for rows, cols in chosen:
+            weight = torch.randn(rows, cols)
+            x = torch.randn(1, cols)
+            repeats = args.repeats if rows * cols < 4e6 else max(5, args.repeats // 3)
+            for name in names:
+                codebook = make_codebook(CODEBOOKS[name])
+                stored = _random_stored(codebook, rows, cols)
+                packed = sum(t.numel() * t.element_size() for t in stored)
+                dense, fused = _alternating(lambda: torch.nn.functional.linear(x, weight),
+                                            lambda: cpu.matvec(x, stored, codebook, rows, cols), repeats)
+                _emit({"bench": "decode_speed", "part": "matrix", "codebook": name, "shape": [rows, cols],
+                       "threads": threads, "tier": cpu.tier(), "float32_us": dense * 1e6, "fused_us": fused * 1e6,
+                       "speedup": dense / fused, "packed_GBps": packed / fused / 1e9,
+                       "float32_GBps": rows * cols * 4 / dense / 1e9, "repeats": repeats}, args.out)
+
+
+def _prompt(tokenizer, length: int, offset: int = 0) -> torch.Tensor:
+    from quipkit.corpora import wikitext2
+
+    ids = tokenizer(wikitext2("validation")[offset: offset + 20 * length], return_tensors="pt")["input_ids"]
+    return ids[:, :length]
+
+
+def _lean_decode(model, ids, tokens: int, cpu_clock) -> tuple[float, float]:
+    """(decoding-thread CPU seconds per token, wall tokens/s) of the lean loop, EOS ignored."""
+    from quipkit.generation import generate
+
+    clock = {}
+
+    def mark(token: int) -> None:
+        if "cpu" not in clock:  # the first token comes from the prefill: decoding starts now
+            clock["cpu"], clock["wall"] = cpu_clock(), time.perf_counter()
+
+    generate(model, ids, tokens, (), on_token=mark)
+    cpu_seconds, wall = cpu_clock() - clock["cpu"], time.perf_counter() - clock["wall"]
+    return cpu_seconds / (tokens - 1), (tokens - 1) / wall
+
+
+def _hf_decode(model, ids, tokens: int, cpu_clock) -> tuple[float, float]:
+    """The same through transformers' generate: the difference between `tokens` new tokens and one."""
+    def run(n: int) -> tuple[float, float]:
+        c, w = cpu_clock(), time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return cpu_clock() - c, time.perf_counter() - w
+
+    c1, w1 = run(1)
+    c, w = run(tokens)
+    return max(c - c1, 1e-9) / (tokens - 1), (tokens - 1) / max(w - w1, 1e-9)
+
+
+def _prefill(model, ids) -> float:
+    """Tokens per second of one forward over `ids` (the last position's logits only, as generation does)."""
+    import inspect
+
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False, **extra)
+    return ids.shape[1] / (time.perf_counter() - start)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix == ".safetensors")
+
+
+@torch.no_grad()
+def bench_model(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import quipkit  # noqa: F401  (registers the quantization method with transformers)
+    from quipkit.generation import model_bytes
+    from quipkit.kernels.info import kernel_summary
+    from quipkit.models.loading import load_model
+
+    reference, tokenizer, source = load_model(args.reference)
+    models = {"float32": reference}
+    sizes = {"float32": model_bytes(reference)}  # a float32 safetensors folder holds exactly these bytes
+    for folder in [f for f in args.models.split(",") if f]:
+        models[folder] = AutoModelForCausalLM.from_pretrained(folder).eval()
+        sizes[folder] = _folder_bytes(Path(folder))
+    held = {name: model_bytes(m) for name, m in models.items()}
+    for name, model in models.items():
+        _emit({"bench": "decode_speed", "part": "memory", "model": name, "model_bytes": held[name],
+               "vs_float32": held[name] / held["float32"], "disk_bytes": sizes[name],
+               "disk_vs_float32": sizes[name] / sizes["float32"], "kernels": kernel_summary(model)}, args.out)
+    prompt = _prompt(tokenizer, 64)
+    long_prompt = _prompt(tokenizer, 512, offset=5000)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        cpu_clock = time.thread_time if threads == 1 else time.process_time
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for round_index in range(args.rounds):
+            order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
+            for name in order:
+                model = models[name]
+                results.setdefault((name, "quipkit"), []).append(_lean_decode(model, prompt, args.tokens, cpu_clock))
+                results.setdefault((name, "transformers"), []).append(_hf_decode(model, prompt, args.tokens, cpu_clock))
+                results.setdefault((name, "prefill"), []).append((_prefill(model, long_prompt), 0.0))
+        base_cpu = statistics.median(c for c, _ in results[("float32", "transformers")])
+        base_rate = statistics.median(r for _, r in results[("float32", "transformers")])
+        base_prefill = statistics.median(r for r, _ in results[("float32", "prefill")])
+        for (name, loop), runs in results.items():
+            if loop == "prefill":
+                rate = statistics.median(r for r, _ in runs)
+                _emit({"bench": "decode_speed", "part": "prefill", "model": name, "threads": threads,
+                       "prompt_tokens": long_prompt.shape[1], "tokens_per_s": rate, "vs_float32": rate / base_prefill,
+                       "rounds": args.rounds}, args.out)
+                continue
+            cpu_ms = statistics.median(c for c, _ in runs) * 1e3
+            rate = statistics.median(r for _, r in runs)
+            _emit({"bench": "decode_speed", "part": "decode", "model": name, "loop": loop, "threads": threads,
+                   "new_tokens": args.tokens, "prompt_tokens": prompt.shape[1], "cpu_ms_per_token": cpu_ms,
+                   "tokens_per_s": rate, "cpu_speedup_vs_float32_transformers": base_cpu * 1e3 / cpu_ms,
+                   "wall_speedup_vs_float32_transformers": rate / base_rate, "rounds": args.rounds}, args.out)
+
+
+def bench_peer(args) -> None:
+    from peer_ik import bench_ik
+
+    for row in bench_ik(args):
+        _emit(row, args.out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("matrix", "model", "peer"))
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts [1,2]")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--shapes", default="ref,7b", help="matrix: ref (the reference model's), 7b, or both")
+    parser.add_argument("--codebooks", default="all", help=f"matrix: comma-separated, of {', '.join(CODEBOOKS)}")
+    parser.add_argument("--repeats", type=int, default=15, help="matrix: timed calls per kernel")
+    parser.add_argument("--reference", default=None, help="model: the float model [smollm2-135m]")
+    parser.add_argument("--models", default="", help="model: comma-separated quantized folders")
+    parser.add_argument("--rounds", type=int, default=3, help="model: rounds over all models, alternating")
+    parser.add_argument("--tokens", type=int, default=128, help="model: new tokens per decode")
+    parser.add_argument("--types", default="F32,Q4_0,IQ4_KT,IQ2_KT", help="peer: ik_llama.cpp types")
+    parser.add_argument("--work", default="runs/peer", help="peer: folder for the converted GGUF files")
+    args = parser.parse_args()
+    {"matrix": bench_matrix, "model": bench_model, "peer": bench_peer}[args.part](args)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

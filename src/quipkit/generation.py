@@ -1,0 +1,140 @@
+"""A lean greedy decoding loop for any causal LM transformers loads, with timing and memory.
+
+transformers' `generate` spends several milliseconds per token on logits processors, stopping
+criteria and cache bookkeeping, which is as much as a quantized small model's whole forward on a
+CPU. This loop does what gpt-fast does: a static KV cache sized for the prompt and the new tokens,
+one prefill forward that computes the last position's logits only, then one forward and one argmax
+per token. Models whose forward takes no static cache get their own dynamic one. `compile=True`
+wraps the decode step in torch.compile (measured not to help on CPUs here; see the README).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class GenerationStats:
+    """Prefill and decode throughput, and the memory the model holds."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    model_bytes: int  # every parameter and buffer of the model, counted once
+    peak_rss_bytes: int  # the process's peak resident memory
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first (which comes from the prefill) per second of decoding."""
+        return max(self.new_tokens - 1, 0) / max(self.decode_seconds, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage the model holds (tied tensors once)."""
+    seen: dict[int, int] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (VmHWM), 0 where /proc is not available."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache`; use what this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _static_cache(model: nn.Module, length: int):
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        return None
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+    compile: bool = False,
+) -> tuple[list[int], GenerationStats]:
+    """Greedy decoding of up to `max_new_tokens` after `input_ids` [1, T]; stops at an EOS token.
+
+    Calls `on_token(id)` as each token is chosen. Returns the new token ids and the timings.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError("generate takes one prompt: input_ids [1, T]")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    prompt = input_ids.shape[1]
+    keyword = _cache_keyword(model)
+    cache = _static_cache(model, prompt + max_new_tokens)
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
+
+    def forward(ids: Tensor, positions: Tensor, past) -> tuple[Tensor, object]:
+        out = model(input_ids=ids, cache_position=positions, use_cache=True, **{keyword: past}, **extra)
+        return out.logits[:, -1], (past if past is not None and cache is not None else out.past_key_values)
+
+    step = torch.compile(forward, dynamic=False) if compile else forward
+    start = time.perf_counter()
+    logits, past = forward(input_ids, torch.arange(prompt, device=device), cache)
+    token = int(logits.argmax(-1))
+    prefilled = time.perf_counter()
+    tokens = [token]
+    if on_token is not None:
+        on_token(token)
+    position = prompt
+    while len(tokens) < max_new_tokens and token not in eos_token_ids:
+        logits, past = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), past)
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        position += 1
+        if on_token is not None:
+            on_token(token)
+    done = time.perf_counter()
+    stats = GenerationStats(prompt, len(tokens), prefilled - start, done - prefilled, model_bytes(model), peak_rss_bytes())
+    return tokens, stats
+
+
+def eos_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
+    """The token ids that end a generation: the model's generation config's, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None) if config is not None else None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
