@@ -82,6 +82,25 @@ def codeword_table() -> Tensor:
     return signed + shift[:, None]
 
 
+@lru_cache(maxsize=1)
+def pattern_parity() -> Tensor:
+    """Parity [256] (uint8) of each pattern's coordinate sum (an integer: 8 half-integers)."""
+    return (source_set().sum(1).round().to(torch.int64) % 2).to(torch.uint8)
+
+
+@lru_cache(maxsize=1)
+def signed_patterns() -> Tensor:
+    """The patterns with coordinate 7's sign resolved, [512, 8] (float32), for decode kernels.
+
+    A code's 8th sign makes its number of negative coordinates match the pattern's parity, so it is
+    negative iff (parity of the 7 stored signs) xor (pattern parity). Row i + 256 q holds pattern i
+    for a code whose 7 signs have parity q; the 7 stored signs then apply to coordinates 0-6 only."""
+    parity = pattern_parity()
+    signed = source_set().repeat(2, 1)
+    signed[torch.cat([parity, 1 - parity]).bool(), 7] *= -1
+    return signed.contiguous()
+
+
 @lru_cache(maxsize=8)
 def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(S [256, 8], |S|^2 [256], 2S [256, 8], codewords [65536, 8], pattern key -> S index [4^8]) on `device`.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from quipkit import native
-from quipkit.codebooks.e8p import source_set
+from quipkit.codebooks.e8p import pattern_parity, signed_patterns, source_set
 from quipkit.codebooks.rvq import e8_one_bit
 from quipkit.codebooks.trellis import TILE, _default_values
 from quipkit.kernels.dispatch import register_hadamard, register_kernel
@@ -35,17 +35,9 @@ def tier() -> str | None:
 
 @lru_cache(maxsize=1)
 def _lattice_tables() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """E8P's 256 absolute patterns [256, 8], their sums' parities [256] (uint8), the same patterns with
-    coordinate 7 signed for both parities of a code's 7 sign bits [512, 8], the 1-bit E8 points [256, 8].
-
-    A code's 8th sign makes the number of negative coordinates match the pattern's parity, so it is
-    negative iff (parity of the 7 stored signs) xor (pattern parity): row i + 256 q has it resolved."""
-    patterns = source_set().contiguous()
-    parity = (patterns.sum(1).round().to(torch.int64) % 2).to(torch.uint8)
-    signed = patterns.repeat(2, 1)
-    negate = torch.cat([parity, 1 - parity]).bool()
-    signed[negate, 7] *= -1
-    return patterns, parity, signed.contiguous(), e8_one_bit().contiguous()
+    """What the lattice kernels read: E8P's patterns [256, 8], their parities [256], the patterns with
+    coordinate 7 signed [512, 8] (codebooks/e8p.py), the 1-bit E8 points [256, 8]."""
+    return source_set().contiguous(), pattern_parity(), signed_patterns(), e8_one_bit().contiguous()
 
 
 def _ptr(t: Tensor | None) -> int:
