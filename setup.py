@@ -13,7 +13,7 @@ native = Extension(
     depends=[f"src/quipkit/_native/{name}.h" for name in
              ("native", "viterbi_step", "kernels", "kernels_common", "kernels_generic")],
     extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
-    extra_link_args=["-pthread"],
+    extra_link_args=["-pthread", "-ldl"],
     optional=True,
 )
 

@@ -225,6 +225,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="model: new tokens per decode")
     parser.add_argument("--types", default="F32,Q4_0,IQ4_KT,IQ2_KT", help="peer: ik_llama.cpp types")
     parser.add_argument("--work", default="runs/peer", help="peer: folder for the converted GGUF files")
+    parser.add_argument("--hessian-cache", default="runs/hcache",
+                        help="peer: a quipkit Hessian cache of the reference model (the importance matrix of *_KT types)")
     args = parser.parse_args()
     {"matrix": bench_matrix, "model": bench_model, "peer": bench_peer}[args.part](args)
 

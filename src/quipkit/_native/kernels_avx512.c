@@ -483,13 +483,75 @@ AVX512 static void hadamard(const io_t *io, const hadamard_t *h, int64_t lo, int
     free(mixed);
 }
 
-/* Decoding whole rows for a GEMM is not the bottleneck of a prefill; the AVX2 kernels serve it. */
+/* ----------------------------------------------------------------------------------------------
+ * Rows of W for a prefill GEMM, decoded as the matvecs decode them */
+
 AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
-    kernels_avx2.grid_decode(io, g, lo, hi);
+    const int64_t cols = io->cols;
+    if (!grid_fits(g, cols)) {
+        kernels_avx2.grid_decode(io, g, lo, hi);
+        return;
+    }
+    const int64_t gs = g->scales ? g->group_size : cols, groups = (cols + gs - 1) / gs;
+    const int bits = g->bits;
+    __m512i perm, shift;
+    unpack_constants(bits, &perm, &shift);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = g->codes + r * g->row_bytes;
+        float *w = io->y + (r - io->row0) * cols;
+        for (int64_t j = 0; j < groups; j++) {
+            float scale = g->scale, zero = g->zero;
+            if (g->scales) {
+                const int64_t bit = (r * groups + j) * bits;
+                uint32_t word = g->zeros[bit >> 3];
+                if (((bit & 7) + bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
+                scale = half_to_float(g->scales[r * groups + j]);
+                zero = (float)((word >> (bit & 7)) & ((1u << bits) - 1));
+            }
+            const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+            const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+            for (int64_t col = j * gs; col < end; col += 16)
+                _mm512_storeu_ps(w + col, _mm512_mul_ps(s, _mm512_sub_ps(unpack16(row + col * bits / 8, bytes, perm, shift,
+                                                                                 mask), z)));
+        }
+    }
+}
+
+/* Codes 2p and 2p + 1 of a prepared block with their shifts: 16 weights as stored. */
+INLINE __m512 e8p_pair_shifted(const float *table, const e8p_block_t *blk, int p) {
+    const __m512 w = e8p_pair(table, blk, p);
+    const __mmask16 up = (__mmask16)((((blk->shifts >> (2 * p)) & 1) ? 0x00FF : 0) |
+                                     (((blk->shifts >> (2 * p + 1)) & 1) ? 0xFF00 : 0));
+    return _mm512_add_ps(_mm512_mask_blend_ps(up, _mm512_set1_ps(-0.25f), _mm512_set1_ps(0.25f)), w);
 }
 
 AVX512 static void lattice_decode(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
-    kernels_avx2.lattice_decode(io, l, lo, hi);
+    const int64_t cols = io->cols, groups = cols / 8;
+    e8p_block_t blk, blk2;
+    for (int64_t r = lo; r < hi; r++) {
+        float *w = io->y + (r - io->row0) * cols;
+        const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
+        for (int64_t j = 0; j < groups; j += 32) {
+            const int count = groups - j < 32 ? (int)(groups - j) : 32;
+            e8p_prepare(codes + j, count, &blk);
+            if (l->second == 2) e8p_prepare((const uint16_t *)l->codes2 + r * groups + j, count, &blk2);
+            for (int p = 0; p < (count + 1) / 2; p++) {
+                const __mmask16 lanes = 2 * p + 1 < count ? 0xFFFF : 0x00FF;
+                __m512 v = e8p_pair_shifted(l->signed_patterns, &blk, p);
+                if (l->second == 2) {
+                    v = _mm512_fmadd_ps(e8p_pair_shifted(l->signed_patterns, &blk2, p), _mm512_set1_ps(l->inv_residual), v);
+                } else if (l->second == 1) {
+                    const uint8_t *c2 = (const uint8_t *)l->codes2 + r * groups + j + 2 * p;
+                    __m512 w2 = _mm512_zextps256_ps512(_mm256_loadu_ps(l->second_table + 8 * c2[0]));
+                    if (lanes == 0xFFFF) w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * c2[1]), 1);
+                    v = _mm512_fmadd_ps(w2, _mm512_set1_ps(l->inv_residual), v);
+                }
+                _mm512_mask_storeu_ps(w + 8 * (j + 2 * p), lanes, v);
+            }
+        }
+    }
 }
 
 const kernel_set_t kernels_avx512 = {

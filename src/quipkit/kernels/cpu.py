@@ -59,10 +59,17 @@ class Plan:
         self.dtypes: tuple[torch.dtype, ...] = ()
 
     def call(self, decode: int, lo: int, hi: int, x: Tensor | None, batch: int, rows: int, cols: int, y: Tensor,
-             stored: Sequence[Tensor], epilogue: tuple = (0,) * 7) -> None:
-        # a model moved with .to(dtype) converts fp16 scales too: bring them back to what the C code reads
+             stored: Sequence[Tensor]) -> None:
+        """Run on `stored` tensors of any dtype and layout (converted to what the C code reads: a model
+        moved with .to(dtype) converts fp16 scales too)."""
         stored = [t if t.dtype == d and t.is_contiguous() else t.to(d).contiguous() for t, d in zip(stored, self.dtypes)]
-        tensors = self.arguments(stored)
+        self.launch(decode, lo, hi, x, batch, rows, cols, y, stored, (0,) * 7)
+
+    def launch(self, decode: int, lo: int, hi: int, x: Tensor | None, batch: int, rows: int, cols: int, y: Tensor,
+               stored: Sequence[Tensor], epilogue: tuple) -> None:
+        """Run on `stored` tensors already in storage dtypes and contiguous; `epilogue` is the layer's
+        (input factor K, H_K, signs, output factor K, H_K, scales, bias) for the one-call path."""
+        tensors = self.arguments(stored)  # alive through the call: some are made here (HYB's float table)
         self.function(decode, lo, hi, torch.get_num_threads(), _ptr(x), batch, rows, cols, y.data_ptr(), *epilogue,
                       *[_ptr(t) for t in tensors], *self.static)
 
@@ -172,11 +179,10 @@ class OneCallLinear:
                  bias: Tensor | None) -> Tensor:
         """sv ⊙ Had_m (W (Had_n^T (su ⊙ x))) + bias for x [..., cols] (x W^T + bias without signs)."""
         in_k, hk_in, out_k, hk_out = self.static_epilogue
-        p, rows, cols = self.plan, self.rows, self.cols
+        rows, cols = self.rows, self.cols
         y = torch.empty(*x.shape[:-1], rows)
-        p.function(0, 0, 0, torch.get_num_threads(), x.data_ptr(), x.numel() // cols, rows, cols, y.data_ptr(),
-                   in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias),
-                   *[_ptr(t) for t in p.arguments(tensors)], *p.static)
+        self.plan.launch(0, 0, 0, x, x.numel() // cols, rows, cols, y, tensors,
+                         (in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias)))
         return y
 
 
