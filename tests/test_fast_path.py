@@ -93,3 +93,28 @@ def test_a_machine_without_the_extension_runs_the_reference():
     env = {**os.environ, "QUIPKIT_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["False", "reference", "reference"]
+
+
+def test_a_layer_on_the_dct_fallback_matches_the_reference(monkeypatch):
+    """10920 has no Hadamard factor: the input side takes the DCT (reference op), the codes the fast kernel."""
+    from quipkit.layers.quantized_linear import QuantizedLinear
+    from quipkit.transforms.rht import random_signs
+
+    from test_kernels import random_stored
+
+    layer = QuantizedLinear(10920, 64, {"name": "e8p", "bits": 2}, {"name": "rht"})
+    for name, tensor in zip(layer._codebook_names, random_stored(layer.codebook, 64, 10920, seed=3)):
+        setattr(layer, name, tensor)
+    layer.su, layer.sv = random_signs(10920, 1), random_signs(64, 2)
+    x = torch.randn(2, 10920)
+    assert layer._fast_path() is None  # the one-call path needs Hadamard factors on both sides
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setenv("QUIPKIT_KERNELS", "reference")
+        dispatch.forget_choices()
+        try:
+            reference = layer(x)
+        finally:
+            monkeypatch.delenv("QUIPKIT_KERNELS")
+            dispatch.forget_choices()
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)

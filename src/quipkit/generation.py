@@ -5,7 +5,8 @@ criteria and cache bookkeeping, which is as much as a quantized small model's wh
 CPU. This loop does what gpt-fast does: a static KV cache sized for the prompt and the new tokens,
 one prefill forward that computes the last position's logits only, then one forward and one argmax
 per token. Models whose forward takes no static cache get their own dynamic one. `compile=True`
-wraps the decode step in torch.compile (measured not to help on CPUs here; see the README).
+wraps the decode step in torch.compile, with CUDA graphs on a GPU; on the CPU it was measured slower
+than eager (46 against 39 ms per token for QuIP# 2-bit on the reference model), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def generate(
         out = model(input_ids=ids, cache_position=positions, use_cache=True, **{keyword: past}, **extra)
         return out.logits[:, -1], (past if past is not None and cache is not None else out.past_key_values)
 
-    step = torch.compile(forward, dynamic=False) if compile else forward
+    # on a GPU, CUDA graphs replay the whole step ("reduce-overhead"); CPUs have no such replay
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    step = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
     start = time.perf_counter()
     logits, past = forward(input_ids, torch.arange(prompt, device=device), cache)
     token = int(logits.argmax(-1))
