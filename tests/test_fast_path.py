@@ -100,13 +100,13 @@ def test_a_layer_on_the_dct_fallback_matches_the_reference(monkeypatch):
     from quipkit.layers.quantized_linear import QuantizedLinear
     from quipkit.transforms.rht import random_signs
 
-    from test_kernels import random_stored
+    from test_kernels import assert_matches, random_stored
 
     layer = QuantizedLinear(10920, 64, {"name": "e8p", "bits": 2}, {"name": "rht"})
     for name, tensor in zip(layer._codebook_names, random_stored(layer.codebook, 64, 10920, seed=3)):
         setattr(layer, name, tensor)
     layer.su, layer.sv = random_signs(10920, 1), random_signs(64, 2)
-    x = torch.randn(2, 10920)
+    x = torch.randn(2, 10920, generator=torch.Generator().manual_seed(4))
     assert layer._fast_path() is None  # the one-call path needs Hadamard factors on both sides
     with torch.no_grad():
         fast = layer(x)
@@ -117,4 +117,4 @@ def test_a_layer_on_the_dct_fallback_matches_the_reference(monkeypatch):
         finally:
             monkeypatch.delenv("QUIPKIT_KERNELS")
             dispatch.forget_choices()
-    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    assert_matches(fast, reference)  # sums of 10920 products: float32 rounding relative to the output scale
