@@ -120,17 +120,21 @@ KERNEL_TARGET static void FN(lattice_row)(const lattice_t *l, int64_t r, int64_t
     }
 }
 
+/* y[b, r] = w . x[b] for every activation row: w [cols] is row r of W, decoded. */
+KERNEL_TARGET static void FN(row_dots)(const io_t *io, const float *w, int64_t r) {
+    for (int64_t b = 0; b < io->batch; b++) {
+        const float *x = io->x + b * io->cols;
+        float dot = 0.0f;
+        for (int64_t c = 0; c < io->cols; c++) dot += w[c] * x[c];
+        io->y[b * io->rows + r] = dot;
+    }
+}
+
 KERNEL_TARGET static void FN(lattice_matvec)(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
-    const int64_t cols = io->cols;
-    float *w = malloc(sizeof(float) * cols);
+    float *w = malloc(sizeof(float) * io->cols);
     for (int64_t r = lo; r < hi; r++) {
-        FN(lattice_row)(l, r, cols, w);
-        for (int64_t b = 0; b < io->batch; b++) {
-            const float *x = io->x + b * cols;
-            float dot = 0.0f;
-            for (int64_t c = 0; c < cols; c++) dot += w[c] * x[c];
-            io->y[b * io->rows + r] = dot;
-        }
+        FN(lattice_row)(l, r, io->cols, w);
+        FN(row_dots)(io, w, r);
     }
     free(w);
 }
@@ -221,12 +225,7 @@ KERNEL_TARGET static void FN(bf16_matvec)(const io_t *io, const bf16_t *d, int64
             const uint32_t bits = (uint32_t)row[c] << 16;
             memcpy(w + c, &bits, 4);
         }
-        for (int64_t b = 0; b < io->batch; b++) {
-            const float *x = io->x + b * cols;
-            float dot = 0.0f;
-            for (int64_t c = 0; c < cols; c++) dot += w[c] * x[c];
-            io->y[b * io->rows + r] = dot;
-        }
+        FN(row_dots)(io, w, r);
     }
     free(w);
 }

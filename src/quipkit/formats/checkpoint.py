@@ -158,34 +158,31 @@ def read_quantization_config(folder: str | os.PathLike) -> tuple[dict[str, Any],
     return cfg, quant
 
 
+def _built(model: nn.Module, name: str, spec: dict[str, Any], kinds: tuple[type, ...], cls: type) -> nn.Module:
+    """`cls(**spec)` to stand where the model has `name`, which must be one of `kinds`; clear errors otherwise."""
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        raise QuipkitError(f"the checkpoint holds '{name}', which this model does not have") from None
+    if not isinstance(current, kinds):
+        raise QuipkitError(f"the checkpoint's '{name}' is a {type(current).__name__} in this model, not a "
+                           f"{kinds[0].__name__}")
+    try:
+        return cls(**spec)
+    except TypeError as err:
+        raise QuipkitError(f"'{name}' in the checkpoint has a bad spec: {err}") from None
+
+
 def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
     """Swap the named nn.Linear modules for empty QuantizedLinear ones built from their specs."""
     for name, spec in layers.items():
-        try:
-            current = model.get_submodule(name)
-        except AttributeError:
-            raise QuipkitError(f"the checkpoint quantizes '{name}', which this model does not have") from None
-        if not isinstance(current, (nn.Linear, QuantizedLinear)):
-            raise QuipkitError(f"the checkpoint quantizes '{name}', which is a {type(current).__name__}, not a linear")
-        try:
-            set_module(model, name, QuantizedLinear(**spec))
-        except TypeError as err:
-            raise QuipkitError(f"layer '{name}' in the checkpoint has a bad spec: {err}") from None
+        set_module(model, name, _built(model, name, spec, (nn.Linear, QuantizedLinear), QuantizedLinear))
 
 
 def replace_embeddings(model: nn.Module, embeddings: dict[str, dict[str, Any]]) -> None:
     """Swap the named nn.Embedding modules for empty QuantizedEmbedding ones; tied ones read the output head."""
     for name, spec in embeddings.items():
-        try:
-            current = model.get_submodule(name)
-        except AttributeError:
-            raise QuipkitError(f"the checkpoint has embeddings '{name}', which this model does not have") from None
-        if not isinstance(current, (nn.Embedding, QuantizedEmbedding)):
-            raise QuipkitError(f"the checkpoint's embeddings '{name}' are a {type(current).__name__} in this model")
-        try:
-            embedding = QuantizedEmbedding(**spec)
-        except TypeError as err:
-            raise QuipkitError(f"embeddings '{name}' in the checkpoint have a bad spec: {err}") from None
+        embedding = _built(model, name, spec, (nn.Embedding, QuantizedEmbedding), QuantizedEmbedding)
         if embedding.tied:
             head = model.get_output_embeddings()
             if not isinstance(head, QuantizedLinear):

@@ -97,15 +97,20 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[T
     try:
         for i, block in enumerate(originals):
             blocks[i] = _StandIn(block, record, i, last=i == len(originals) - 1, returns_tuple=returns_tuple)
-        for batch in batches:
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
+        _run_batches(model, batches)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
     return record
+
+
+def _run_batches(model: nn.Module, batches: list[Tensor]) -> None:
+    """The model's forward on each token batch, each ending where a stand-in or hook stops it."""
+    for batch in batches:
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass
 
 
 def _returns_tuple(model: nn.Module, blocks: nn.ModuleList, tokens: Tensor) -> bool:
@@ -167,11 +172,7 @@ def capture_head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[T
         if final_outputs is not None:
             for i in range(len(originals)):
                 blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
-        for batch in batches:
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
+        _run_batches(model, batches)
     finally:
         handle.remove()
         for i, block in enumerate(originals):
