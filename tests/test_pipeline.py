@@ -202,6 +202,34 @@ def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, mon
     assert len(list((tmp_path / "h").iterdir())) == 2
 
 
+def test_hessian_cache_serves_runs_with_include_and_exclude(tmp_path, monkeypatch):
+    import quipkit.pipeline.blockwise as blockwise
+    from quipkit.pipeline.hessian_cache import HessianCache
+
+    mlp_only = make_config("quip#", 2, include=("mlp",))
+    quantize_blockwise(tiny_model(), _tokens(), mlp_only, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+    no_down = make_config("quip#", 2, exclude=("down_proj",))
+    straight = tiny_model()
+    quantize_blockwise(straight, _tokens(), no_down, CAL, torch.device("cpu"))
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a complete cache must not run the model")
+
+    monkeypatch.setattr(blockwise, "collect_hessians", no_forward)
+    monkeypatch.setattr(blockwise, "capture_block_calls", no_forward)
+    cached = tiny_model()
+    report = quantize_blockwise(cached, _tokens(), no_down, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+    assert len(report.layers) == 12  # 7 linears a block, less down_proj, in 2 blocks: attention came from the cache
+    a, b = straight.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a cache without some layer's Hessian (written before caches held every linear) is refused, not skipped
+    real = HessianCache.load
+    monkeypatch.setattr(HessianCache, "load", lambda self, index: real(self, index)[1:])
+    with pytest.raises(QuipkitError, match="the Hessian cache has no Hessian for model.layers.0"):
+        quantize_blockwise(tiny_model(), _tokens(), no_down, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
+
+
+
 @pytest.mark.parametrize("method,bits,options", [("gptq", 4, {"group_size": 32}), ("qtip", 2, {"L": 10})])
 def test_keep_decoded_gives_the_same_logits_and_is_never_saved(method, bits, options):
     """The held weight goes through the dense kernel, the codes through a decode kernel: the same

@@ -19,14 +19,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _quiet_libraries() -> None:
-    """Hide transformers' deprecation chatter; our own progress bars say what is happening."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 def _print_json(payload: Any, path: str | None) -> None:
     text = json.dumps(payload, indent=1, default=str)
     if path:
@@ -86,24 +78,56 @@ def _build_configs(args: argparse.Namespace):
     return config, calibration
 
 
-def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[str, Any], Path]:
-    """Load, quantize and save; returns (model, tokenizer, summary, output folder)."""
-    from quipkit.api import quantize
-    from quipkit.formats.checkpoint import save
-    from quipkit.models.loading import load_model, pick_device
+def _preflight(args: argparse.Namespace):
+    """Check everything that can be checked without loading the model: (config, calibration, source)."""
+    from quipkit.formats.checkpoint import recover_save
+    from quipkit.models.loading import check_hub_access, model_context, resolve_model
+    from quipkit.pipeline.calibration import check_sources
 
     out = Path(args.out)
+    recover_save(out)  # a save that was killed leaves temporary folders, or the previous result moved aside
     if out.exists() and not args.overwrite:
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     config, calibration = _build_configs(args)
-    device = pick_device(args.device)
-    model, tokenizer, source = load_model(args.model)
+    source = resolve_model(args.model)
     if source.kind == "quipkit":
         raise QuipkitError(f"{args.model} is already quantized; quantize the original float model")
+    context = model_context(source) if config.needs_calibration else None  # round-to-nearest reads no windows
+    if context is not None and calibration.seqlen > context:
+        raise QuipkitError(f"--seqlen {calibration.seqlen} is longer than the model's context of {context} tokens; "
+                           f"pass --seqlen {min(context, 2048)} or less")
+    check_sources(calibration)
+    if args.hessian_cache and Path(args.hessian_cache).is_file():
+        raise QuipkitError(f"--hessian-cache {args.hessian_cache} is a file; pass a folder")
+    check_hub_access(source)
+    return config, calibration, source
+
+
+def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[str, Any], Path]:
+    """Check, load, quantize, check the result and save; returns (model, tokenizer, summary, output folder)."""
+    from quipkit.api import quantize
+    from quipkit.formats.checkpoint import save
+    from quipkit.models.loading import load_float_model, pick_device
+    from quipkit.models.structure import find_blocks
+
+    config, calibration, source = _preflight(args)
+    out = Path(args.out)
+    device = pick_device(args.device)
+    model, tokenizer = load_float_model(source)
+    find_blocks(model)  # a model quipkit cannot quantize says so before the quick check runs
+    quick = None if args.no_check else _quick_perplexity(model, tokenizer, device, reporter)
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
     report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe(), args.hessian_cache)
     seconds = time.perf_counter() - start
+    warnings = [w for layer in report.layers for w in layer.get("warnings", [])]
+    check = None
+    if quick is not None:
+        check = {"protocol": quick["protocol"], "float": quick["perplexity"],
+                 "quantized": _quick_perplexity(model.to(device), tokenizer, device, reporter)["perplexity"]}
+        from quipkit.pipeline.guards import quality_warning
+
+        warnings += [w for w in [quality_warning(config.method, config.bits, check["quantized"], check["float"])] if w]
     summary = {
         "model": source.describe(),
         "method": config.method,
@@ -115,6 +139,8 @@ def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[s
         "layers": report.layers,
         "calibration": calibration.to_dict(),
         "config": config.to_dict(),
+        "check": check,
+        "warnings": warnings,
     }
     save(model, tokenizer, out, config, calibration, summary, overwrite=args.overwrite)
     import shutil
@@ -122,6 +148,25 @@ def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[s
     shutil.rmtree(work, ignore_errors=True)
     summary["size_bytes"] = _dir_size(out)
     return model.to(device), tokenizer, summary, out
+
+
+def _quick_perplexity(model, tokenizer, device, reporter) -> dict[str, Any]:
+    from quipkit.eval.perplexity import perplexity, quick_protocol
+    from quipkit.models.loading import context_of
+
+    proto = quick_protocol(context_of(model.config.to_dict()))
+    return perplexity(model.to(device), tokenizer, proto, device, reporter=reporter)
+
+
+def _show_warnings(warnings: list[str], shown: int = 3) -> None:
+    """The run's warnings on stderr: the quality verdict first, then at most `shown` layers."""
+    verdicts = [w for w in warnings if "unusable" in w]
+    layers = [w for w in warnings if "unusable" not in w]
+    for text in verdicts + layers[:shown]:
+        print(f"quipkit: warning: {text}", file=sys.stderr)
+    if len(layers) > shown:
+        print(f"quipkit: warning: and {len(layers) - shown} more layer warnings (the run's JSON lists them)",
+              file=sys.stderr)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -132,14 +177,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]
     summary["perplexity"] = results
     worst = max(summary["layers"], key=lambda r: r["proxy"])
+    check = summary["check"]
     _table(
         f"quantized {summary['model']} -> {out}",
-        ["method", "bits", "bits/weight", "size (MB)", "seconds", "worst proxy"] + [r["protocol"] for r in results],
+        ["method", "bits", "bits/weight", "size (MB)", "seconds", "worst proxy"] + (["quick ppl"] if check else [])
+        + [r["protocol"] for r in results],
         [[summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
-          summary["seconds"], f"{worst['proxy']:.4f} ({worst['name']})"] + [r["perplexity"] for r in results]],
+          summary["seconds"], f"{worst['proxy']:.4f} ({worst['name']})"]
+         + ([f"{check['quantized']:.4g} ({check['float']:.4g} float)"] if check else [])
+         + [r["perplexity"] for r in results]],
     )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    _show_warnings(summary["warnings"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +421,7 @@ def cmd_kernels(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quipkit.formats.checkpoint import REPORT, decoder_layers, read_quantization_config
+    from quipkit.formats.checkpoint import REPORT, decoder_layers
 
     if args.kernels:
         cmd_kernels(args)
@@ -381,10 +431,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.incoherence:
         cmd_incoherence(args)
         return
+    from quipkit.formats.validate import validate_checkpoint
+
     folder = Path(args.model)
     if not folder.exists():
         raise QuipkitError(f"no such folder: {folder}")
-    _, quant = read_quantization_config(folder)
+    _, quant = validate_checkpoint(folder)
     report_path = folder / REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     records = {r["name"]: r for r in report.get("layers", [])}
@@ -448,6 +500,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rows.append([summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
                  q["perplexity"], summary["seconds"]])
     _table(f"{source.describe()} on {proto.name}", ["method", "bits", "bits/weight", "size (MB)", "perplexity", "seconds"], rows)
+    _show_warnings(summary["warnings"])
     prompt = "What is the capital of France?"
     print(f"4/4 generating from the saved model in {out}\n> {prompt}")
     _, stats = generate_text(model, tokenizer, prompt, 48, True, device, stream=True)
@@ -495,6 +548,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
                    help="comma-separated sources: wikitext2, c4, a .txt/.jsonl file, hf:NAME:SPLIT [wikitext2,c4]")
     c.add_argument("--calib-batch", type=int, default=8, help="sequences per forward pass [8]")
     c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
+    c.add_argument("--no-check", action="store_true",
+                   help="skip the quick perplexity check (4 windows of 256 tokens, float and quantized) [on]")
     c.add_argument("--hessian-cache", metavar="DIR",
                    help="reuse calibration Hessians across runs of one model (methods with --propagate original)")
 
@@ -580,10 +635,16 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything imports tqdm: transformers' GGUF loader would draw its own progress bar.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Hide transformers' chatter and bars (our progress says what is happening) without importing it:
+    # an argument error must not wait for transformers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (main called from Python): the variables came late
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _quiet_libraries()
         args.func(args)
     except QuipkitError as err:
         print(f"quipkit: error: {err}", file=sys.stderr)

@@ -64,7 +64,7 @@ def file_text(path: str | Path) -> str:
     """A local .txt file verbatim, or a .jsonl file's "text" fields joined with blank lines."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise QuipkitError(f"no such text file: {path}")
+        raise QuipkitError(f"no such text file: {path}; check the path")
     if p.suffix == ".jsonl":
         return "\n\n".join(_jsonl_texts(p))
     if p.suffix in (".txt", ".md", ".raw", ""):

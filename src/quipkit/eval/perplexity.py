@@ -49,6 +49,14 @@ def protocol(name: str) -> Protocol:
     raise QuipkitError(f"unknown perplexity protocol '{name}'; choose one of {known}, or a .txt/.jsonl file")
 
 
+def quick_protocol(context: int | None = None) -> Protocol:
+    """The cheap check after every quantize run: 4 windows of 256 tokens (fewer for a shorter
+    context), enough to tell a usable model from garbage."""
+    seqlen = min(256, context or 256)
+    return Protocol(f"wt2-{seqlen}x4", lambda: wikitext2("test")[:20000], seqlen, 4)
+
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,

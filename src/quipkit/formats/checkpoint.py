@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quipkit.errors import QuipkitError
+from quipkit.faults import reach
 from quipkit.layers.quantized_embedding import QuantizedEmbedding
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import set_module
@@ -101,8 +102,13 @@ def save(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the checkpoint into a temporary folder beside `out_dir` and rename it when complete."""
+    """Write the checkpoint into a temporary folder beside `out_dir` and rename it when complete.
+
+    Replacing an existing folder moves it aside first and deletes it only after the new one is in
+    place, so a crash at any point leaves one complete checkpoint under `out_dir` or beside it, which
+    the next save (or `recover_save`) puts back."""
     out = Path(out_dir)
+    recover_save(out)
     if out.exists() and not overwrite:
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if not quantized_layers(model):
@@ -111,8 +117,11 @@ def save(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        # one metadata key: safetensors writes a map's keys in random order, and the bytes must not vary
+        save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        reach("save-weights")
         cfg = model.config.to_dict()
         cfg["quantization_config"] = quantization_config(model, config, calibration)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
@@ -122,13 +131,48 @@ def save(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=1))
+        reach("save-files")
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
+            reach("save-moved-aside")
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:  # a full disk, say: the previous result (if any) stays in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        kept = f"; {out} is unchanged" if out.exists() else ""
+        raise QuipkitError(f"could not write the checkpoint to {out}: {err.strerror or err}{kept}; free space and "
+                           "run the same command again (finished blocks are kept)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_save(out: Path) -> None:
+    """Clean up after a save that was killed: put a folder moved aside back if `out` is missing, and
+    remove the temporary folders of processes that are gone."""
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(path, out)  # the previous checkpoint: the new one never arrived
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_quantization_config(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -207,11 +251,11 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from quipkit.formats.validate import validate_checkpoint
+
     folder = Path(folder)
-    cfg, quant = read_quantization_config(folder)
+    cfg, quant = validate_checkpoint(folder)
     weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:

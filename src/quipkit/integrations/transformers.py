@@ -58,6 +58,13 @@ def _register(auto_module: Any) -> None:
                 )
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+            import os
+
+            from quipkit.formats.validate import validate_checkpoint
+
+            folder = getattr(model.config, "name_or_path", "")
+            if folder and os.path.isdir(folder):  # a local checkpoint: check it before loading a tensor
+                validate_checkpoint(folder)
             replace_linears(model, self.quantization_config.layers)
             replace_embeddings(model, getattr(self.quantization_config, "embeddings", None) or {})
 

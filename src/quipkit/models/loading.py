@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quipkit.errors import QuipkitError, missing_dependency
+from quipkit.models.gguf_metadata import gguf_metadata
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +102,7 @@ def _require(module: str, package: str, purpose: str) -> None:
 
 def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a float model, on the CPU in `dtype`."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"dtype": dtype}
@@ -109,12 +111,13 @@ def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.location, output_loading_info=True, **kwargs)
     except OSError as err:
         hint = "" if os.path.exists(source.location) else " (not a local path; is the hub reachable and the id right?)"
         raise QuipkitError(f"could not load model '{source.describe()}'{hint}: {str(err).splitlines()[0]}") from None
-    except ValueError as err:
+    except (ValueError, StrictDataclassError) as err:  # the latter: a config field of the wrong type
         raise QuipkitError(f"could not load model '{source.describe()}': {str(err).splitlines()[0]}") from None
+    _refuse_random_weights(source, info)
     model.eval()
     if source.kind == "gguf":
         # The float weights are the reference now; forget that they were dequantized from GGUF.
@@ -127,9 +130,92 @@ def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def _refuse_random_weights(source: ModelSource, info: dict) -> None:
+    """A model some of whose weights were not in its files would run with random ones: stop instead."""
+    missing = list(info.get("missing_keys") or [])
+    if not missing:
+        return
+    unexpected = list(info.get("unexpected_keys") or [])
+    hint = ""
+    if any(k.endswith((".codes", ".su", ".sv")) for k in unexpected):
+        hint = "; its files hold quipkit's quantized tensors, so its config.json lost 'quantization_config'"
+    raise QuipkitError(
+        f"{source.describe()} lacks weights the model needs ('{missing[0]}'"
+        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}), which would be randomly initialised{hint}; "
+        "restore the model's files"
+    )
+
+
+def context_of(config: dict) -> int | None:
+    """The context length a model config (config.json as a dict) declares, or None."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_context(source: ModelSource) -> int | None:
+    """The model's context length in tokens, read from config.json or the GGUF metadata (None: unknown)."""
+    try:
+        if source.kind == "gguf":
+            meta = gguf_metadata(Path(source.location) / source.gguf_file,
+                                 lambda key: key == "general.architecture" or key.endswith(".context_length"))
+            value = meta.get(f"{meta.get('general.architecture')}.context_length")
+            return int(value) if isinstance(value, int) and value > 0 else None
+        config = Path(source.location) / "config.json"
+        if config.is_file():
+            return context_of(json.loads(config.read_text()))
+    except (OSError, ValueError):
+        return None  # unknown: the model itself will say if a window is too long
+    return None
+
+
+def _hub_reachable(seconds: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within `seconds` (DNS included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=seconds).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(answer and answer[0])
+
+
+def check_hub_access(source: ModelSource) -> None:
+    """For a hub id: fail in one line, before transformers retries for a minute, when the model is
+    neither in the local cache nor reachable; use the cache without the network when it is offline."""
+    if source.kind != "hf" or os.path.exists(source.location):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(source.location, "config.json"), str)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and not _hub_reachable():
+        offline = True
+        if cached:  # serve it from the cache without the network's retries
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+    if offline and not cached:
+        raise QuipkitError(f"model '{source.location}' is not a local path, not in the Hugging Face cache, and the hub "
+                           "is offline (no network or HF_HUB_OFFLINE set); pass a local folder or a .gguf file")
+
+
 def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, ModelSource]:
     """(model, tokenizer, source) for a float model or a quipkit checkpoint."""
     source = resolve_model(name)
+    check_hub_access(source)
     if source.kind == "quipkit":
         from quipkit.formats.checkpoint import load
 

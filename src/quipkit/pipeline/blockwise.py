@@ -155,7 +155,9 @@ def quantize_blockwise(
     model.eval()
     state = None
     if work_folder is not None:
-        fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id)
+        # the model by its name and its weights' content: another file under the same name never resumes
+        fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id,
+                                     weights=weight_signature(model))
         state = RunState.open(work_folder, fingerprint)
     cache = None
     if hessian_cache is not None and cacheable(config):
@@ -188,10 +190,12 @@ def quantize_blockwise(
         for index in range(first, len(blocks)):
             block = blocks[index].to(device)
             linears = select_linears(block, f"{prefix}.{index}", config.include, config.exclude)
+            # a cache serves runs with any include/exclude, so it holds every linear's Hessian
+            observed = select_linears(block, f"{prefix}.{index}", (), ()) if cache is not None else linears
             kwargs = calls.kwargs[index] if calls is not None else []
             cached = cache.load(index) if use_cache else None
             inputs, saved, records, groups = _quantize_block(
-                block, linears, inputs, kwargs, config, device, reporter, report, cached
+                block, linears, inputs, kwargs, config, device, reporter, report, cached, observed
             )
             if cache is not None and not use_cache:
                 cache.save(index, groups)
@@ -224,11 +228,12 @@ def _quantize_block(
     reporter: Reporter,
     report: QuantizeReport,
     cached: HessianGroups | None = None,
+    observed: dict[str, nn.Linear] | None = None,
 ) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups]:
-    """Quantize one block: (next inputs, saved layers, records, the Hessians it collected).
+    """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected).
 
     Without calibration (round-to-nearest) each linear uses H = I; with `cached` Hessians the
-    block is not run at all.
+    block is not run at all. Hessians are collected for `observed` (default: `linears`), a superset.
 
     With `config.sequential` (GPTQ's true-sequential), each group after the first gets its Hessian
     from the block with the earlier groups already quantized, so it learns to absorb their error.
@@ -237,7 +242,7 @@ def _quantize_block(
     if cached is not None:
         outputs, groups = inputs, cached
     elif config.needs_calibration:
-        outputs, groups = collect_hessians(block, linears, inputs, kwargs, device)
+        outputs, groups = collect_hessians(block, observed or linears, inputs, kwargs, device)
     else:
         outputs = inputs
         groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
@@ -246,11 +251,17 @@ def _quantize_block(
     saved: dict[str, tuple[dict, dict[str, Tensor]]] = {}
     records: list[LayerRecord] = []
     with reporter.task("  layers", len(linears)) as layer_task:
-        for index, (group, hessian) in enumerate(groups):
-            members = {name: linears[name] for name in group}
+        selected = [(names, hessian) for names, hessian in groups if any(n in linears for n in names)]
+        missing = set(linears) - {name for names, _ in selected for name in names}
+        if missing:  # a cache written before caches held every linear: never skip a layer silently
+            raise QuipkitError(f"the Hessian cache has no Hessian for {sorted(missing)[0]}; delete the cache folder "
+                               "(--hessian-cache) and run again")
+        for index, (group, hessian) in enumerate(selected):
+            members = {name: linears[name] for name in group if name in linears}
             if config.sequential and config.needs_calibration and index > 0:
                 start = time.perf_counter()
-                hessian = _hessian_at(block, group[0], linears[group[0]], inputs, kwargs, device)
+                first = next(iter(members))
+                hessian = _hessian_at(block, first, members[first], inputs, kwargs, device)
                 report.seconds["hessian"] += time.perf_counter() - start
                 t1 += time.perf_counter() - start  # keep it out of the rounding time
             for layer, record in quantize_group(members, hessian, config, device):

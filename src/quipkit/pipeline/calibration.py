@@ -6,13 +6,25 @@ import torch
 from torch import Tensor
 
 from quipkit.config import CalibrationConfig
-from quipkit.corpora import calibration_text
+from quipkit.corpora import CALIBRATION_SOURCES, calibration_text, file_text
 from quipkit.errors import QuipkitError
 
 
 def tokenize(tokenizer, text: str) -> Tensor:
     """All tokens of `text` [L] (int64), with the tokenizer's default special tokens."""
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+
+
+def check_sources(config: CalibrationConfig) -> None:
+    """Fail before any model loads when a local calibration file cannot give one window of
+    `seqlen` tokens (every token covers at least one byte, so fewer bytes cannot)."""
+    for source in config.sources:
+        if source in CALIBRATION_SOURCES or source.startswith("hf:"):
+            continue
+        size = len(file_text(source).encode("utf-8"))
+        if size < config.seqlen:
+            what = "is empty" if size == 0 else f"has {size} bytes, too few for one window of {config.seqlen} tokens"
+            raise QuipkitError(f"calibration file {source} {what}; pass a longer text or a smaller --seqlen")
 
 
 def calibration_tokens(tokenizer, config: CalibrationConfig) -> Tensor:

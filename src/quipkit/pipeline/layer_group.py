@@ -19,7 +19,8 @@ from quipkit.codebooks.base import split_rows
 from quipkit.config import QuantConfig
 from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
-from quipkit.rounding import greedy_refine, ldlq, prepare_hessian, relative_proxy_loss, round_nearest
+from quipkit.pipeline.guards import check_finite, definite_hessian, proxy_warning
+from quipkit.rounding import greedy_refine, ldlq, relative_proxy_loss, round_nearest
 from quipkit.transforms import make_transform
 
 
@@ -33,6 +34,9 @@ class LayerRecord:
     bits: float  # bits per weight as stored (codes, scales, sign vectors)
     seconds: float
     greedy_sweeps: int
+    damping: float = 0.0  # the damping that made its Hessian positive definite (more than asked: recorded)
+    dead_inputs: int = 0  # input columns no calibration token excited
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +46,9 @@ class LayerRecord:
             "bits": self.bits,
             "seconds": self.seconds,
             "greedy_sweeps": self.greedy_sweeps,
+            "damping": self.damping,
+            "dead_inputs": self.dead_inputs,
+            "warnings": list(self.warnings),
         }
 
 
@@ -84,7 +91,8 @@ def _quantize_stack(
             codebook.check_shape(*w.shape)
         except QuipkitError as err:
             raise QuipkitError(f"{name}: {err}") from None
-    h = prepare_hessian(hessian.to(device), cfg.damping)
+        check_finite(w, f"the weight of {name}", "the float model is corrupt; restore its files")
+    h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names)
     stacked = torch.cat(weights)
     in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
     h_t = transform.hessian(h, in_params)
@@ -125,13 +133,20 @@ def _quantize_stack(
             "bias": linear.bias is not None,
         }
         layer = QuantizedLinear.from_tensors(spec, {k: v.cpu() for k, v in tensors.items()}, linear.bias)
+        proxy = relative_proxy_loss(target_parts[i], value_parts[i], h_t)
+        notes = [f"{name}: Hessian damping raised from {cfg.damping:g} to {damping:g} to make it positive definite"
+                 ] if damping != cfg.damping else []
+        notes += [w for w in [proxy_warning(name, proxy, cfg.bits)] if w]
         record = LayerRecord(
             name=name,
             shape=(linear.out_features, linear.in_features),
-            proxy=relative_proxy_loss(target_parts[i], value_parts[i], h_t),
+            proxy=proxy,
             bits=layer.stored_bits() / (linear.out_features * linear.in_features),
             seconds=elapsed,
             greedy_sweeps=kept,
+            damping=damping,
+            dead_inputs=dead,
+            warnings=tuple(notes),
         )
         results.append((layer, record))
     return results

@@ -1,9 +1,12 @@
 """On-disk state of an unfinished run, so an interrupted quantization resumes where it stopped.
 
-After each block the run writes that block's quantized layers and the next block's inputs into a
-work folder (`OUT.partial/`), each file written to a temporary name and renamed, so a crash at any
-moment leaves either the old or the new state, never half of one. Running the same command again
-restores the finished blocks and continues; a run with other settings refuses to mix with it.
+After block k the run writes, into a work folder (`OUT.partial/`), that block's quantized layers
+(`block_k`), then block k+1's inputs under their own name (`inputs_k+1`), and only then `state.json`,
+which says "k+1 blocks done": the commit point. Each file is written to a temporary name and renamed,
+and no file is ever overwritten with other contents, so a crash between any two writes leaves the
+previous state whole (files of the uncommitted block are stale and removed on the next open).
+Running the same command again restores the finished blocks and continues bit-identically; a run
+with other settings refuses to mix with it.
 """
 
 from __future__ import annotations
@@ -19,20 +22,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
+from quipkit.faults import reach
 
 _STATE = "state.json"
-_ACTIVATIONS = "activations.safetensors"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    reach("tmp-written")
     os.replace(tmp, path)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    reach("tmp-written")
     os.replace(tmp, path)
 
 
@@ -62,9 +67,19 @@ class RunState:
                 )
             state.next_block = int(saved["next_block"])
             state.records = list(saved["records"])
+            if not state.inputs_file(state.next_block).is_file():
+                raise QuipkitError(f"{folder} lacks {state.inputs_file(state.next_block).name}; delete {folder} to start over")
         else:
             folder.mkdir(parents=True, exist_ok=True)
+        state._remove_stale()
         return state
+
+    def _remove_stale(self) -> None:
+        """Files of a block that was written but not committed, and temporary files of a killed write."""
+        keep = {self.inputs_file(self.next_block).name, _STATE} | {self.block_file(i).name for i in range(self.next_block)}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
     @property
     def resuming(self) -> bool:
@@ -72,6 +87,10 @@ class RunState:
 
     def block_file(self, index: int) -> Path:
         return self.folder / f"block_{index:04d}.safetensors"
+
+    def inputs_file(self, index: int) -> Path:
+        """The inputs of block `index` (the outputs of block index - 1)."""
+        return self.folder / f"inputs_{index:04d}.safetensors"
 
     def save_block(
         self,
@@ -84,25 +103,37 @@ class RunState:
         tensors = {f"{name}.{key}": value for name, (_, ts) in layers.items() for key, value in ts.items()}
         specs = {name: spec for name, (spec, _) in layers.items()}
         atomic_save_tensors(self.block_file(index), tensors, {"specs": json.dumps(specs)})
-        atomic_save_tensors(self.folder / _ACTIVATIONS, {f"batch_{i}": x for i, x in enumerate(next_inputs)})
+        reach("block-written")
+        atomic_save_tensors(self.inputs_file(index + 1), {f"batch_{i}": x for i, x in enumerate(next_inputs)})
+        reach("inputs-written")
+        payload = {"fingerprint": self.fingerprint, "next_block": index + 1, "records": self.records + records}
+        atomic_write_text(self.folder / _STATE, json.dumps(payload, indent=1))
+        reach("state-written")
         self.next_block = index + 1
         self.records.extend(records)
-        payload = {"fingerprint": self.fingerprint, "next_block": self.next_block, "records": self.records}
-        atomic_write_text(self.folder / _STATE, json.dumps(payload, indent=1))
+        self.inputs_file(index).unlink(missing_ok=True)
 
     def load_block(self, index: int) -> dict[str, tuple[dict[str, Any], dict[str, Tensor]]]:
         """The layers saved for block `index`: {name: (spec, tensors)}."""
         path = self.block_file(index)
-        with safe_open(str(path), "pt") as handle:
-            specs = json.loads(handle.metadata()["specs"])
-        flat = load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as handle:
+                specs = json.loads(handle.metadata()["specs"])
+            flat = load_file(str(path))
+        except Exception as err:  # truncated or foreign: say which file and how to recover
+            raise QuipkitError(f"{path} is unreadable ({str(err).splitlines()[0]}); delete {self.folder} to start over") from None
         return {
             name: (spec, {k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(name + ".")})
             for name, spec in specs.items()
         }
 
     def load_inputs(self) -> list[Tensor]:
-        flat = load_file(str(self.folder / _ACTIVATIONS))
+        """The inputs of the next block to quantize, one tensor per calibration batch."""
+        path = self.inputs_file(self.next_block)
+        try:
+            flat = load_file(str(path))
+        except Exception as err:
+            raise QuipkitError(f"{path} is unreadable ({str(err).splitlines()[0]}); delete {self.folder} to start over") from None
         return [flat[f"batch_{i}"] for i in range(len(flat))]
 
     def remove(self) -> None:

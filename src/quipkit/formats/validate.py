@@ -1,0 +1,176 @@
+"""Validate a quantized checkpoint before anything computes with it.
+
+A checkpoint that loads with a missing, misshapen or mistyped tensor either crashes deep inside torch
+or, worse, runs with randomly initialised weights. So every entry point (quipkit.load,
+from_pretrained, eval, generate, info) first checks, without reading any weight: the config parses
+and names a known format, codebooks and transforms; the safetensors header is whole and the file
+as long as it says; and the tensors are exactly those the model needs, with the shapes and dtypes
+its layers' specs and its architecture require, no more and no fewer. Each problem is one line
+naming the file, the tensor and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quipkit.errors import QuipkitError
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_FIX = "re-quantize, or restore the file from where it came"
+
+
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file declares {name: {dtype, shape, data_offsets}}, checked against
+    the file's length (a truncated or padded file is named as such)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise QuipkitError(f"{path} is truncated ({size} bytes, no header); {_FIX}")
+        length = struct.unpack("<Q", head)[0]
+        if length > size - 8 or length > 1 << 30:
+            raise QuipkitError(f"{path} is truncated or not a safetensors file (header of {length} bytes in a "
+                               f"{size}-byte file); {_FIX}")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuipkitError(f"{path} has a corrupt header; {_FIX}") from None
+    if not isinstance(header, dict):
+        raise QuipkitError(f"{path} has a corrupt header; {_FIX}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            start, stop = entry["data_offsets"]
+            dtype, shape = entry["dtype"], entry["shape"]
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+        except (KeyError, TypeError, ValueError):
+            raise QuipkitError(f"{path}: tensor '{name}' has a corrupt header entry; {_FIX}") from None
+        if dtype not in _DTYPES or stop - start != count * torch.tensor([], dtype=_DTYPES[dtype]).element_size():
+            raise QuipkitError(f"{path}: tensor '{name}' has a corrupt header entry ({dtype} {shape}); {_FIX}")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        kind = "truncated" if 8 + length + end > size else "longer than its header says"
+        raise QuipkitError(f"{path} is {kind} ({size} bytes, the header needs {8 + length + end}); {_FIX}")
+    return header
+
+
+def expected_tensors(folder: Path, quant: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """{name: (shape, dtype or None for any float type)} of every tensor the checkpoint must hold: the
+    model built on the meta device from config.json, with quipkit's layers in place, tied tensors once.
+    Quantized layers' tensors need their exact storage dtype; float weights may be stored in any float
+    type; other tensors need their own dtype."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quipkit.formats.checkpoint import replace_embeddings, replace_linears
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:  # transformers and huggingface_hub raise many types for a bad config
+        raise QuipkitError(f"{folder / 'config.json'} does not describe a model transformers knows "
+                           f"({str(err).splitlines()[0]}); {_FIX}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=True):  # shapes only: nothing is allocated
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception as err:  # transformers raises many types for a config it cannot build
+            raise QuipkitError(f"{folder / 'config.json'} does not build a model ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}); {_FIX}") from None
+        replace_linears(model, quant["layers"])
+        replace_embeddings(model, quant.get("embeddings") or {})
+    quantized: dict[str, torch.dtype] = {}
+    for name, module in model.named_modules():
+        storage = getattr(module, "codebook", None)
+        if storage is not None and hasattr(module, "out_features"):
+            layout = {**module.codebook.storage(module.out_features, module.in_features),
+                      **module.transform.storage(module.out_features, module.in_features)}
+        elif storage is not None and not getattr(module, "tied", True):
+            layout = module.codebook.storage(module.num_embeddings, module.embedding_dim)
+        else:
+            continue
+        quantized.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
+    persistent = set(model.state_dict())
+    out: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    seen: set[int] = set()
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if name not in persistent or id(tensor) in seen:
+            continue  # non-persistent buffers are not stored; tied tensors are stored once
+        seen.add(id(tensor))
+        dtype = quantized.get(name, None if tensor.is_floating_point() else tensor.dtype)
+        out[name] = (tuple(tensor.shape), dtype)
+    return out
+
+
+def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, quantization_config) of a checkpoint that passed every check, else one QuipkitError."""
+    from quipkit.formats.checkpoint import WEIGHTS, read_quantization_config
+
+    folder = Path(folder)
+    cfg, quant = read_quantization_config(folder)
+    _check_specs(folder, quant)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete ({_FIX})")
+    header = safetensors_header(weights)
+    expected = expected_tensors(folder, quant)
+    for name, (shape, dtype) in expected.items():
+        if name not in header:
+            raise QuipkitError(f"{weights} lacks tensor '{name}' that the model needs; {_FIX}")
+        entry = header[name]
+        if tuple(entry["shape"]) != shape:
+            raise QuipkitError(f"{weights}: tensor '{name}' has shape {tuple(entry['shape'])}, the model needs "
+                               f"{shape}; {_FIX}")
+        stored = _DTYPES[entry["dtype"]]
+        if (dtype is not None and stored != dtype) or (dtype is None and not stored.is_floating_point):
+            raise QuipkitError(f"{weights}: tensor '{name}' is {stored}, the model needs "
+                               f"{dtype if dtype is not None else 'a float type'}; {_FIX}")
+    unexpected = sorted(set(header) - set(expected))
+    if unexpected:
+        raise QuipkitError(f"{weights} holds tensor '{unexpected[0]}' that the model does not have"
+                           f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {_FIX}")
+    return cfg, quant
+
+
+def _check_specs(folder: Path, quant: dict[str, Any]) -> None:
+    """Every layer and embedding spec names known codebooks and transforms with valid parameters."""
+    from quipkit.codebooks import make_codebook
+    from quipkit.transforms import make_transform
+
+    path = folder / "config.json"
+    for name, spec in quant["layers"].items():
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) and spec[k] > 0
+                                                  for k in ("in_features", "out_features")):
+            raise QuipkitError(f"{path}: layer '{name}' has a bad spec {spec!r}; {_FIX}")
+        for part, build in (("codebook", make_codebook), ("transform", make_transform)):
+            if not isinstance(spec.get(part), dict):
+                raise QuipkitError(f"{path}: layer '{name}' has no {part}; {_FIX}")
+            try:
+                built = build(spec[part])
+            except QuipkitError as err:
+                raise QuipkitError(f"{path}: layer '{name}': {err}") from None
+            if part == "codebook":
+                try:
+                    built.check_shape(spec["out_features"], spec["in_features"])
+                except QuipkitError as err:
+                    raise QuipkitError(f"{path}: layer '{name}': {err}") from None
+    embeddings = quant.get("embeddings") or {}
+    if not isinstance(embeddings, dict):
+        raise QuipkitError(f"{path}: 'embeddings' is not a mapping; {_FIX}")
+    for name, spec in embeddings.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("codebook"), dict):
+            raise QuipkitError(f"{path}: embeddings '{name}' have a bad spec {spec!r}; {_FIX}")
+        try:
+            make_codebook(spec["codebook"])
+        except QuipkitError as err:
+            raise QuipkitError(f"{path}: embeddings '{name}': {err}") from None

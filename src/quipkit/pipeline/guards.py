@@ -1,0 +1,69 @@
+"""Numerical guards: what can go wrong in one layer's numbers, handled where a handling is correct.
+
+A weight or Hessian with NaN/Inf has no correct quantization: the run stops, naming the layer. A
+Hessian that is not positive definite after the configured damping gets ten times more until it is
+(recorded), and dead inputs (a zero diagonal: a column no calibration token excites) get a unit
+diagonal (counted). A proxy loss far above what the bit width gives on a well-behaved layer, and a
+finished model far worse than the float one, are warnings in the run's JSON and at its end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from quipkit.errors import QuipkitError
+from quipkit.rounding.hessian import prepare_hessian
+
+MAX_DAMPING = 1.0  # relative to the mean diagonal: beyond this the Hessian says little about the inputs
+PROXY_FACTOR = 8.0  # a layer is flagged when its relative proxy exceeds this times 4^-bits
+UNUSABLE_FACTOR = 10.0  # a model is called unusable when its perplexity exceeds this times the float one's
+
+
+def check_finite(tensor: Tensor, what: str, fix: str) -> None:
+    """Raise one line naming `what` when `tensor` holds NaN or Inf."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise QuipkitError(f"{what} has {bad} NaN/Inf values of {tensor.numel()}; {fix}")
+
+
+def definite_hessian(hessian: Tensor, damping: float, names: list[str]) -> tuple[Tensor, float, int]:
+    """(prepared H [n, n] float64, the damping that made it positive definite, number of dead inputs).
+
+    The damping starts at `damping` and grows tenfold while a Cholesky factorisation fails."""
+    check_finite(hessian, f"the Hessian of {', '.join(names)}",
+                 "the calibration activations overflow; check the float model on the calibration text")
+    dead = int((torch.diagonal(hessian) == 0).sum())
+    used = damping
+    while True:
+        h = prepare_hessian(hessian, used)
+        if int(torch.linalg.cholesky_ex(h.float())[1]) == 0 or int(torch.linalg.cholesky_ex(h)[1]) == 0:
+            return h, used, dead
+        if used >= MAX_DAMPING:
+            raise QuipkitError(f"the Hessian of {', '.join(names)} is not positive definite even with damping "
+                               f"{used:g}; the calibration statistics are corrupt (delete the --hessian-cache entry)")
+        used = min(MAX_DAMPING, max(used, 1e-6) * 10)
+
+
+def expected_proxy(bits: float) -> float:
+    """The relative proxy loss of a good b-bit quantizer on incoherent weights: about 4^-b."""
+    return 4.0 ** -bits
+
+
+def proxy_warning(name: str, proxy: float, bits: int) -> str | None:
+    limit = PROXY_FACTOR * expected_proxy(bits)
+    if math.isfinite(proxy) and proxy <= limit:
+        return None
+    return (f"{name}: relative proxy loss {proxy:.3g} is far above what {bits} bits give on a well-behaved "
+            f"layer (about {expected_proxy(bits):.3g}); its output error will be large")
+
+
+def quality_warning(method: str, bits: int, quantized: float, reference: float) -> str | None:
+    """A warning when the quantized model's quick perplexity is far worse than the float model's."""
+    if math.isfinite(quantized) and quantized <= UNUSABLE_FACTOR * reference:
+        return None
+    better = "quip# or qtip" if method in ("rtn", "gptq", "quip") else "more bits"
+    return (f"{bits}-bit {method} is unusable on this model: quick perplexity {quantized:.4g} vs {reference:.4g} "
+            f"float; try {better}")
