@@ -103,14 +103,15 @@ def _preflight(args: argparse.Namespace):
     return config, calibration, source
 
 
-def quantize_model(args: argparse.Namespace, reporter) -> tuple[Any, Any, dict[str, Any], Path]:
-    """Check, load, quantize, check the result and save; returns (model, tokenizer, summary, output folder)."""
+def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[Any, Any, dict[str, Any], Path]:
+    """Check (unless `checked` holds `_preflight`'s answer), load, quantize, check the result and save;
+    returns (model, tokenizer, summary, output folder)."""
     from quipkit.api import quantize
     from quipkit.formats.checkpoint import save
     from quipkit.models.loading import load_float_model, pick_device
     from quipkit.models.structure import find_blocks
 
-    config, calibration, source = _preflight(args)
+    config, calibration, source = checked or _preflight(args)
     out = Path(args.out)
     device = pick_device(args.device)
     model, tokenizer = load_float_model(source)
@@ -172,8 +173,9 @@ def _show_warnings(warnings: list[str], shown: int = 3) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from quipkit.console import RichReporter
 
+    checked = _preflight(args)  # argument errors before any progress display
     with RichReporter() as reporter:
-        model, tokenizer, summary, out = quantize_model(args, reporter)
+        model, tokenizer, summary, out = quantize_model(args, reporter, checked)
         results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]
     summary["perplexity"] = results
     worst = max(summary["layers"], key=lambda r: r["proxy"])

@@ -49,11 +49,13 @@ class RichReporter(Reporter):
         )
 
     def __enter__(self) -> "RichReporter":
-        self.progress.start()
+        if self.console.is_terminal:  # in a file, progress is plain lines: no live display to start
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.console.is_terminal:
+            self.progress.stop()
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Task]:

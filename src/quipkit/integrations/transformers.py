@@ -60,10 +60,18 @@ def _register(auto_module: Any) -> None:
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
             import os
 
+            from huggingface_hub import try_to_load_from_cache
+
             from quipkit.formats.validate import validate_checkpoint
 
             folder = getattr(model.config, "name_or_path", "")
-            if folder and os.path.isdir(folder):  # a local checkpoint: check it before loading a tensor
+            if folder and not os.path.isdir(folder):  # a hub id: its files are in the cache by now
+                try:
+                    cached = try_to_load_from_cache(folder, "model.safetensors")
+                except ValueError:  # not a valid hub id either: nothing to look up
+                    cached = None
+                folder = os.path.dirname(cached) if isinstance(cached, str) else ""
+            if folder and os.path.isdir(folder):  # check the checkpoint before loading a tensor
                 validate_checkpoint(folder)
             replace_linears(model, self.quantization_config.layers)
             replace_embeddings(model, getattr(self.quantization_config, "embeddings", None) or {})
