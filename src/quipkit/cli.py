@@ -289,7 +289,7 @@ def _run_eval(args: argparse.Namespace, protocols: list[str], tasks: list[str], 
             _table(f"lm-evaluation-harness: {label['model']}", ["task", "metric", "value", "stderr"],
                    [[t, m, v, e if e is not None else ""] for t, m, v, e in harness_metrics(r["results"])])
     if args.json:
-        from quipkit.pipeline.run_state import atomic_write_text
+        from quipkit.formats.atomic import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(results, indent=1, default=str) + "\n")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from quipkit.errors import QuipkitError, missing_dependency
 from quipkit.eval.harness import harness_metrics
-from quipkit.pipeline.run_state import atomic_write_text
+from quipkit.formats.atomic import atomic_write_text
 
 FLOAT = "fp32"
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from quipkit.config import QuantConfig
 from quipkit.errors import QuipkitError
-from quipkit.pipeline.run_state import atomic_save_tensors
+from quipkit.formats.atomic import atomic_save_tensors
 
 HessianGroups = list[tuple[list[str], Tensor]]  # [(linear names reading one input, E[x x^T] [n, n])]
 

@@ -12,33 +12,19 @@ with other settings refuses to mix with it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
 from quipkit.faults import reach
+from quipkit.formats.atomic import atomic_save_tensors, atomic_write_text
 
 _STATE = "state.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    reach("tmp-written")
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    reach("tmp-written")
-    os.replace(tmp, path)
 
 
 class RunState:
