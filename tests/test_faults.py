@@ -318,6 +318,37 @@ def test_resume_refuses_another_model_under_the_same_name(capsys, tmp_path, smol
     CASES["resume of another model"] += 1
 
 
+def test_a_damaged_work_folder_is_refused_on_resume(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from quipkit.pipeline import run_state
+
+    real = run_state.RunState.save_block
+
+    def stop_after_first(self, index, *args):
+        real(self, index, *args)
+        raise KeyboardInterrupt
+
+    config = make_config("quip#", 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_state.RunState, "save_block", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_blockwise(tiny_model(), _tokens(), config, CAL, torch.device("cpu"), work_folder=tmp_path / "w")
+    block = tmp_path / "w" / "block_0000.safetensors"
+    with safe_open(str(block), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(block))
+    name = "model.layers.0.mlp.up_proj.codes"
+    damaged = {**tensors, name: tensors[name][:-1].clone()}
+    save_file(damaged, str(block), metadata=metadata)
+    with pytest.raises(QuipkitError, match=r"block_0000.safetensors does not fit layer model\.layers\.0\.mlp\.up_proj"):
+        quantize_blockwise(tiny_model(), _tokens(), config, CAL, torch.device("cpu"), work_folder=tmp_path / "w")
+    block.write_bytes(block.read_bytes()[:100])
+    with pytest.raises(QuipkitError, match=r"block_0000.safetensors is unreadable .* delete"):
+        quantize_blockwise(tiny_model(), _tokens(), config, CAL, torch.device("cpu"), work_folder=tmp_path / "w")
+    CASES["damaged work folder"] += 2
+
+
 def test_numerical_faults_stop_or_are_handled_and_recorded(tmp_path):
     model = tiny_model()
     with torch.no_grad():

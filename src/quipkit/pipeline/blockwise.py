@@ -180,7 +180,12 @@ def quantize_blockwise(
         for index in range(first):
             for name, (spec, tensors) in state.load_block(index).items():
                 bias = model.get_submodule(name).bias
-                set_module(model, name, QuantizedLinear.from_tensors(spec, tensors, bias))
+                try:
+                    layer = QuantizedLinear.from_tensors(spec, tensors, bias)
+                except (ValueError, KeyError, TypeError, QuipkitError) as err:  # the work folder was tampered with
+                    raise QuipkitError(f"{state.block_file(index)} does not fit layer {name} ({err}); "
+                                       f"delete {work_folder} to start over") from None
+                set_module(model, name, layer)
         inputs = state.load_inputs()
         report.layers.extend(state.records)
         report.resumed_from_block = first
