@@ -98,9 +98,12 @@ def test_quantize_info_eval_generate_end_to_end(capsys, tmp_path, tiny_folder):
     assert check["protocol"] == "wt2-256x4" and check["float"] > 1 and check["quantized"] > 1
     assert check["quantized"] != check["float"] and isinstance(summary["warnings"], list)
     assert all({"damping", "dead_inputs", "warnings"} <= set(layer) for layer in summary["layers"])
+    assert summary["account"]["quantized_share"] > 0.99 and summary["warnings"] == []
+    assert summary["account"]["quantized_bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
     code, out_text, _ = _run(capsys, "info", str(out), "--json")
     info = json.loads(out_text)
     assert code == 0 and info["method"] == "gptq" and info["layers"] == 14
+    assert info["quantized_share"] == pytest.approx(summary["account"]["quantized_share"])
     assert info["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
     code, out_text, _ = _run(capsys, "generate", str(out), "Hello", "--max-new-tokens", "4", "--no-chat")
     assert code == 0 and isinstance(out_text, str)

@@ -121,7 +121,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     start = time.perf_counter()
     report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe(), args.hessian_cache)
     seconds = time.perf_counter() - start
-    warnings = [w for layer in report.layers for w in layer.get("warnings", [])]
+    warnings: list[str] = []  # about the whole model; each layer's own are in its record
     check = None
     if quick is not None:
         check = {"protocol": quick["protocol"], "float": quick["perplexity"],
@@ -146,7 +146,15 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     save(model, tokenizer, out, config, calibration, summary, overwrite=args.overwrite)
     import shutil
 
+    from quipkit.formats.account import checkpoint_account
+    from quipkit.formats.atomic import atomic_write_text
+    from quipkit.formats.checkpoint import REPORT, read_quantization_config
+
     shutil.rmtree(work, ignore_errors=True)
+    account = checkpoint_account(out, read_quantization_config(out)[1])
+    summary["account"] = account.to_dict()
+    warnings += [w for w in [account.warning()] if w]
+    atomic_write_text(out / REPORT, json.dumps(summary, indent=1))
     summary["size_bytes"] = _dir_size(out)
     return model.to(device), tokenizer, summary, out
 
@@ -159,11 +167,10 @@ def _quick_perplexity(model, tokenizer, device, reporter) -> dict[str, Any]:
     return perplexity(model.to(device), tokenizer, proto, device, reporter=reporter)
 
 
-def _show_warnings(warnings: list[str], shown: int = 3) -> None:
-    """The run's warnings on stderr: the quality verdict first, then at most `shown` layers."""
-    verdicts = [w for w in warnings if "unusable" in w]
-    layers = [w for w in warnings if "unusable" not in w]
-    for text in verdicts + layers[:shown]:
+def _show_warnings(summary: dict[str, Any], shown: int = 3) -> None:
+    """The run's warnings on stderr: every one about the whole model, then at most `shown` layers'."""
+    layers = [w for layer in summary["layers"] for w in layer.get("warnings", [])]
+    for text in summary["warnings"] + layers[:shown]:
         print(f"quipkit: warning: {text}", file=sys.stderr)
     if len(layers) > shown:
         print(f"quipkit: warning: and {len(layers) - shown} more layer warnings (the run's JSON lists them)",
@@ -179,19 +186,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]
     summary["perplexity"] = results
     worst = max(summary["layers"], key=lambda r: r["proxy"])
-    check = summary["check"]
+    check, account = summary["check"], summary["account"]
     _table(
         f"quantized {summary['model']} -> {out}",
-        ["method", "bits", "bits/weight", "size (MB)", "seconds", "worst proxy"] + (["quick ppl"] if check else [])
-        + [r["protocol"] for r in results],
-        [[summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
+        ["method", "bits", "bits/weight", "quantized share", "model bits", "size (MB)", "seconds", "worst proxy"]
+        + (["quick ppl"] if check else []) + [r["protocol"] for r in results],
+        [[summary["method"], summary["bits"], summary["bits_per_weight"], f"{account['quantized_share']:.1%}",
+          account["model_bits_per_parameter"], summary["size_bytes"] / 1e6,
           summary["seconds"], f"{worst['proxy']:.4f} ({worst['name']})"]
          + ([f"{check['quantized']:.4g} ({check['float']:.4g} float)"] if check else [])
          + [r["perplexity"] for r in results]],
     )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
-    _show_warnings(summary["warnings"])
+    _show_warnings(summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,12 +441,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.incoherence:
         cmd_incoherence(args)
         return
+    from quipkit.formats.account import checkpoint_account
     from quipkit.formats.validate import validate_checkpoint
 
     folder = Path(args.model)
     if not folder.exists():
         raise QuipkitError(f"no such folder: {folder}")
     _, quant = validate_checkpoint(folder)
+    account = checkpoint_account(folder, quant)
     report_path = folder / REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     records = {r["name"]: r for r in report.get("layers", [])}
@@ -455,24 +465,33 @@ def cmd_info(args: argparse.Namespace) -> None:
         "head": {"name": quant["head"], "codebook": head["codebook"]} if head else None,
         "quantized_weights": weights,
         "bits_per_weight": stored / weights if records else None,
+        **account.to_dict(),
         "size_bytes": _dir_size(folder),
         "quipkit_version": quant.get("quipkit_version"),
         "calibration": quant.get("calibration"),
     }
+    warning = account.warning()
     if args.json:
-        _print_json({**info, "layer_specs": quant["layers"], "records": list(records.values())}, None)
+        _print_json({**info, "warnings": [warning] if warning else [], "layer_specs": quant["layers"],
+                     "records": list(records.values())}, None)
         return
     head_text = "float" if head is None else (
         "bf16" if head["codebook"]["name"] == "dense" else f"{head['codebook']['bits']}-bit grid")
-    _table(f"{folder}", ["method", "bits", "bits/weight", "layers", "head", "size (MB)"],
-           [[info["method"], info["bits"], info["bits_per_weight"] or "?", info["layers"], head_text,
-             info["size_bytes"] / 1e6]])
+    _table(f"{folder}", ["method", "bits", "bits/weight", "layers", "quantized share", "model bits", "head",
+                         "size (MB)"],
+           [[info["method"], info["bits"], info["bits_per_weight"] or "?", info["layers"],
+             f"{account.share:.1%}", account.model_bits, head_text, info["size_bytes"] / 1e6]])
     rows = []
     for name, spec in quant["layers"].items():
         rec = records.get(name, {})
         rows.append([name, f"{spec['out_features']}x{spec['in_features']}", spec["codebook"]["name"],
                      spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
     _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
+    if account.float_weights:
+        _table("weights left in float (largest first)", ["tensor", "parameters"],
+               [[name, f"{count:,}"] for name, count in account.float_weights[:10]])
+    if warning:
+        print(f"quipkit: warning: {warning}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +521,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rows.append([summary["method"], summary["bits"], summary["bits_per_weight"], summary["size_bytes"] / 1e6,
                  q["perplexity"], summary["seconds"]])
     _table(f"{source.describe()} on {proto.name}", ["method", "bits", "bits/weight", "size (MB)", "perplexity", "seconds"], rows)
-    _show_warnings(summary["warnings"])
+    _show_warnings(summary)
     prompt = "What is the capital of France?"
     print(f"4/4 generating from the saved model in {out}\n> {prompt}")
     _, stats = generate_text(model, tokenizer, prompt, 48, True, device, stream=True)

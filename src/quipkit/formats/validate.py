@@ -64,11 +64,9 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def expected_tensors(folder: Path, quant: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """{name: (shape, dtype or None for any float type)} of every tensor the checkpoint must hold: the
-    model built on the meta device from config.json, with quipkit's layers in place, tied tensors once.
-    Quantized layers' tensors need their exact storage dtype; float weights may be stored in any float
-    type; other tensors need their own dtype."""
+def skeleton(folder: Path, quant: dict[str, Any]):
+    """The checkpoint's model built on the meta device from config.json, with quipkit's layers in place:
+    every shape, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,6 +87,13 @@ def expected_tensors(folder: Path, quant: dict[str, Any]) -> dict[str, tuple[tup
                                f"{str(err).splitlines()[0] if str(err) else ''}); {_FIX}") from None
         replace_linears(model, quant["layers"])
         replace_embeddings(model, quant.get("embeddings") or {})
+    return model
+
+
+def expected_tensors(model) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """{name: (shape, dtype or None for any float type)} of every tensor the checkpoint of `model` (its
+    skeleton) must hold, tied tensors once. Quantized layers' tensors need their exact storage dtype;
+    float weights may be stored in any float type; other tensors need their own dtype."""
     quantized: dict[str, torch.dtype] = {}
     for name, module in model.named_modules():
         storage = getattr(module, "codebook", None)
@@ -123,7 +128,7 @@ def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
     if not weights.is_file():
         raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete ({_FIX})")
     header = safetensors_header(weights)
-    expected = expected_tensors(folder, quant)
+    expected = expected_tensors(skeleton(folder, quant))
     for name, (shape, dtype) in expected.items():
         if name not in header:
             raise QuipkitError(f"{weights} lacks tensor '{name}' that the model needs; {_FIX}")
