@@ -66,3 +66,23 @@ def test_fused_experts_left_in_float_are_named_in_a_warning(tmp_path, capsys):
     assert info["quantized_share"] == pytest.approx(account.share) and info["warnings"] == [text]
     assert main(["info", str(out)]) == 0
     assert f"quipkit: warning: {text}" in capsys.readouterr().err
+
+
+def _tiny_gemma2():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                       max_position_embeddings=256)
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_gemma2, _tiny_mixtral], ids=["gemma2-tied-float-head", "mixtral-float-experts"])
+def test_float_parts_load_back_in_transformers_with_the_same_logits(tmp_path, build):
+    """A tied float head is stored once and still validates inside from_pretrained; float parts (experts,
+    norms) load in the dtype they were saved in, not the bf16 head's."""
+    model = build()
+    _, _, _, out = _saved(model, tmp_path / "q")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)

@@ -63,6 +63,14 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float parameters outside quantized layers (norms, float matrices)."""
+    quantized = {id(p) for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+                 for p in m.parameters()}
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in quantized]
+    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
 def quantization_config(model: nn.Module, config: Any = None, calibration: Any = None) -> dict[str, Any]:
     """The `quantization_config` entry of config.json for a quantized `model`."""
     from quipkit import __version__
@@ -123,6 +131,8 @@ def save(
         save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         reach("save-weights")
         cfg = model.config.to_dict()
+        # transformers' dtype="auto" otherwise takes the first float tensor's (the bf16 head, say) for the float part
+        cfg["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
         cfg["quantization_config"] = quantization_config(model, config, calibration)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         if getattr(model, "generation_config", None) is not None:

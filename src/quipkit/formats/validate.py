@@ -128,8 +128,12 @@ def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
     if not weights.is_file():
         raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete ({_FIX})")
     header = safetensors_header(weights)
-    expected = expected_tensors(skeleton(folder, quant))
+    model = skeleton(folder, quant)
+    expected = expected_tensors(model)
+    optional = _tied_output(model)
     for name, (shape, dtype) in expected.items():
+        if name not in header and name in optional:
+            continue
         if name not in header:
             raise QuipkitError(f"{weights} lacks tensor '{name}' that the model needs; {_FIX}")
         entry = header[name]
@@ -145,6 +149,16 @@ def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
         raise QuipkitError(f"{weights} holds tensor '{unexpected[0]}' that the model does not have"
                            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {_FIX}")
     return cfg, quant
+
+
+def _tied_output(model) -> set[str]:
+    """The output head's weight name when the config ties it to the input embeddings: the file holds it
+    once, under the embeddings' name (a skeleton built inside from_pretrained is not tied yet)."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = model.get_output_embeddings()
+    if not getattr(text_config, "tie_word_embeddings", False) or head is None or hasattr(head, "codebook"):
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules() if module is head}
 
 
 def _check_specs(folder: Path, quant: dict[str, Any]) -> None:
