@@ -96,7 +96,7 @@ def incoherence_report(
         for index, block in enumerate(blocks):
             block.to(device)
             linears = select_linears(block, f"{prefix}.{index}")
-            inputs, groups = collect_hessians(block, linears, inputs, calls.kwargs[index], device)
+            inputs, groups, _ = collect_hessians(block, linears, inputs, calls.kwargs[index], device)
             for names, hessian in groups:
                 for name in names:
                     weight = linears[name].weight.detach().to(device)

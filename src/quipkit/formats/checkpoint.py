@@ -23,6 +23,7 @@ from quipkit.errors import QuipkitError
 from quipkit.faults import reach
 from quipkit.layers.quantized_embedding import QuantizedEmbedding
 from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.models.experts import ExpertLinears, find_fused_experts, unfuse_experts
 from quipkit.models.structure import set_module
 
 # 2: trellis codes packed last-to-first within a tile (kernel-friendly); format 1 is upgraded on load.
@@ -85,6 +86,7 @@ def quantization_config(model: nn.Module, config: Any = None, calibration: Any =
         "layers": {name: layer.spec() for name, layer in quantized_layers(model).items()},
         "embeddings": {name: embedding.spec() for name, embedding in quantized_embeddings(model).items()},
         "head": head_name(model),
+        "experts": [name for name, module in model.named_modules() if isinstance(module, ExpertLinears)],
     }
 
 
@@ -227,8 +229,15 @@ def _built(model: nn.Module, name: str, spec: dict[str, Any], kinds: tuple[type,
         raise QuipkitError(f"'{name}' in the checkpoint has a bad spec: {err}") from None
 
 
-def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Swap the named nn.Linear modules for empty QuantizedLinear ones built from their specs."""
+def replace_linears(model: nn.Module, layers: dict[str, dict[str, Any]], experts: list[str] | None = None) -> None:
+    """Swap the named nn.Linear modules for empty QuantizedLinear ones built from their specs, after
+    unfusing the named experts modules into one linear per expert matrix (as quantization did)."""
+    if experts:
+        missing = [name for name in experts if name not in find_fused_experts(model)]
+        if missing:
+            raise QuipkitError(f"the checkpoint's experts module '{missing[0]}' is not a fused experts module of "
+                               "this model; the checkpoint and its config.json do not match")
+        unfuse_experts(model, experts)
     for name, spec in layers.items():
         set_module(model, name, _built(model, name, spec, (nn.Linear, QuantizedLinear), QuantizedLinear))
 
@@ -257,7 +266,8 @@ def upgrade_layers(model: nn.Module, version: int) -> None:
 
 
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a quipkit checkpoint; logits equal those of the model that was saved."""
+    """(model, tokenizer or None when the folder has none) from a quipkit checkpoint; logits equal those
+    of the model that was saved."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -275,7 +285,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, quant.get("dtype", "float32")))
-    replace_linears(model, quant["layers"])
+    replace_linears(model, quant["layers"], quant.get("experts"))
     replace_embeddings(model, quant.get("embeddings", {}))
     unexpected = set(state) - set(model.state_dict())
     model.load_state_dict(state, strict=False, assign=True)
@@ -289,6 +299,12 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
             f"{', '.join(problem)}{'...' if len(problem) == 3 else ''}); the checkpoint is corrupt"
         )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = None  # a checkpoint saved without one (quipkit.save(model, None, ...))
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise QuipkitError(f"the tokenizer in {folder} does not load ({str(err).splitlines()[0]}); copy the "
+                               "original model's tokenizer files there") from None
     return model.to(device), tokenizer
 

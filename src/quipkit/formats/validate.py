@@ -85,7 +85,7 @@ def skeleton(folder: Path, quant: dict[str, Any]):
         except Exception as err:  # transformers raises many types for a config it cannot build
             raise QuipkitError(f"{folder / 'config.json'} does not build a model ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}); {_FIX}") from None
-        replace_linears(model, quant["layers"])
+        replace_linears(model, quant["layers"], quant.get("experts"))
         replace_embeddings(model, quant.get("embeddings") or {})
     return model
 
@@ -183,6 +183,9 @@ def _check_specs(folder: Path, quant: dict[str, Any]) -> None:
                     built.check_shape(spec["out_features"], spec["in_features"])
                 except QuipkitError as err:
                     raise QuipkitError(f"{path}: layer '{name}': {err}") from None
+    experts = quant.get("experts") or []
+    if not isinstance(experts, list) or not all(isinstance(name, str) for name in experts):
+        raise QuipkitError(f"{path}: 'experts' is not a list of module names; {_FIX}")
     embeddings = quant.get("embeddings") or {}
     if not isinstance(embeddings, dict):
         raise QuipkitError(f"{path}: 'embeddings' is not a mapping; {_FIX}")

@@ -73,7 +73,7 @@ def _register(auto_module: Any) -> None:
                 folder = os.path.dirname(cached) if isinstance(cached, str) else ""
             if folder and os.path.isdir(folder):  # check the checkpoint before loading a tensor
                 validate_checkpoint(folder)
-            replace_linears(model, self.quantization_config.layers)
+            replace_linears(model, self.quantization_config.layers, getattr(self.quantization_config, "experts", None))
             replace_embeddings(model, getattr(self.quantization_config, "embeddings", None) or {})
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:

@@ -220,6 +220,8 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> tuple[nn
         from quipkit.formats.checkpoint import load
 
         model, tokenizer = load(source.location)
+        if tokenizer is None:
+            raise QuipkitError(f"{source.location} has no tokenizer files; copy them from the original model")
         return model, tokenizer, source
     model, tokenizer = load_float_model(source, dtype)
     return model, tokenizer, source

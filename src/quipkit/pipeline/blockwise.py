@@ -11,7 +11,7 @@ the calibration set. With a work folder, each finished block is saved so a rerun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.pipeline.capture import block_output, capture_block_calls, move
 from quipkit.pipeline.head import compress_head
+from quipkit.models.experts import unfuse_experts
+from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.run_state import RunState, fingerprint_of
@@ -63,6 +65,7 @@ class _HessianHooks:
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: list[tuple[Tensor, str]] = []  # (input, first reader), alive during a batch
         self._first_batch = True
+        self._names: set[str] = set()  # every name in `groups`
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
@@ -70,6 +73,7 @@ class _HessianHooks:
             x = args[0]
             if self._first_batch:
                 owner = next((first for seen, first in self._seen if seen is x), None)
+                self._names.add(name)
                 if owner is None:
                     self._seen.append((x, name))
                     self.groups.append([name])
@@ -77,6 +81,10 @@ class _HessianHooks:
                 else:
                     next(g for g in self.groups if g[0] == owner).append(name)
                     return
+            elif name not in self._names:  # first called on a later batch: an expert no token reached before
+                self._names.add(name)
+                self.groups.append([name])
+                self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
             if name in self.accumulators:
                 self.accumulators[name].add(x)
             if name == self.stop_at:
@@ -106,14 +114,18 @@ def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], devic
 
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device
-) -> tuple[list[Tensor], list[tuple[list[str], Tensor]]]:
-    """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)]) in forward order."""
+) -> tuple[list[Tensor], list[tuple[list[str], Tensor]], dict[str, str]]:
+    """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
+    order, {expert name: how its Hessian was completed} for experts that saw too few tokens)."""
     hooks = _HessianHooks(linears, device)
     try:
         outputs = _run_block(block, inputs, kwargs, device, after=hooks.end_batch)
     finally:
         hooks.remove()
-    return outputs, [(group, hooks.accumulators[group[0]].mean()) for group in hooks.groups]
+    groups = [(group, hooks.accumulators[group[0]].mean()) for group in hooks.groups]
+    tokens = {group[0]: hooks.accumulators[group[0]].tokens for group in hooks.groups}
+    groups, notes = complete_expert_hessians(groups, tokens, {n: lin.in_features for n, lin in linears.items()})
+    return outputs, groups, notes
 
 
 def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Tensor], kwargs: list[dict],
@@ -153,6 +165,9 @@ def quantize_blockwise(
     report = QuantizeReport()
     prefix, blocks = find_blocks(model)
     model.eval()
+    unfused = unfuse_experts(model)  # one linear per expert matrix, so every expert is quantized
+    if unfused:
+        reporter.log(f"experts: {len(unfused)} fused modules unfused into one linear per expert matrix")
     state = None
     if work_folder is not None:
         # the model by its name and its weights' content: another file under the same name never resumes
@@ -244,10 +259,11 @@ def _quantize_block(
     from the block with the earlier groups already quantized, so it learns to absorb their error.
     """
     t0 = time.perf_counter()
+    notes: dict[str, str] = {}
     if cached is not None:
         outputs, groups = inputs, cached
     elif config.needs_calibration:
-        outputs, groups = collect_hessians(block, observed or linears, inputs, kwargs, device)
+        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device)
     else:
         outputs = inputs
         groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
@@ -258,18 +274,23 @@ def _quantize_block(
     with reporter.task("  layers", len(linears)) as layer_task:
         selected = [(names, hessian) for names, hessian in groups if any(n in linears for n in names)]
         missing = set(linears) - {name for names, _ in selected for name in names}
-        if missing:  # a cache written before caches held every linear: never skip a layer silently
+        if missing and cached is not None:  # a cache written before caches held every linear
             raise QuipkitError(f"the Hessian cache has no Hessian for {sorted(missing)[0]}; delete the cache folder "
                                "(--hessian-cache) and run again")
+        if missing:  # never skip a layer silently
+            raise QuipkitError(f"no calibration token reached {sorted(missing)[0]}: the block's forward never calls "
+                               "it; leave it out with --exclude")
         for index, (group, hessian) in enumerate(selected):
             members = {name: linears[name] for name in group if name in linears}
-            if config.sequential and config.needs_calibration and index > 0:
+            if config.sequential and config.needs_calibration and index > 0 and not is_expert(group[0]):
                 start = time.perf_counter()
                 first = next(iter(members))
                 hessian = _hessian_at(block, first, members[first], inputs, kwargs, device)
                 report.seconds["hessian"] += time.perf_counter() - start
                 t1 += time.perf_counter() - start  # keep it out of the rounding time
             for layer, record in quantize_group(members, hessian, config, device):
+                if record.name in notes:
+                    record = replace(record, warnings=(notes[record.name],) + record.warnings)
                 local = _relative(block, record.name, linears)
                 set_module(block, local, layer.to(device))
                 saved[record.name] = (layer.spec(), {k: v.cpu() for k, v in layer.state_dict().items()})
