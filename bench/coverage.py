@@ -54,6 +54,16 @@ ARCHS = {
 }
 
 
+def _gemma3_vision_language(**text):
+    """Gemma 3 with its vision tower (4 blocks, more than the 2 text blocks the search must pick)."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    return transformers.Gemma3Config(text_config={**text, "head_dim": 16}, vision_config=vision, mm_tokens_per_image=4)
+
+
+ARCHS["gemma3-vision-language"] = (_gemma3_vision_language, {})
+
+
 def tiny(arch: str, seed: int = 0):
     config_class, extra = ARCHS[arch]
     torch.manual_seed(seed)

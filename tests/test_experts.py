@@ -101,3 +101,11 @@ def test_the_blend_follows_the_token_counts():
     torch.testing.assert_close(by_name["e.gate_up.2"], average)  # no token at all
     torch.testing.assert_close(by_name["attn.q"], eye)  # not an expert: untouched, though few tokens
     assert sorted(notes) == ["e.gate_up.1", "e.gate_up.2"] and "saw 0 calibration tokens" in notes["e.gate_up.2"]
+
+
+def test_the_block_search_never_takes_an_experts_list_for_the_blocks():
+    model = _moe("mixtral")
+    unfuse_experts(model)  # each experts module now holds lists of 4 linears, longer than the 2 blocks
+    from quipkit.models.structure import find_blocks
+
+    assert find_blocks(model)[0] == "model.layers"

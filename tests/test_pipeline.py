@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import quipkit
 from quipkit.config import CalibrationConfig, make_config
@@ -247,3 +248,25 @@ def test_keep_decoded_gives_the_same_logits_and_is_never_saved(method, bits, opt
     assert not any(k.endswith("decoded") for k in model.state_dict())
     keep_decoded(model, keep=False)
     assert all(m.decoded is None for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def _tiny_gemma3_vision_language():
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_vision_language_model_quantizes_its_language_blocks_and_blocks_can_be_named():
+    from quipkit.models.structure import find_blocks
+
+    model = _tiny_gemma3_vision_language()  # its vision tower has 4 blocks, its language model 2
+    assert find_blocks(model)[0] == "model.language_model.layers"
+    assert find_blocks(model, "model.vision_tower.encoder.layers")[0] == "model.vision_tower.encoder.layers"
+    with pytest.raises(QuipkitError, match=r"--blocks model\.layers is not a list of blocks.*model\.language_model"):
+        find_blocks(model, "model.layers")
+    report = quantize_blockwise(model, _tokens(), make_config("rtn", 4, group_size=32), CAL, torch.device("cpu"))
+    assert len(report.layers) == 14 and all(r["name"].startswith("model.language_model.layers.") for r in report.layers)

@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "damping", "propagate", "seed", "head_bits"):
+                "trellis_code", "L", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -115,7 +115,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     out = Path(args.out)
     device = pick_device(args.device)
     model, tokenizer = load_float_model(source)
-    find_blocks(model)  # a model quipkit cannot quantize says so before the quick check runs
+    find_blocks(model, config.blocks)  # a model quipkit cannot quantize says so before the quick check runs
     quick = None if args.no_check else _quick_perplexity(model, tokenizer, device, reporter)
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
@@ -560,6 +560,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--head-bits", type=int, choices=(32, 16, 8, 6, 4),
                    help="output head and (tied) embeddings: 16 = bf16, 32 = float32, 8/6/4 = integer grid in "
                    "groups of 32 rounded against the head's Hessian [16]")
+    g.add_argument("--blocks", metavar="PATH", help="the decoder blocks' list when the structure search picks the "
+                   "wrong one, e.g. model.language_model.layers [found: the longest list of blocks under the decoder]")
     g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
     c = p.add_argument_group("calibration")

@@ -42,6 +42,7 @@ class QuantConfig:
     seed: int = 0
     # bits of the output head (and a tied embedding): 16 bf16, 32 float32, 8/6/4 an integer grid
     head_bits: int = 16
+    blocks: str | None = None  # the decoder blocks' ModuleList (e.g. model.language_model.layers); None: found
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -125,6 +126,7 @@ class QuantConfig:
             propagate=self.propagate,
             seed=self.seed,
             head_bits=self.head_bits,
+            blocks=self.blocks,
         )
 
     def for_layer(self, name: str) -> "QuantConfig":
@@ -194,7 +196,7 @@ def make_config(method: str, bits: int, **options: Any) -> QuantConfig:
 
 def _common(options: dict[str, Any]) -> dict[str, Any]:
     """Options every preset accepts, passed straight to QuantConfig."""
-    allowed = {"damping", "include", "exclude", "overrides", "propagate", "seed", "head_bits"}
+    allowed = {"damping", "include", "exclude", "overrides", "propagate", "seed", "head_bits", "blocks"}
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"unexpected options {sorted(unknown)}")

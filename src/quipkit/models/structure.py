@@ -18,19 +18,35 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Linear) for m in module.modules())
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder blocks."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(_has_linear(b) for b in module):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
+def _block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """{name: ModuleList} of lists whose members are blocks holding linears (not linears themselves, as an
+    unfused experts module's per-expert lists are)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) > 0
+            and all(len(list(b.children())) > 0 and _has_linear(b) for b in module)}
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the decoder blocks: `path` when given, else the longest list of
+    blocks under the model's decoder (`get_decoder()`, so a vision-language model's text blocks and not
+    its vision tower's), else the longest anywhere."""
+    lists = _block_lists(model)
+    if path is not None:
+        if path not in lists:
+            known = ", ".join(f"{name} ({len(m)})" for name, m in lists.items()) or "none"
+            raise QuipkitError(f"--blocks {path} is not a list of blocks holding linear layers in this model; "
+                               f"lists that are: {known}")
+        return path, lists[path]
+    if not lists:
         raise QuipkitError(
             "the model has no repeated blocks of linear layers to quantize "
             f"(found {sum(isinstance(m, nn.Linear) for m in model.modules())} linear layers outside any block)"
         )
-    return best
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((name for name, m in model.named_modules() if m is decoder), None) if decoder is not None else None
+    preferred = {n: m for n, m in lists.items() if prefix is not None and (prefix == "" or n.startswith(prefix + "."))}
+    name = max(preferred or lists, key=lambda n: len(lists[n]))
+    return name, lists[name]
 
 
 def select_linears(

@@ -163,7 +163,7 @@ def quantize_blockwise(
     """
     reporter = reporter or Reporter()
     report = QuantizeReport()
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model, config.blocks)
     model.eval()
     unfused = unfuse_experts(model)  # one linear per expert matrix, so every expert is quantized
     if unfused:
