@@ -127,3 +127,18 @@ def test_method_options_reach_the_config():
     assert _build_configs(args)[0].codebook["clip"] is False
     args = build_parser().parse_args(["quantize", "--method", "qtip", "--bits", "2", "--L", "12", "--out", "x"])
     assert _build_configs(args)[0].codebook["L"] == 12
+
+
+def test_overrides_and_blocks_reach_the_config(capsys):
+    from quipkit.cli import _build_configs, build_parser
+
+    args = build_parser().parse_args(["quantize", "--method", "quip#", "--bits", "2", "--out", "x", "--blocks",
+                                      "model.language_model.layers", "--override", "self_attn=quip#:4",
+                                      "--override", r"shared_experts\.=:3"])
+    config = _build_configs(args)[0]
+    assert config.blocks == "model.language_model.layers"
+    assert config.for_layer("model.layers.0.self_attn.q_proj").bits == 4
+    assert config.for_layer("model.layers.0.mlp.shared_experts.up_proj").bits == 3
+    assert config.for_layer("model.layers.0.mlp.experts.gate_up.1").bits == 2
+    code, _, err = _run(capsys, "quantize", "--override", "self_attn", "--out", "x")
+    _assert_one_line_error(code, err, "must look like REGEX=METHOD:BITS")

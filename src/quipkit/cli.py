@@ -64,7 +64,18 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["include"] = tuple(args.include)
     if args.exclude:
         options["exclude"] = tuple(args.exclude)
+    if args.override:
+        options["overrides"] = tuple(_override(text) for text in args.override)
     return options
+
+
+def _override(text: str) -> tuple[str, dict[str, Any]]:
+    """'REGEX=METHOD:BITS' (or REGEX=METHOD, REGEX=:BITS) -> (REGEX, {method, bits})."""
+    pattern, sep, target = text.rpartition("=")
+    method, _, bits = target.partition(":")
+    if not sep or not pattern or not (method or bits) or (bits and not bits.isdigit()):
+        raise QuipkitError(f"--override '{text}' must look like REGEX=METHOD:BITS, e.g. 'self_attn=quip#:4'")
+    return pattern, {**({"method": method} if method else {}), **({"bits": int(bits)} if bits else {})}
 
 
 def _build_configs(args: argparse.Namespace):
@@ -562,6 +573,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
                    "groups of 32 rounded against the head's Hessian [16]")
     g.add_argument("--blocks", metavar="PATH", help="the decoder blocks' list when the structure search picks the "
                    "wrong one, e.g. model.language_model.layers [found: the longest list of blocks under the decoder]")
+    g.add_argument("--override", action="append", metavar="REGEX=METHOD:BITS",
+                   help="another method and/or bits for the linears whose name matches, e.g. 'self_attn=quip#:4' or "
+                   "'shared_experts=:4' (the last match wins)")
     g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
     c = p.add_argument_group("calibration")
