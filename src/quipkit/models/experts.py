@@ -14,10 +14,9 @@ layout flags (`is_transposed`, `has_gate`, `has_bias`, ...) are the ones transfo
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from quipkit.models.structure import set_module
 
@@ -67,8 +66,9 @@ class ExpertLinears(nn.Module):
         layers = []
         for e in range(weight.shape[0]):
             matrix = weight[e].t() if self.transposed else weight[e]  # [out, in]
-            layer = nn.Linear(matrix.shape[1], matrix.shape[0], bias=bias is not None, device=matrix.device,
-                              dtype=matrix.dtype)
+            # no random initialisation: the weights are copied in (or, on meta, loaded later)
+            layer = skip_init(nn.Linear, matrix.shape[1], matrix.shape[0], bias=bias is not None,
+                              device=matrix.device, dtype=matrix.dtype)
             with torch.no_grad():
                 if matrix.device.type != "meta":
                     layer.weight.copy_(matrix)
@@ -76,9 +76,6 @@ class ExpertLinears(nn.Module):
                         layer.bias.copy_(bias[e])
             layers.append(layer)
         return layers
-
-    def spec(self) -> dict[str, Any]:
-        return {"num_experts": self.num_experts}
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states [T, H], top_k_index [T, k] (expert ids), top_k_weights [T, k] -> [T, H]."""
