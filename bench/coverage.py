@@ -24,7 +24,6 @@ import transformers
 import quipkit
 from quipkit.config import CalibrationConfig, make_config
 from quipkit.formats.account import checkpoint_account
-from quipkit.formats.validate import validate_checkpoint
 from quipkit.pipeline.blockwise import quantize_blockwise
 
 DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -83,8 +82,7 @@ def cell(arch: str, method: str, bits: int, folder: Path) -> dict:
         report = quantize_blockwise(model, tokens, config, calibration, torch.device("cpu"))
         step = "save"
         out = quipkit.save(model, None, folder / f"{arch}-{method}{bits}", config, calibration, {"layers": report.layers})
-        _, quant = validate_checkpoint(out)
-        account = checkpoint_account(out, quant)
+        account = checkpoint_account(out)
         row.update(quantized_share=account.share, bits_per_weight=account.quantized_bits,
                    float_weights=[name for name, _ in account.float_weights[:3]])
         step = "load"

@@ -159,10 +159,10 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
 
     from quipkit.formats.account import checkpoint_account
     from quipkit.formats.atomic import atomic_write_text
-    from quipkit.formats.checkpoint import REPORT, read_quantization_config
+    from quipkit.formats.checkpoint import REPORT
 
     shutil.rmtree(work, ignore_errors=True)
-    account = checkpoint_account(out, read_quantization_config(out)[1])
+    account = checkpoint_account(out)  # validates what was just written, too
     summary["account"] = account.to_dict()
     warnings += [w for w in [account.warning()] if w]
     atomic_write_text(out / REPORT, json.dumps(summary, indent=1))
@@ -452,14 +452,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.incoherence:
         cmd_incoherence(args)
         return
-    from quipkit.formats.account import checkpoint_account
-    from quipkit.formats.validate import validate_checkpoint
+    from quipkit.formats.account import account_of
+    from quipkit.formats.validate import inspect_checkpoint
 
     folder = Path(args.model)
     if not folder.exists():
         raise QuipkitError(f"no such folder: {folder}")
-    _, quant = validate_checkpoint(folder)
-    account = checkpoint_account(folder, quant)
+    _, quant, skeleton, header = inspect_checkpoint(folder)
+    account = account_of(skeleton, header, quant)
     report_path = folder / REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     records = {r["name"]: r for r in report.get("layers", [])}

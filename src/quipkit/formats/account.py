@@ -9,6 +9,7 @@ is not in `nn.Linear` modules (fused mixture-of-experts weights, say) would othe
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,33 +50,37 @@ class Account:
                 "float_weights": [[name, count] for name, count in self.float_weights]}
 
 
-def checkpoint_account(folder: str | Path, quant: dict[str, Any]) -> Account:
-    """The account of a checkpoint that `validate_checkpoint` accepted (its quantization_config `quant`)."""
-    from quipkit.formats.checkpoint import WEIGHTS
-    from quipkit.formats.validate import safetensors_header, skeleton
+def checkpoint_account(folder: str | Path) -> Account:
+    """The account of the checkpoint in `folder`, which is validated first."""
+    from quipkit.formats.validate import inspect_checkpoint
 
-    folder = Path(folder)
-    model = skeleton(folder, quant)
-    header = safetensors_header(folder / WEIGHTS)
-    stored = {name: (entry["data_offsets"][1] - entry["data_offsets"][0]) * 8 for name, entry in header.items()}
-    ends = {id(m): name for name, m in model.named_modules()
-            if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    _, quant, model, header = inspect_checkpoint(folder)
+    return account_of(model, header, quant)
+
+
+def account_of(model: nn.Module, header: dict[str, dict[str, Any]], quant: dict[str, Any]) -> Account:
+    """The account of a checkpoint from its model skeleton, its weights' safetensors header and its
+    quantization_config (all three from `inspect_checkpoint`)."""
+    bits_by_module: dict[str, int] = defaultdict(int)  # bits stored per module, biases aside
+    for key, entry in header.items():
+        if not key.endswith(".bias"):
+            bits_by_module[key.rpartition(".")[0]] += (entry["data_offsets"][1] - entry["data_offsets"][0]) * 8
+    stored = sum((e["data_offsets"][1] - e["data_offsets"][0]) * 8 for e in header.values())
+    ends = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     decoders = set(quant["layers"]) - {quant.get("head")}
     parameters = embeddings = quantized = quantized_bits = unquantized = 0
     floats: list[tuple[str, int]] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        own = [(f"{name}.{key}" if name else key, p) for key, p in module.named_parameters(recurse=False)]
         if hasattr(module, "codebook"):  # quantized: count the weight it stands for
+            count = _weights(module)
             if not getattr(module, "tied", False):  # a tied embedding decodes the head's codes: counted there
-                count = _weights(module)
                 parameters += count
                 embeddings += count if id(module) in ends else 0
             if name in decoders:
                 quantized += count
-                quantized_bits += sum(bits for key, bits in stored.items()
-                                      if key.startswith(name + ".") and not key.endswith(".bias"))
-        for full, param in own:
+                quantized_bits += bits_by_module[name]
+        for key, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue  # a tied tensor: counted once
             seen.add(id(param))
@@ -85,11 +90,11 @@ def checkpoint_account(folder: str | Path, quant: dict[str, Any]) -> Account:
                 continue
             unquantized += param.numel()
             if param.dim() >= 2:
-                floats.append((full, param.numel()))
+                floats.append((f"{name}.{key}" if name else key, param.numel()))
     floats.sort(key=lambda item: -item[1])
     return Account(parameters=parameters, quantized=quantized, embeddings=embeddings,
                    quantized_bits=quantized_bits / max(quantized, 1),
-                   model_bits=sum(stored.values()) / max(parameters, 1), float_weights=floats, unquantized=unquantized)
+                   model_bits=stored / max(parameters, 1), float_weights=floats, unquantized=unquantized)
 
 
 def _weights(module: nn.Module) -> int:

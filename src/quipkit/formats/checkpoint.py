@@ -42,8 +42,9 @@ def quantized_embeddings(model: nn.Module) -> dict[str, QuantizedEmbedding]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
 
 
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent tensors by name, tied duplicates dropped, quantized buffers in canonical dtypes."""
+def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """{tensor name: the dtype it is stored in} for every tensor of the quantized layers and embeddings
+    (a tied embedding stores nothing of its own)."""
     canonical: dict[str, torch.dtype] = {}
     for name, layer in quantized_layers(model).items():
         layout = {**layer.codebook.storage(layer.out_features, layer.in_features),
@@ -53,6 +54,12 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if not embedding.tied:
             layout = embedding.codebook.storage(embedding.num_embeddings, embedding.embedding_dim)
             canonical.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
+    return canonical
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent tensors by name, tied duplicates dropped, quantized buffers in canonical dtypes."""
+    canonical = storage_dtypes(model)
     seen: dict[tuple[int, int, tuple], str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -80,7 +87,7 @@ def quantization_config(model: nn.Module, config: Any = None, calibration: Any =
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "quipkit_version": __version__,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(_float_dtype(model)).removeprefix("torch."),
         "config": config.to_dict() if config is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "layers": {name: layer.spec() for name, layer in quantized_layers(model).items()},
@@ -133,9 +140,9 @@ def save(
         save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         reach("save-weights")
         cfg = model.config.to_dict()
-        # transformers' dtype="auto" otherwise takes the first float tensor's (the bf16 head, say) for the float part
-        cfg["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
         cfg["quantization_config"] = quantization_config(model, config, calibration)
+        # transformers' dtype="auto" otherwise takes the first float tensor's (the bf16 head, say) for the float part
+        cfg["dtype"] = cfg["quantization_config"]["dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

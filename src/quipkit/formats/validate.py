@@ -55,7 +55,7 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
                 count *= int(dim)
         except (KeyError, TypeError, ValueError):
             raise QuipkitError(f"{path}: tensor '{name}' has a corrupt header entry; {_FIX}") from None
-        if dtype not in _DTYPES or stop - start != count * torch.tensor([], dtype=_DTYPES[dtype]).element_size():
+        if dtype not in _DTYPES or stop - start != count * _DTYPES[dtype].itemsize:
             raise QuipkitError(f"{path}: tensor '{name}' has a corrupt header entry ({dtype} {shape}); {_FIX}")
         end = max(end, stop)
     if 8 + length + end != size:
@@ -94,17 +94,9 @@ def expected_tensors(model) -> dict[str, tuple[tuple[int, ...], torch.dtype | No
     """{name: (shape, dtype or None for any float type)} of every tensor the checkpoint of `model` (its
     skeleton) must hold, tied tensors once. Quantized layers' tensors need their exact storage dtype;
     float weights may be stored in any float type; other tensors need their own dtype."""
-    quantized: dict[str, torch.dtype] = {}
-    for name, module in model.named_modules():
-        storage = getattr(module, "codebook", None)
-        if storage is not None and hasattr(module, "out_features"):
-            layout = {**module.codebook.storage(module.out_features, module.in_features),
-                      **module.transform.storage(module.out_features, module.in_features)}
-        elif storage is not None and not getattr(module, "tied", True):
-            layout = module.codebook.storage(module.num_embeddings, module.embedding_dim)
-        else:
-            continue
-        quantized.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
+    from quipkit.formats.checkpoint import storage_dtypes
+
+    quantized = storage_dtypes(model)
     persistent = set(model.state_dict())
     out: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     seen: set[int] = set()
@@ -119,6 +111,13 @@ def expected_tensors(model) -> dict[str, tuple[tuple[int, ...], torch.dtype | No
 
 def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, quantization_config) of a checkpoint that passed every check, else one QuipkitError."""
+    cfg, quant, _, _ = inspect_checkpoint(folder)
+    return cfg, quant
+
+
+def inspect_checkpoint(folder: str | Path):
+    """(config.json, quantization_config, the model's skeleton, the weights file's header) of a checkpoint
+    that passed every check, for callers that go on to read its shapes and sizes (`formats/account.py`)."""
     from quipkit.formats.checkpoint import WEIGHTS, read_quantization_config
 
     folder = Path(folder)
@@ -148,7 +147,7 @@ def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
     if unexpected:
         raise QuipkitError(f"{weights} holds tensor '{unexpected[0]}' that the model does not have"
                            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {_FIX}")
-    return cfg, quant
+    return cfg, quant, model, header
 
 
 def _tied_output(model) -> set[str]:
