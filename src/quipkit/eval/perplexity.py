@@ -56,7 +56,6 @@ def quick_protocol(context: int | None = None) -> Protocol:
     return Protocol(f"wt2-{seqlen}x4", lambda: wikitext2("test")[:20000], seqlen, 4)
 
 
-
 @torch.no_grad()
 def perplexity(
     model: nn.Module,

@@ -23,10 +23,10 @@ from quipkit.console import Reporter
 from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
-from quipkit.pipeline.capture import block_output, capture_block_calls, move
-from quipkit.pipeline.head import compress_head
 from quipkit.models.experts import unfuse_experts
+from quipkit.pipeline.capture import block_output, capture_block_calls, move
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
+from quipkit.pipeline.head import compress_head
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.run_state import RunState, fingerprint_of
@@ -168,15 +168,16 @@ def quantize_blockwise(
     unfused = unfuse_experts(model)  # one linear per expert matrix, so every expert is quantized
     if unfused:
         reporter.log(f"experts: {len(unfused)} fused modules unfused into one linear per expert matrix")
+    # the model by its name and its weights' content: another file under the same name never resumes
+    weights = weight_signature(model) if work_folder is not None or hessian_cache is not None else None
     state = None
     if work_folder is not None:
-        # the model by its name and its weights' content: another file under the same name never resumes
         fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id,
-                                     weights=weight_signature(model))
+                                     weights=weights)
         state = RunState.open(work_folder, fingerprint)
     cache = None
     if hessian_cache is not None and cacheable(config):
-        identity = {"model": model_id, "weights": weight_signature(model), "calibration": calibration.to_dict()}
+        identity = {"model": model_id, "weights": weights, "calibration": calibration.to_dict()}
         cache = HessianCache(hessian_cache, identity, len(blocks))
     elif hessian_cache is not None:
         reporter.log("not using the Hessian cache: this method's Hessians depend on its own quantized layers")

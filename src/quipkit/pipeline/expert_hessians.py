@@ -40,19 +40,20 @@ def complete_expert_hessians(
     completed = dict(by_name)
     notes: dict[str, str] = {}
     for members in families.values():
+        rare = [n for n in members if (tokens.get(n, 0) if n in by_name else 0) < inputs[n]]
+        if not rare:
+            continue
         seen = [(by_name[n][1], tokens[n]) for n in members if n in by_name and tokens.get(n, 0) > 0]
         total = sum(count for _, count in seen)
-        for name in members:
+        if total:  # once per family: summing every expert's H again for each rare one would cost E^2 d^2
+            average = sum(h * n for h, n in seen) / total
+            source = "the average of the block's experts"
+        else:
+            average = torch.eye(inputs[rare[0]], dtype=torch.float64)
+            source = "the identity (no expert of this block saw a token)"
+        for name in rare:
             count = tokens.get(name, 0) if name in by_name else 0
             size = inputs[name]
-            if count >= size:
-                continue
-            if total:
-                average = sum(h * n for h, n in seen) / total
-                source = "the average of the block's experts"
-            else:
-                average = torch.eye(size, dtype=torch.float64)
-                source = "the identity (no expert of this block saw a token)"
             own = by_name[name][1] if count else torch.zeros_like(average)
             completed[name] = ([name], (own * count + average * (size - count)) / size)
             notes[name] = (f"{name}: expert saw {count} calibration tokens for {size} inputs; its Hessian is "

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
@@ -102,12 +101,11 @@ class RunState:
     def load_block(self, index: int) -> dict[str, tuple[dict[str, Any], dict[str, Tensor]]]:
         """The layers saved for block `index`: {name: (spec, tensors)}."""
         path = self.block_file(index)
+        metadata, flat = self._read(path)
         try:
-            with safe_open(str(path), "pt") as handle:
-                specs = json.loads(handle.metadata()["specs"])
-            flat = load_file(str(path))
-        except Exception as err:  # truncated or foreign: say which file and how to recover
-            raise QuipkitError(f"{path} is unreadable ({str(err).splitlines()[0]}); delete {self.folder} to start over") from None
+            specs = json.loads(metadata["specs"])
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise QuipkitError(f"{path} is unreadable (no layer specs); delete {self.folder} to start over") from None
         return {
             name: (spec, {k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(name + ".")})
             for name, spec in specs.items()
@@ -115,12 +113,16 @@ class RunState:
 
     def load_inputs(self) -> list[Tensor]:
         """The inputs of the next block to quantize, one tensor per calibration batch."""
-        path = self.inputs_file(self.next_block)
-        try:
-            flat = load_file(str(path))
-        except Exception as err:
-            raise QuipkitError(f"{path} is unreadable ({str(err).splitlines()[0]}); delete {self.folder} to start over") from None
+        _, flat = self._read(self.inputs_file(self.next_block))
         return [flat[f"batch_{i}"] for i in range(len(flat))]
+
+    def _read(self, path: Path) -> tuple[dict[str, str] | None, dict[str, Tensor]]:
+        """(metadata, tensors) of one state file, or one line naming it and how to recover."""
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:  # truncated or foreign: say which file and how to recover
+            raise QuipkitError(f"{path} is unreadable ({str(err).splitlines()[0]}); delete {self.folder} to start over") from None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
