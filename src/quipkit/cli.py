@@ -116,30 +116,51 @@ def _preflight(args: argparse.Namespace):
 
 def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[Any, Any, dict[str, Any], Path]:
     """Check (unless `checked` holds `_preflight`'s answer), load, quantize, check the result and save;
-    returns (model, tokenizer, summary, output folder)."""
-    from quipkit.api import quantize
-    from quipkit.formats.checkpoint import save
-    from quipkit.models.loading import load_float_model, pick_device
+    returns (model, tokenizer, summary, output folder).
+
+    A Hugging Face model with safetensors weights is streamed: built on the meta device, each block
+    read from disk when its turn comes and written out once quantized. A GGUF file, or a model whose
+    files name tensors differently, is loaded whole."""
+    import shutil
+
+    import torch
+
+    from quipkit.formats.account import checkpoint_account
+    from quipkit.formats.atomic import atomic_write_text
+    from quipkit.formats.checkpoint import REPORT, load, save_from_blocks
+    from quipkit.models.loading import load_float_model, load_tokenizer, local_folder, pick_device
+    from quipkit.models.streaming import open_streamed
     from quipkit.models.structure import find_blocks
+    from quipkit.pipeline.blockwise import quantize_blockwise
+    from quipkit.pipeline.calibration import calibration_tokens
+    from quipkit.pipeline.memory import check_memory
 
     config, calibration, source = checked or _preflight(args)
     out = Path(args.out)
     device = pick_device(args.device)
-    model, tokenizer = load_float_model(source)
-    find_blocks(model, config.blocks)  # a model quipkit cannot quantize says so before the quick check runs
-    quick = None if args.no_check else _quick_perplexity(model, tokenizer, device, reporter)
+    streamed, why = open_streamed(local_folder(source)) if source.kind == "hf" else (None, "it is a GGUF file")
+    if streamed is not None:
+        model, tokenizer = streamed.model, load_tokenizer(source)
+    else:
+        model, tokenizer = load_float_model(source)
+    prefix, blocks = find_blocks(model, config.blocks)  # a model quipkit cannot quantize says so first
+    reporter.log(f"streaming {source.describe()}: one block in memory at a time" if streamed is not None
+                 else f"loading the whole model ({why})")
+    reporter.log(check_memory(model, blocks, calibration, config, streamed is not None))
+    check = None if args.no_check else _quick_check(model, tokenizer)
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
-    report = quantize(model, tokenizer, config, calibration, device, reporter, work, source.describe(), args.hessian_cache)
+    tokens = calibration_tokens(tokenizer, calibration) if config.needs_calibration else torch.empty(0, 0)
+    report = quantize_blockwise(model, tokens, config, calibration, device, reporter, work, source.describe(),
+                                Path(args.hessian_cache) if args.hessian_cache else None, streamed, check)
     seconds = time.perf_counter() - start
     warnings: list[str] = []  # about the whole model; each layer's own are in its record
-    check = None
-    if quick is not None:
-        check = {"protocol": quick["protocol"], "float": quick["perplexity"],
-                 "quantized": _quick_perplexity(model.to(device), tokenizer, device, reporter)["perplexity"]}
+    quick = None
+    if check is not None:
         from quipkit.pipeline.guards import quality_warning
 
-        warnings += [w for w in [quality_warning(config.method, config.bits, check["quantized"], check["float"])] if w]
+        quick = {"protocol": check.protocol.name, **check.result}
+        warnings += [w for w in [quality_warning(config.method, config.bits, quick["quantized"], quick["float"])] if w]
     summary = {
         "model": source.describe(),
         "method": config.method,
@@ -148,34 +169,32 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
         "seconds": seconds,
         "stage_seconds": report.seconds,
         "resumed_from_block": report.resumed_from_block,
+        "streamed": streamed is not None,
         "layers": report.layers,
         "calibration": calibration.to_dict(),
         "config": config.to_dict(),
-        "check": check,
+        "check": quick,
         "warnings": warnings,
     }
-    save(model, tokenizer, out, config, calibration, summary, overwrite=args.overwrite)
-    import shutil
-
-    from quipkit.formats.account import checkpoint_account
-    from quipkit.formats.atomic import atomic_write_text
-    from quipkit.formats.checkpoint import REPORT
-
+    save_from_blocks(model, tokenizer, out, report.block_files, prefix, report.specs, config, calibration, summary,
+                     overwrite=args.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     account = checkpoint_account(out)  # validates what was just written, too
     summary["account"] = account.to_dict()
     warnings += [w for w in [account.warning()] if w]
     atomic_write_text(out / REPORT, json.dumps(summary, indent=1))
     summary["size_bytes"] = _dir_size(out)
+    if streamed is not None:  # its blocks were released as they were written: read the result back
+        model, _ = load(out)
     return model.to(device), tokenizer, summary, out
 
 
-def _quick_perplexity(model, tokenizer, device, reporter) -> dict[str, Any]:
-    from quipkit.eval.perplexity import perplexity, quick_protocol
+def _quick_check(model, tokenizer):
+    from quipkit.eval.perplexity import quick_protocol
     from quipkit.models.loading import context_of
+    from quipkit.pipeline.quick_check import QuickCheck
 
-    proto = quick_protocol(context_of(model.config.to_dict()))
-    return perplexity(model.to(device), tokenizer, proto, device, reporter=reporter)
+    return QuickCheck(tokenizer, quick_protocol(context_of(model.config.to_dict())))
 
 
 def _show_warnings(summary: dict[str, Any], shown: int = 3) -> None:

@@ -56,6 +56,23 @@ def quick_protocol(context: int | None = None) -> Protocol:
     return Protocol(f"wt2-{seqlen}x4", lambda: wikitext2("test")[:20000], seqlen, 4)
 
 
+def protocol_windows(tokenizer, proto: Protocol):
+    """The protocol's token windows [count, seqlen]."""
+    ids = tokenize(tokenizer, proto.text())
+    available = len(ids) // proto.seqlen
+    count = available if proto.windows is None else proto.windows
+    if available < max(count, 1):
+        raise QuipkitError(f"{proto.name}: the text has {len(ids)} tokens, fewer than {count} windows of {proto.seqlen}")
+    return ids[: count * proto.seqlen].reshape(count, proto.seqlen)
+
+
+def window_nll(logits, batch) -> float:
+    """The summed NLL of every token of `batch` [b, T] after its first, under `logits` [b, T, V]."""
+    logits = logits[:, :-1].float()
+    return float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                             reduction="sum"))
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -68,19 +85,12 @@ def perplexity(
     """{protocol, perplexity, nll, tokens, windows, seconds} of `model` under `proto`."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    ids = tokenize(tokenizer, proto.text())
-    available = len(ids) // proto.seqlen
-    count = available if proto.windows is None else proto.windows
-    if available < max(count, 1):
-        raise QuipkitError(f"{proto.name}: the text has {len(ids)} tokens, fewer than {count} windows of {proto.seqlen}")
-    windows = ids[: count * proto.seqlen].reshape(count, proto.seqlen)
+    windows = protocol_windows(tokenizer, proto)
     total, predicted = 0.0, 0
-    with reporter.task(f"ppl {proto.name}", count) as task:
+    with reporter.task(f"ppl {proto.name}", len(windows)) as task:
         for batch in torch.split(windows, batch_size):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
+            total += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
             predicted += batch[:, 1:].numel()
             task.advance(len(batch), status=f"ppl {math.exp(total / predicted):.3f}")
     nll = total / predicted
@@ -89,6 +99,6 @@ def perplexity(
         "perplexity": math.exp(nll),
         "nll": nll,
         "tokens": predicted,
-        "windows": count,
+        "windows": len(windows),
         "seconds": time.perf_counter() - start,
     }

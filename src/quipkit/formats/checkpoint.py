@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +31,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 QUANT_METHOD = "quipkit"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SINGLE_FILE_BYTES = 2 << 30  # a checkpoint up to this size is one file; a larger one, a shard per block
 REPORT = "quipkit_report.json"
 
 
@@ -57,17 +59,21 @@ def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
     return canonical
 
 
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent tensors by name, tied duplicates dropped, quantized buffers in canonical dtypes."""
-    canonical = storage_dtypes(model)
-    seen: dict[tuple[int, int, tuple], str] = {}
+def state_tensors(module: nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, torch.Tensor]:
+    """Persistent tensors of `module` by full name (`prefix` + their name), those under `skip` left out,
+    tied duplicates dropped, quantized buffers in their storage dtypes."""
+    canonical = storage_dtypes(module)
+    head = f"{prefix}." if prefix else ""
+    seen: set[tuple[int, int, tuple]] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in module.state_dict().items():
+        if skip is not None and name.startswith(skip + "."):
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             continue  # tied to an earlier tensor (e.g. lm_head and embeddings); loading re-ties it
-        seen[key] = name
-        out[name] = tensor.detach().to("cpu", canonical.get(name, tensor.dtype)).contiguous()
+        seen.add(key)
+        out[head + name] = tensor.detach().to("cpu", canonical.get(name, tensor.dtype)).contiguous()
     return out
 
 
@@ -79,8 +85,10 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
 
 
-def quantization_config(model: nn.Module, config: Any = None, calibration: Any = None) -> dict[str, Any]:
-    """The `quantization_config` entry of config.json for a quantized `model`."""
+def quantization_config(model: nn.Module, config: Any = None, calibration: Any = None,
+                        layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json for a quantized `model`; `layers` adds specs of
+    quantized layers the model no longer holds (blocks of a streamed run, written and released)."""
     from quipkit import __version__
 
     return {
@@ -90,7 +98,7 @@ def quantization_config(model: nn.Module, config: Any = None, calibration: Any =
         "dtype": str(_float_dtype(model)).removeprefix("torch."),
         "config": config.to_dict() if config is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
-        "layers": {name: layer.spec() for name, layer in quantized_layers(model).items()},
+        "layers": {**(layers or {}), **{name: layer.spec() for name, layer in quantized_layers(model).items()}},
         "embeddings": {name: embedding.spec() for name, embedding in quantized_embeddings(model).items()},
         "head": head_name(model),
         "experts": [name for name, module in model.named_modules() if isinstance(module, ExpertLinears)],
@@ -119,38 +127,102 @@ def save(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the checkpoint into a temporary folder beside `out_dir` and rename it when complete.
+    """Write the quantized `model` held in memory as a checkpoint in `out_dir` (see `_publish`)."""
+    if not quantized_layers(model):
+        raise QuipkitError("the model has no quantized layers to save")
+
+    def write(tmp: Path) -> None:
+        # one metadata key: safetensors writes a map's keys in random order, and the bytes must not vary
+        save_file(state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        reach("save-weights")
+        _write_config(tmp, model, tokenizer, quantization_config(model, config, calibration), report)
+
+    return _publish(Path(out_dir), overwrite, write)
+
+
+def save_from_blocks(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    block_files: list[Path],
+    blocks_prefix: str,
+    specs: dict[str, dict[str, Any]],
+    config: Any = None,
+    calibration: Any = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint from the blocks' finished files (a run's work folder: each holds one block's
+    tensors under their final names) and what `model` holds outside the blocks (embeddings, final norm,
+    head); `specs` are the quantized layers of the blocks. Nothing is read into memory but the part
+    outside the blocks, except for a small model (all files under SINGLE_FILE_BYTES), which gets one
+    `model.safetensors` like `save` writes; a larger one gets one shard per block and an index."""
+    rest = state_tensors(model, skip=blocks_prefix)
+    size = sum(p.stat().st_size for p in block_files) + sum(t.numel() * t.element_size() for t in rest.values())
+
+    def write(tmp: Path) -> None:
+        if size <= SINGLE_FILE_BYTES:
+            tensors = dict(rest)
+            for path in block_files:
+                tensors.update(load_file(str(path)))
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            names = [f"model-{i:05d}-of-{len(block_files) + 1:05d}.safetensors" for i in range(1, len(block_files) + 2)]
+            weight_map: dict[str, str] = {}
+            for path, name in zip(block_files, names):
+                _link_or_copy(path, tmp / name)
+                with safe_open(str(path), "pt") as handle:
+                    weight_map.update({key: name for key in handle.keys()})
+            save_file(rest, str(tmp / names[-1]), metadata={"format": "pt"})
+            weight_map.update({key: names[-1] for key in rest})
+            index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        reach("save-weights")
+        _write_config(tmp, model, tokenizer, quantization_config(model, config, calibration, specs), report)
+
+    return _publish(Path(out_dir), overwrite, write)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` with `source`'s bytes: a hard link when both are on one file system (no copy)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _write_config(folder: Path, model: nn.Module, tokenizer, quant: dict[str, Any], report: dict[str, Any] | None) -> None:
+    """config.json (with `quant`), the generation config, the tokenizer and the run's report."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quant
+    # transformers' dtype="auto" otherwise takes the first float tensor's (the bf16 head, say) for the float part
+    cfg["dtype"] = quant["dtype"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if report is not None:
+        (folder / REPORT).write_text(json.dumps(report, indent=1))
+    reach("save-files")
+
+
+def _publish(out: Path, overwrite: bool, write) -> Path:
+    """Call `write(tmp)` to fill a temporary folder beside `out`, then rename it to `out`.
 
     Replacing an existing folder moves it aside first and deletes it only after the new one is in
-    place, so a crash at any point leaves one complete checkpoint under `out_dir` or beside it, which
+    place, so a crash at any point leaves one complete checkpoint under `out` or beside it, which
     the next save (or `recover_save`) puts back."""
-    out = Path(out_dir)
     recover_save(out)
     if out.exists() and not overwrite:
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    if not quantized_layers(model):
-        raise QuipkitError("the model has no quantized layers to save")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        # one metadata key: safetensors writes a map's keys in random order, and the bytes must not vary
-        save_file(_state_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        reach("save-weights")
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = quantization_config(model, config, calibration)
-        # transformers' dtype="auto" otherwise takes the first float tensor's (the bf16 head, say) for the float part
-        cfg["dtype"] = cfg["quantization_config"]["dtype"]
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT).write_text(json.dumps(report, indent=1))
-        reach("save-files")
+        write(tmp)
         if out.exists():
             os.replace(out, old)
             reach("save-moved-aside")
@@ -278,15 +350,10 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quipkit.formats.validate import validate_checkpoint
+    from quipkit.formats.validate import validate_checkpoint, weights_files
 
     folder = Path(folder)
     cfg, quant = validate_checkpoint(folder)
-    weights = folder / WEIGHTS
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise QuipkitError(f"{weights} is corrupt or truncated ({err}); re-quantize or restore the file") from None
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -294,16 +361,24 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, quant.get("dtype", "float32")))
     replace_linears(model, quant["layers"], quant.get("experts"))
     replace_embeddings(model, quant.get("embeddings", {}))
-    unexpected = set(state) - set(model.state_dict())
-    model.load_state_dict(state, strict=False, assign=True)
+    known = set(model.state_dict())
+    unexpected: set[str] = set()
+    for weights in weights_files(folder):  # shard by shard: at most one shard's tensors beyond the model
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as err:
+            raise QuipkitError(f"{weights} is corrupt or truncated ({err}); re-quantize or restore the file") from None
+        unexpected |= set(state) - known
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
     model.tie_weights()
     upgrade_layers(model, quant["format_version"])
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if unexpected or still_meta:
         problem = sorted(unexpected)[:3] if unexpected else still_meta[:3]
         raise QuipkitError(
-            f"{weights} does not match its config.json ({'unexpected' if unexpected else 'missing'} tensors "
-            f"{', '.join(problem)}{'...' if len(problem) == 3 else ''}); the checkpoint is corrupt"
+            f"the weights in {folder} do not match its config.json ({'unexpected' if unexpected else 'missing'} "
+            f"tensors {', '.join(problem)}{'...' if len(problem) == 3 else ''}); the checkpoint is corrupt"
         )
     model.eval()
     tokenizer = None  # a checkpoint saved without one (quipkit.save(model, None, ...))

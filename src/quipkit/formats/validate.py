@@ -118,15 +118,17 @@ def validate_checkpoint(folder: str | Path) -> tuple[dict[str, Any], dict[str, A
 def inspect_checkpoint(folder: str | Path):
     """(config.json, quantization_config, the model's skeleton, the weights file's header) of a checkpoint
     that passed every check, for callers that go on to read its shapes and sizes (`formats/account.py`)."""
-    from quipkit.formats.checkpoint import WEIGHTS, read_quantization_config
+    from quipkit.formats.checkpoint import read_quantization_config
 
     folder = Path(folder)
     cfg, quant = read_quantization_config(folder)
     _check_specs(folder, quant)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete ({_FIX})")
-    header = safetensors_header(weights)
+    files = weights_files(folder)
+    header: dict[str, dict[str, Any]] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        for name, entry in safetensors_header(path).items():
+            header[name], where[name] = entry, path
     model = skeleton(folder, quant)
     expected = expected_tensors(model)
     optional = _tied_output(model)
@@ -134,7 +136,8 @@ def inspect_checkpoint(folder: str | Path):
         if name not in header and name in optional:
             continue
         if name not in header:
-            raise QuipkitError(f"{weights} lacks tensor '{name}' that the model needs; {_FIX}")
+            raise QuipkitError(f"{_named(files)} lacks tensor '{name}' that the model needs; {_FIX}")
+        weights = where[name]
         entry = header[name]
         if tuple(entry["shape"]) != shape:
             raise QuipkitError(f"{weights}: tensor '{name}' has shape {tuple(entry['shape'])}, the model needs "
@@ -145,9 +148,45 @@ def inspect_checkpoint(folder: str | Path):
                                f"{dtype if dtype is not None else 'a float type'}; {_FIX}")
     unexpected = sorted(set(header) - set(expected))
     if unexpected:
-        raise QuipkitError(f"{weights} holds tensor '{unexpected[0]}' that the model does not have"
+        raise QuipkitError(f"{where[unexpected[0]]} holds tensor '{unexpected[0]}' that the model does not have"
                            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {_FIX}")
     return cfg, quant, model, header
+
+
+def shard_map(folder: Path) -> dict[str, str] | None:
+    """{tensor name: file name} from the folder's safetensors index, or None when it has no index."""
+    from quipkit.formats.checkpoint import INDEX
+
+    index = folder / INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise QuipkitError(f"{index} is corrupt (no weight_map); {_FIX}") from None
+    return weight_map
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: `model.safetensors`, or the shards its index names (each present)."""
+    from quipkit.formats.checkpoint import WEIGHTS
+
+    weight_map = shard_map(folder)
+    if weight_map is None:
+        if not (folder / WEIGHTS).is_file():
+            raise QuipkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete ({_FIX})")
+        return [folder / WEIGHTS]
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not (folder / name).is_file():
+            raise QuipkitError(f"{folder} lacks {name}, a shard its index names; the checkpoint is incomplete ({_FIX})")
+    return [folder / name for name in names]
+
+
+def _named(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent} (its {len(files)} shards)"
 
 
 def _tied_output(model) -> set[str]:

@@ -100,17 +100,44 @@ def _require(module: str, package: str, purpose: str) -> None:
         raise missing_dependency(package, purpose)
 
 
+def local_folder(source: ModelSource) -> Path:
+    """The local folder of a Hugging Face model: the folder itself, or a hub id's snapshot (its config,
+    safetensors weights and tokenizer, downloaded once into the Hugging Face cache)."""
+    if os.path.isdir(source.location):
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                                         "*.model", "*.txt", "*.jinja"]))
+    except Exception as err:  # huggingface_hub raises many types (offline, unknown id, gated)
+        raise QuipkitError(f"could not fetch model '{source.location}' from the hub: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, with a pad token (the end-of-sequence one when it has none)."""
+    from transformers import AutoTokenizer
+
+    location = source.location if source.kind == "gguf" else str(local_folder(source))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as err:
+        raise QuipkitError(f"could not load the tokenizer of '{source.describe()}': {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a float model, on the CPU in `dtype`."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": dtype}
     if source.kind == "gguf":
         _require("gguf", "gguf", "loading a GGUF model")
         kwargs["gguf_file"] = source.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
         model, info = AutoModelForCausalLM.from_pretrained(source.location, output_loading_info=True, **kwargs)
     except OSError as err:
         hint = "" if os.path.exists(source.location) else " (not a local path; is the hub reachable and the id right?)"
@@ -125,9 +152,7 @@ def load_float_model(source: ModelSource, dtype: torch.dtype = torch.float32):
             if hasattr(model.config, attr):
                 delattr(model.config, attr)
         model.hf_quantizer = None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(source)
 
 
 def _refuse_random_weights(source: ModelSource, info: dict) -> None:

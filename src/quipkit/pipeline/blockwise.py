@@ -24,11 +24,14 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.models.experts import unfuse_experts
-from quipkit.pipeline.capture import block_output, capture_block_calls, move
+from quipkit.models.streaming import StreamedModel
+from quipkit.pipeline.capture import capture_block_calls, move, run_block
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.head import compress_head
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
+from quipkit.formats.checkpoint import state_tensors
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
+from quipkit.pipeline.quick_check import QuickCheck
 from quipkit.pipeline.run_state import RunState, fingerprint_of
 from quipkit.rounding import HessianAccumulator
 
@@ -41,6 +44,8 @@ class QuantizeReport:
     seconds: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "hessian": 0.0, "rounding": 0.0, "propagate": 0.0})
     resumed_from_block: int = 0
     head: dict[str, Any] | None = None  # the output head's record when it was quantized (head_bits 8/6/4)
+    block_files: list[Path] = field(default_factory=list)  # with a work folder: each block's checkpoint tensors
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # with a work folder: the blocks' layer specs
 
     def bits_per_weight(self) -> float:
         weights = sum(r["shape"][0] * r["shape"][1] for r in self.layers)
@@ -101,17 +106,6 @@ class _HessianHooks:
             handle.remove()
 
 
-def _run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None) -> list[Tensor]:
-    """The block's outputs for each batch of inputs (on the CPU); `after` runs after each batch."""
-    outputs = []
-    for x, kw in zip(inputs, kwargs):
-        out = block_output(block(x.to(device), **move(kw, device)))
-        outputs.append(out.detach().to("cpu"))
-        if after is not None:
-            after()
-    return outputs
-
-
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device
 ) -> tuple[list[Tensor], list[tuple[list[str], Tensor]], dict[str, str]]:
@@ -119,7 +113,7 @@ def collect_hessians(
     order, {expert name: how its Hessian was completed} for experts that saw too few tokens)."""
     hooks = _HessianHooks(linears, device)
     try:
-        outputs = _run_block(block, inputs, kwargs, device, after=hooks.end_batch)
+        outputs = run_block(block, inputs, kwargs, device, after=hooks.end_batch)
     finally:
         hooks.remove()
     groups = [(group, hooks.accumulators[group[0]].mean()) for group in hooks.groups]
@@ -155,25 +149,37 @@ def quantize_blockwise(
     work_folder: Path | None = None,
     model_id: str = "",
     hessian_cache: Path | None = None,
+    streamed: StreamedModel | None = None,
+    check: QuickCheck | None = None,
 ) -> QuantizeReport:
     """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done.
 
     With `hessian_cache`, a folder shared between runs: Hessians found there complete are used
     without any forward pass; otherwise this run's are stored there for the next one.
+
+    With `streamed` (whose skeleton `model` is), each block's weights are read from disk just before
+    it is quantized and released once its shard is in `work_folder` (required then): memory holds one
+    block. Finished blocks of a resumed streamed run are not read at all. With `check`, the quick
+    perplexity check's windows travel through each block, float before and quantized after.
     """
     reporter = reporter or Reporter()
     report = QuantizeReport()
     prefix, blocks = find_blocks(model, config.blocks)
     model.eval()
-    unfused = unfuse_experts(model)  # one linear per expert matrix, so every expert is quantized
-    if unfused:
-        reporter.log(f"experts: {len(unfused)} fused modules unfused into one linear per expert matrix")
+    if streamed is None:
+        unfused = unfuse_experts(model)  # one linear per expert matrix, so every expert is quantized
+        if unfused:
+            reporter.log(f"experts: {len(unfused)} fused modules unfused into one linear per expert matrix")
+    elif work_folder is None:
+        raise QuipkitError("a streamed model needs a work folder to write its blocks into")
     # the model by its name and its weights' content: another file under the same name never resumes
-    weights = weight_signature(model) if work_folder is not None or hessian_cache is not None else None
+    weights = None
+    if work_folder is not None or hessian_cache is not None:
+        weights = streamed.signature() if streamed is not None else weight_signature(model)
     state = None
     if work_folder is not None:
         fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id,
-                                     weights=weights)
+                                     weights=weights, check=check is not None)
         state = RunState.open(work_folder, fingerprint)
     cache = None
     if hessian_cache is not None and cacheable(config):
@@ -185,45 +191,60 @@ def quantize_blockwise(
     if use_cache:
         reporter.log(f"using cached Hessians from {cache.folder}")
     calibrated = config.needs_calibration and not use_cache
+    first = state.next_block if state is not None else 0
     start = time.perf_counter()
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
-    calls = capture_block_calls(model, blocks, batches) if calibrated else None
-    inputs = calls.inputs if calls is not None else []
+    calls = None
+    if calibrated or check is not None:
+        if streamed is not None:  # the embeddings for the capture; block 0 tells what blocks return
+            streamed.materialize(f"{prefix}.0")
+            streamed.materialize("", outside=prefix)
+        calls = capture_block_calls(model, blocks, batches + (check.batches if check is not None else []))
+        if streamed is not None:
+            streamed.release_outside(prefix)
+            streamed.release(f"{prefix}.0")
+    inputs = calls.inputs[: len(batches)] if calls is not None else []
+    if check is not None:
+        check.start(calls.inputs[len(batches):])
     report.seconds["capture"] += time.perf_counter() - start
-    first = 0
     if state is not None and state.resuming:
-        first = state.next_block
-        for index in range(first):
-            for name, (spec, tensors) in state.load_block(index).items():
-                bias = model.get_submodule(name).bias
-                try:
-                    layer = QuantizedLinear.from_tensors(spec, tensors, bias)
-                except (ValueError, KeyError, TypeError, QuipkitError) as err:  # the work folder was tampered with
-                    raise QuipkitError(f"{state.block_file(index)} does not fit layer {name} ({err}); "
-                                       f"delete {work_folder} to start over") from None
-                set_module(model, name, layer)
-        inputs = state.load_inputs()
+        if streamed is None:
+            _restore_blocks(model, state, first)
+        inputs, extra = state.load_inputs()
+        if check is not None:
+            check.restore(extra)
         report.layers.extend(state.records)
         report.resumed_from_block = first
         reporter.log(f"resuming from block {first} of {len(blocks)} ({work_folder})")
     with reporter.task("blocks", len(blocks)) as block_task:
         block_task.advance(first)
         for index in range(first, len(blocks)):
+            name = f"{prefix}.{index}"
+            if streamed is not None:
+                streamed.materialize(name)
             block = blocks[index].to(device)
-            linears = select_linears(block, f"{prefix}.{index}", config.include, config.exclude)
+            linears = select_linears(block, name, config.include, config.exclude)
             # a cache serves runs with any include/exclude, so it holds every linear's Hessian
-            observed = select_linears(block, f"{prefix}.{index}", (), ()) if cache is not None else linears
-            kwargs = calls.kwargs[index] if calls is not None else []
+            observed = select_linears(block, name, (), ()) if cache is not None else linears
+            kwargs = calls.kwargs[index][: len(batches)] if calls is not None else []
+            if check is not None:
+                check.before(block, calls.kwargs[index][len(batches):], device)
             cached = cache.load(index) if use_cache else None
             inputs, saved, records, groups = _quantize_block(
                 block, linears, inputs, kwargs, config, device, reporter, report, cached, observed
             )
+            if check is not None:
+                check.after(block, calls.kwargs[index][len(batches):], device)
             if cache is not None and not use_cache:
                 cache.save(index, groups)
             blocks[index] = block.to("cpu") if device.type != "cpu" else block
             report.layers.extend(r.to_dict() for r in records)
             if state is not None:
-                state.save_block(index, saved, [r.to_dict() for r in records], inputs)
+                specs = {layer: spec for layer, (spec, _) in saved.items()}
+                state.save_block(index, state_tensors(blocks[index], name), specs, [r.to_dict() for r in records],
+                                 inputs, check.state() if check is not None else {})
+            if streamed is not None:
+                streamed.release(name)
             worst = max((r.proxy for r in records), default=0.0)
             block_task.advance(1, status=f"worst proxy {worst:.4f}")
     if not report.layers:
@@ -232,11 +253,36 @@ def quantize_blockwise(
             f"(blocks are '{prefix}.N', e.g. '{prefix}.0.mlp.down_proj')"
         )
     start = time.perf_counter()
+    if streamed is not None:
+        streamed.materialize("", outside=prefix)
+    returns_tuple = calls.returns_tuple if calls is not None else False
+    if check is not None:
+        check.finish_float(model, blocks, returns_tuple)
     head_batches = batches or (list(torch.split(tokens, calibration.batch_size)) if tokens.numel() else [])
-    head = compress_head(model, config, device, head_batches, blocks, inputs if calibrated and inputs else None)
+    head = compress_head(model, config, device, head_batches, blocks, inputs if calibrated and inputs else None,
+                         returns_tuple)
     report.head = head.to_dict() if head is not None else None
     report.seconds["head"] = time.perf_counter() - start
+    if check is not None:
+        check.finish_quantized(model, blocks, returns_tuple)
+    if state is not None:
+        report.specs, report.block_files = dict(state.specs), state.block_files()
     return report
+
+
+def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:
+    """Put the quantized layers of the first `count` finished blocks of `state` into `model`."""
+    for index in range(count):
+        specs, tensors = state.load_block(index)
+        for name, spec in specs.items():
+            bias = model.get_submodule(name).bias
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            try:
+                layer = QuantizedLinear.from_tensors(spec, own, bias)
+            except (ValueError, KeyError, TypeError, QuipkitError) as err:  # the work folder was tampered with
+                raise QuipkitError(f"{state.block_file(index)} does not fit layer {name} ({err}); "
+                                   f"delete {state.folder} to start over") from None
+            set_module(model, name, layer)
 
 
 def _quantize_block(
@@ -300,7 +346,7 @@ def _quantize_block(
     t2 = time.perf_counter()
     report.seconds["rounding"] += t2 - t1
     if config.needs_calibration and config.propagate == "quantized":
-        outputs = _run_block(block, inputs, kwargs, device)
+        outputs = run_block(block, inputs, kwargs, device)
         report.seconds["propagate"] += time.perf_counter() - t2
     return outputs, saved, records, groups
 

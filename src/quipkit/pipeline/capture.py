@@ -9,6 +9,7 @@ embedding alone: the last stand-in stops the forward before the final norm and o
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class BlockCalls:
 
     inputs: list[Tensor] = field(default_factory=list)  # [batch] -> hidden [b, T, d]
     kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # [block][batch] -> kwargs
+    returns_tuple: bool = False  # whether the blocks return (hidden, ...) rather than hidden
 
     def add(self, index: int, hidden: Tensor, kwargs: dict[str, Any]) -> None:
         if index == 0:
@@ -90,10 +92,10 @@ def block_output(result: Any) -> Tensor:
 @torch.no_grad()
 def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[Tensor]) -> BlockCalls:
     """Run `model` on each token batch [b, T] with its blocks stood in for; return what they received."""
-    record = BlockCalls()
     originals = list(blocks)
     # Whether blocks return a tuple (older transformers) or a tensor decides what stand-ins return.
     returns_tuple = _returns_tuple(model, blocks, batches[0][:1])
+    record = BlockCalls(returns_tuple=returns_tuple)
     try:
         for i, block in enumerate(originals):
             blocks[i] = _StandIn(block, record, i, last=i == len(originals) - 1, returns_tuple=returns_tuple)
@@ -152,28 +154,57 @@ class _PassThrough(nn.Module):
         return (hidden,) if self.returns_tuple else hidden
 
 
+@contextmanager
+def _after_blocks(blocks: nn.ModuleList, final_outputs: list[Tensor] | None, returns_tuple: bool):
+    """With `final_outputs` (the last block's outputs per batch), the blocks stand aside while the model
+    runs: block 0 replays them and the others pass them on. Without, nothing changes."""
+    originals = list(blocks)
+    try:
+        if final_outputs is not None:
+            for i in range(len(originals)):
+                blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
 @torch.no_grad()
 def capture_head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[Tensor], head: nn.Module,
-                        record, final_outputs: list[Tensor] | None = None) -> None:
+                        record, final_outputs: list[Tensor] | None = None, returns_tuple: bool = False) -> None:
     """Call `record(x)` with the output head's input for each token batch [b, T], then stop the forward.
 
-    With `final_outputs` (the last block's outputs per batch) the blocks are not run: block 0 replays
-    them and the others pass them on, so only the embedding and what follows the blocks (the final
-    norm) run. Without, the whole model runs up to the head.
+    With `final_outputs` (the last block's outputs per batch; `returns_tuple` says what blocks return)
+    the blocks are not run: only the embedding and what follows the blocks (the final norm) run.
+    Without, the whole model runs up to the head.
     """
     def hook(module: nn.Module, args: tuple) -> None:
         record(args[0])
         raise _StopForward
 
-    originals = list(blocks)
-    returns_tuple = _returns_tuple(model, blocks, batches[0][:1]) if final_outputs is not None else False
     handle = head.register_forward_pre_hook(hook)
     try:
-        if final_outputs is not None:
-            for i in range(len(originals)):
-                blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
-        _run_batches(model, batches)
+        with _after_blocks(blocks, final_outputs, returns_tuple):
+            _run_batches(model, batches)
     finally:
         handle.remove()
-        for i, block in enumerate(originals):
-            blocks[i] = block
+
+
+@torch.no_grad()
+def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, batches: list[Tensor], final_outputs: list[Tensor],
+                        returns_tuple: bool) -> list[Tensor]:
+    """The model's logits [b, T, V] for each token batch [b, T] whose last block's outputs are
+    `final_outputs`, running only what follows the blocks (final norm, head, soft-capping)."""
+    with _after_blocks(blocks, final_outputs, returns_tuple):
+        return [model(input_ids=batch, use_cache=False).logits for batch in batches]
+
+
+def run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None) -> list[Tensor]:
+    """The block's outputs for each batch of inputs (on the CPU); `after` runs after each batch."""
+    outputs = []
+    for x, kw in zip(inputs, kwargs):
+        out = block_output(block(x.to(device), **move(kw, device)))
+        outputs.append(out.detach().to("cpu"))
+        if after is not None:
+            after()
+    return outputs

@@ -40,11 +40,13 @@ def _plain(embedding: nn.Module | None) -> bool:
 
 
 def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
-                  blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None) -> LayerRecord | None:
+                  blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None,
+                  returns_tuple: bool = False) -> LayerRecord | None:
     """Replace the output head and the token embeddings as `config.head_bits` says; returns the head's record.
 
     `batches` (calibration tokens) are needed when the head is rounded against its Hessian; with
-    `final_outputs` (the last block's outputs per batch) collecting it runs no block.
+    `final_outputs` (the last block's outputs per batch; `returns_tuple`: what blocks return) collecting
+    it runs no block.
     """
     bits = config.head_bits
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -71,7 +73,7 @@ def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[T
             hessian = torch.eye(head.in_features, dtype=torch.float64)
             if calibrated:
                 accumulator = HessianAccumulator(head.in_features, device)
-                capture_head_inputs(model, blocks, batches, head, accumulator.add, final_outputs)
+                capture_head_inputs(model, blocks, batches, head, accumulator.add, final_outputs, returns_tuple)
                 hessian = accumulator.mean()
             [(quantized, record)] = quantize_group({name: head}, hessian, head_config, device)
         model.set_output_embeddings(quantized.to(head.weight.device))

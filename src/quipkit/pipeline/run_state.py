@@ -1,8 +1,9 @@
 """On-disk state of an unfinished run, so an interrupted quantization resumes where it stopped.
 
-After block k the run writes, into a work folder (`OUT.partial/`), that block's quantized layers
-(`block_k`), then block k+1's inputs under their own name (`inputs_k+1`), and only then `state.json`,
-which says "k+1 blocks done": the commit point. Each file is written to a temporary name and renamed,
+After block k the run writes, into a work folder (`OUT.partial/`), that block's tensors as they go
+into the checkpoint (`block_k`, final names and storage dtypes: a shard of the result), then block
+k+1's inputs under their own name (`inputs_k+1`), and only then `state.json`, which says "k+1 blocks
+done" and holds the quantized layers' specs: the commit point. Each file is written to a temporary name and renamed,
 and no file is ever overwritten with other contents, so a crash between any two writes leaves the
 previous state whole (files of the uncommitted block are stale and removed on the next open).
 Running the same command again restores the finished blocks and continues bit-identically; a run
@@ -34,6 +35,7 @@ class RunState:
         self.fingerprint = fingerprint
         self.next_block = 0
         self.records: list[dict[str, Any]] = []
+        self.specs: dict[str, dict[str, Any]] = {}  # {layer name: QuantizedLinear spec} of the finished blocks
 
     @classmethod
     def open(cls, folder: Path, fingerprint: dict[str, Any]) -> "RunState":
@@ -52,6 +54,7 @@ class RunState:
                 )
             state.next_block = int(saved["next_block"])
             state.records = list(saved["records"])
+            state.specs = dict(saved.get("specs") or {})
             if not state.inputs_file(state.next_block).is_file():
                 raise QuipkitError(f"{folder} lacks {state.inputs_file(state.next_block).name}; delete {folder} to start over")
         else:
@@ -80,41 +83,45 @@ class RunState:
     def save_block(
         self,
         index: int,
-        layers: dict[str, tuple[dict[str, Any], dict[str, Tensor]]],
+        tensors: dict[str, Tensor],
+        specs: dict[str, dict[str, Any]],
         records: list[dict[str, Any]],
         next_inputs: list[Tensor],
+        extra: dict[str, Tensor] | None = None,
     ) -> None:
-        """Record block `index` as done: its layers {name: (spec, tensors)} and the next block's inputs."""
-        tensors = {f"{name}.{key}": value for name, (_, ts) in layers.items() for key, value in ts.items()}
-        specs = {name: spec for name, (spec, _) in layers.items()}
-        atomic_save_tensors(self.block_file(index), tensors, {"specs": json.dumps(specs)})
+        """Record block `index` as done: its checkpoint tensors {full name: tensor}, its quantized layers'
+        specs, their records, the next block's inputs and `extra` tensors that travel with them."""
+        atomic_save_tensors(self.block_file(index), tensors, {"format": "pt"})
         reach("block-written")
-        atomic_save_tensors(self.inputs_file(index + 1), {f"batch_{i}": x for i, x in enumerate(next_inputs)})
+        batches = {f"batch_{i}": x for i, x in enumerate(next_inputs)}
+        atomic_save_tensors(self.inputs_file(index + 1), {**batches, **(extra or {})}, {"batches": str(len(batches))})
         reach("inputs-written")
-        payload = {"fingerprint": self.fingerprint, "next_block": index + 1, "records": self.records + records}
+        payload = {"fingerprint": self.fingerprint, "next_block": index + 1, "records": self.records + records,
+                   "specs": {**self.specs, **specs}}
         atomic_write_text(self.folder / _STATE, json.dumps(payload, indent=1))
         reach("state-written")
         self.next_block = index + 1
         self.records.extend(records)
+        self.specs.update(specs)
         self.inputs_file(index).unlink(missing_ok=True)
 
-    def load_block(self, index: int) -> dict[str, tuple[dict[str, Any], dict[str, Tensor]]]:
-        """The layers saved for block `index`: {name: (spec, tensors)}."""
-        path = self.block_file(index)
-        metadata, flat = self._read(path)
-        try:
-            specs = json.loads(metadata["specs"])
-        except (KeyError, TypeError, json.JSONDecodeError):
-            raise QuipkitError(f"{path} is unreadable (no layer specs); delete {self.folder} to start over") from None
-        return {
-            name: (spec, {k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(name + ".")})
-            for name, spec in specs.items()
-        }
+    def load_block(self, index: int) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+        """(specs of its quantized layers, its tensors by full name) of finished block `index`."""
+        _, tensors = self._read(self.block_file(index))
+        modules = {key.rpartition(".")[0] for key in tensors}
+        specs = {name: spec for name, spec in self.specs.items() if name in modules}
+        return specs, tensors
 
-    def load_inputs(self) -> list[Tensor]:
-        """The inputs of the next block to quantize, one tensor per calibration batch."""
-        _, flat = self._read(self.inputs_file(self.next_block))
-        return [flat[f"batch_{i}"] for i in range(len(flat))]
+    def load_inputs(self) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """(the next block's inputs, one tensor per calibration batch; the extra tensors stored with them)."""
+        metadata, flat = self._read(self.inputs_file(self.next_block))
+        count = int((metadata or {}).get("batches", "0"))
+        inputs = [flat.pop(f"batch_{i}") for i in range(count)]
+        return inputs, flat
+
+    def block_files(self) -> list[Path]:
+        """The finished blocks' files, in order."""
+        return [self.block_file(i) for i in range(self.next_block)]
 
     def _read(self, path: Path) -> tuple[dict[str, str] | None, dict[str, Tensor]]:
         """(metadata, tensors) of one state file, or one line naming it and how to recover."""

@@ -1,0 +1,132 @@
+"""Streamed quantization: a model read block by block from its safetensors files gives the checkpoint the
+whole-model path gives, bit for bit; sharded output loads; an interrupted streamed run resumes to the
+same bytes; the quick check computed during the walk is the full forward's perplexity."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import quipkit
+from quipkit.cli import main
+from quipkit.config import CalibrationConfig, make_config
+from quipkit.eval.perplexity import perplexity, quick_protocol
+from quipkit.formats import checkpoint
+from quipkit.models.loading import ModelSource, load_float_model
+from quipkit.models.streaming import open_streamed
+from quipkit.models.synthetic import write_random_llama
+from quipkit.pipeline import run_state
+from quipkit.pipeline.blockwise import quantize_blockwise
+from quipkit.pipeline.calibration import calibration_tokens
+from quipkit.pipeline.quick_check import QuickCheck
+
+SHAPE = (64, 3, 128, 4, 2)  # hidden, layers, intermediate, heads, kv heads
+CAL = CalibrationConfig(nsamples=4, seqlen=32, batch_size=2, sources=("wikitext2",))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, smol_tokenizer) -> Path:
+    return write_random_llama(tmp_path_factory.mktemp("stream") / "random", smol_tokenizer, SHAPE, std=0.05)
+
+
+def _argv(model: Path, out: Path, method: str, bits: int, *extra: str) -> list[str]:
+    return ["quantize", str(model), "--method", method, "--bits", str(bits), "--out", str(out),
+            "--nsamples", str(CAL.nsamples), "--seqlen", str(CAL.seqlen), "--calib-batch", str(CAL.batch_size),
+            "--calibration", "wikitext2", *extra]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_random_model_is_written_shard_by_shard_and_deterministically(tmp_path, smol_tokenizer, source):
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == SHAPE[1] + 1
+    again = write_random_llama(tmp_path / "again", smol_tokenizer, SHAPE, std=0.05)
+    assert _digest(again) == _digest(source)
+    model, _ = load_float_model(ModelSource("hf", str(source)))
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert weight.shape == (64, 128) and 0.04 < float(weight.detach().std()) < 0.06
+
+
+def test_streamed_run_writes_what_the_whole_model_run_writes(capsys, tmp_path, smol_tokenizer, source):
+    config = make_config("gptq", 4)
+    model, _ = load_float_model(ModelSource("hf", str(source)))
+    quantize_blockwise(model, calibration_tokens(smol_tokenizer, CAL), config, CAL, torch.device("cpu"))
+    whole = quipkit.save(model, smol_tokenizer, tmp_path / "whole", config, CAL)
+    assert main(_argv(source, tmp_path / "streamed", "gptq", 4, "--no-check")) == 0
+    assert "streaming" in capsys.readouterr().err
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    quant = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
+    assert quant["layers"] == json.loads((whole / "config.json").read_text())["quantization_config"]["layers"]
+
+
+def test_large_checkpoints_are_sharded_per_block_and_load(tmp_path, monkeypatch, source):
+    from transformers import AutoModelForCausalLM
+
+    assert main(_argv(source, tmp_path / "one", "quip#", 2, "--no-check")) == 0
+    monkeypatch.setattr(checkpoint, "SINGLE_FILE_BYTES", 0)
+    assert main(_argv(source, tmp_path / "sharded", "quip#", 2, "--no-check")) == 0
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) == SHAPE[1] + 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    ids = torch.arange(20).unsqueeze(0)
+    one, _ = quipkit.load(tmp_path / "one")
+    sharded, _ = quipkit.load(tmp_path / "sharded")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    with torch.no_grad():
+        reference = one(ids).logits
+        assert torch.equal(sharded(ids).logits, reference)
+        torch.testing.assert_close(plain(ids).logits, reference)
+    stored = {}
+    for shard in shards:
+        stored.update(load_file(str(shard)))
+    single = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert stored.keys() == single.keys() and all(torch.equal(stored[k], single[k]) for k in single)
+
+
+def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, source):
+    assert main(_argv(source, tmp_path / "straight", "quip#", 2)) == 0
+    real = run_state.RunState.save_block
+    calls = []
+
+    def stop_after_second(self, index, *args):
+        real(self, index, *args)
+        calls.append(index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_state.RunState, "save_block", stop_after_second)
+        assert main(_argv(source, tmp_path / "resumed", "quip#", 2)) == 130
+    assert json.loads((tmp_path / "resumed.partial" / "state.json").read_text())["next_block"] == 2
+    read = []
+    real_materialize = type(open_streamed(source)[0]).materialize
+
+    def spy(self, prefix="", outside=None):
+        read.append(prefix)
+        return real_materialize(self, prefix, outside)
+
+    monkeypatch.setattr(type(open_streamed(source)[0]), "materialize", spy)
+    assert main(_argv(source, tmp_path / "resumed", "quip#", 2)) == 0
+    assert "model.layers.1" not in read and "model.layers.2" in read  # finished blocks are not read again
+    assert _digest(tmp_path / "resumed") == _digest(tmp_path / "straight")
+    report = json.loads((tmp_path / "resumed" / "quipkit_report.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "quipkit_report.json").read_text())
+    assert report["resumed_from_block"] == 2 and report["check"] == straight["check"]
+
+
+def test_quick_check_during_the_walk_is_the_full_forward_perplexity(smol_tokenizer, source):
+    model, _ = load_float_model(ModelSource("hf", str(source)))
+    proto = quick_protocol(256)
+    full = perplexity(model, smol_tokenizer, proto)["perplexity"]
+    check = QuickCheck(smol_tokenizer, proto)
+    quantize_blockwise(model, calibration_tokens(smol_tokenizer, CAL), make_config("rtn", 4), CAL,
+                       torch.device("cpu"), check=check)
+    after = perplexity(model, smol_tokenizer, proto)["perplexity"]
+    assert check.result["float"] == pytest.approx(full, rel=1e-5)
+    assert check.result["quantized"] == pytest.approx(after, rel=1e-5)
+    assert check.result["quantized"] != check.result["float"]
