@@ -106,7 +106,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatc
     read = []
     real_materialize = type(open_streamed(source)[0]).materialize
 
-    def spy(self, prefix="", outside=None):
+    def spy(self, prefix="", outside=()):
         read.append(prefix)
         return real_materialize(self, prefix, outside)
 

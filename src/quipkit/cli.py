@@ -114,13 +114,14 @@ def _preflight(args: argparse.Namespace):
     return config, calibration, source
 
 
-def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[Any, Any, dict[str, Any], Path]:
+def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[Any, Any, dict[str, Any], Path] | None:
     """Check (unless `checked` holds `_preflight`'s answer), load, quantize, check the result and save;
     returns (model, tokenizer, summary, output folder).
 
     A Hugging Face model with safetensors weights is streamed: built on the meta device, each block
     read from disk when its turn comes and written out once quantized. A GGUF file, or a model whose
-    files name tensors differently, is loaded whole."""
+    files name tensors differently, is loaded whole. Under torch.distributed, the processes other than
+    the leader return None once the blocks are done."""
     import shutil
 
     import torch
@@ -133,6 +134,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     from quipkit.models.structure import find_blocks
     from quipkit.pipeline.blockwise import quantize_blockwise
     from quipkit.pipeline.calibration import calibration_tokens
+    from quipkit.pipeline.distributed import Ranks
     from quipkit.pipeline.memory import check_memory
 
     config, calibration, source = checked or _preflight(args)
@@ -154,6 +156,8 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     report = quantize_blockwise(model, tokens, config, calibration, device, reporter, work, source.describe(),
                                 Path(args.hessian_cache) if args.hessian_cache else None, streamed, check)
     seconds = time.perf_counter() - start
+    if not Ranks().leader:
+        return None
     warnings: list[str] = []  # about the whole model; each layer's own are in its record
     quick = None
     if check is not None:
@@ -207,12 +211,37 @@ def _show_warnings(summary: dict[str, Any], shown: int = 3) -> None:
               file=sys.stderr)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from quipkit.console import RichReporter
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int | None:
+    from quipkit.console import Reporter, RichReporter
+    from quipkit.pipeline.distributed import Ranks, launch, start_from_environment, stop
 
     checked = _preflight(args)  # argument errors before any progress display
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(_without_nproc(args.argv), args.nproc, args.out + ".partial")
+    args.device = start_from_environment(args.device)
+    if not Ranks().leader:  # the others work silently; the leader reports, saves and evaluates
+        try:
+            quantize_model(args, Reporter(), checked)
+        finally:
+            stop()
+        return
     with RichReporter() as reporter:
-        model, tokenizer, summary, out = quantize_model(args, reporter, checked)
+        try:
+            model, tokenizer, summary, out = quantize_model(args, reporter, checked)
+        finally:
+            stop()
         results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]
     summary["perplexity"] = results
     worst = max(summary["layers"], key=lambda r: r["proxy"])
@@ -634,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_options(p, "quip#", 2, None)
     p.add_argument("--eval", metavar="PROTOCOLS", help="evaluate perplexity afterwards, e.g. wikitext2,c4")
     p.add_argument("--json", metavar="FILE", help="write the run's summary (per-layer proxy loss, times) as JSON")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes sharing the work on this machine (torch.distributed: gloo on CPU, one GPU each "
+                   "on CUDA); the result is the same for any N; or launch with torchrun --nproc-per-node N [1]")
 
     p = command("eval", cmd_eval, "evaluate a float or quantized model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model or quantized folder [{DEFAULT_MODEL}]")
@@ -700,8 +732,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.modules["transformers"].logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        args.func(args)
+        code = args.func(args)
     except QuipkitError as err:
         print(f"quipkit: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -709,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         print("quipkit: interrupted; run the same command again to resume from the last finished block",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ from quipkit.faults import reach
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: several may write one file
     tmp.write_text(text)
     reach("tmp-written")
     os.replace(tmp, path)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: several may write one file
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     reach("tmp-written")
     os.replace(tmp, path)

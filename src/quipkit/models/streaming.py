@@ -52,14 +52,14 @@ class StreamedModel:
             self._handles[path] = safe_open(str(path), "pt")
         return self._handles[path].get_tensor(name)
 
-    def materialize(self, prefix: str = "", outside: str | None = None) -> nn.Module:
+    def materialize(self, prefix: str = "", outside: tuple[str, ...] = ()) -> nn.Module:
         """Fill the submodule at `prefix` ('' for the model) with its weights from disk, float tensors in
-        the model's dtype, leaving what lies under `outside` (the blocks' list) on meta; returns it."""
+        the model's dtype, leaving what lies under the modules named in `outside` on meta; returns it."""
         module = self.model.get_submodule(prefix) if prefix else self.model
         head = f"{prefix}." if prefix else ""
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             full = head + name
-            if not tensor.is_meta or (outside is not None and full.startswith(outside + ".")):
+            if not tensor.is_meta or any(full.startswith(skip + ".") for skip in outside):
                 continue
             if full not in self.files:
                 if _is_tied_head(self.model, full):
@@ -76,6 +76,13 @@ class StreamedModel:
         if not prefix:
             self.model.tie_weights()  # a tied head holds the embeddings' new tensor, not the meta one
         return module
+
+    def ends(self) -> tuple[str, str | None]:
+        """(the input embeddings' name, the output head's name or None when it is tied to them)."""
+        embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        names = {id(module): name for name, module in self.model.named_modules()}
+        tied = head is None or getattr(head, "weight", None) is getattr(embeddings, "weight", None)
+        return names[id(embeddings)], None if tied else names[id(head)]
 
     def release(self, prefix: str) -> None:
         """Return the submodule at `prefix` to the meta device (its memory is freed)."""

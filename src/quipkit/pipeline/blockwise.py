@@ -26,6 +26,7 @@ from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.models.experts import unfuse_experts
 from quipkit.models.streaming import StreamedModel
 from quipkit.pipeline.capture import capture_block_calls, move, run_block
+from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.head import compress_head
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
@@ -106,28 +107,54 @@ class _HessianHooks:
             handle.remove()
 
 
+def _shared_run(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, ranks: Ranks,
+                after=None) -> list[Tensor]:
+    """The block's outputs for every batch, each process running its share of them."""
+    share = ranks.share(len(inputs))
+    mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after)
+    return ranks.gather(mine)
+
+
+def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[list[list[str]], dict[str, HessianAccumulator]]:
+    """The groups every process found (in the first process's order, then others' late experts) and
+    their accumulators summed over the processes."""
+    groups: list[list[str]] = []
+    for found in ranks.gather([hooks.groups]):  # one list of groups per process
+        groups += [group for group in found if group[0] not in {g[0] for g in groups}]
+    accumulators = {}
+    for group in groups:
+        own = hooks.accumulators.get(group[0]) or HessianAccumulator(sizes[group[0]], hooks.device)
+        accumulators[group[0]] = ranks.merge(own)
+    return groups, accumulators
+
+
 def collect_hessians(
-    block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device
+    block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device,
+    ranks: Ranks | None = None,
 ) -> tuple[list[Tensor], list[tuple[list[str], Tensor]], dict[str, str]]:
     """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
     order, {expert name: how its Hessian was completed} for experts that saw too few tokens)."""
+    ranks = ranks or Ranks()
     hooks = _HessianHooks(linears, device)
     try:
-        outputs = run_block(block, inputs, kwargs, device, after=hooks.end_batch)
+        outputs = _shared_run(block, inputs, kwargs, device, ranks, after=hooks.end_batch)
     finally:
         hooks.remove()
-    groups = [(group, hooks.accumulators[group[0]].mean()) for group in hooks.groups]
-    tokens = {group[0]: hooks.accumulators[group[0]].tokens for group in hooks.groups}
-    groups, notes = complete_expert_hessians(groups, tokens, {n: lin.in_features for n, lin in linears.items()})
+    sizes = {n: lin.in_features for n, lin in linears.items()}
+    names, accumulators = _merged(hooks, ranks, sizes)
+    groups = [(group, accumulators[group[0]].mean()) for group in names]
+    tokens = {group[0]: accumulators[group[0]].tokens for group in names}
+    groups, notes = complete_expert_hessians(groups, tokens, sizes)
     return outputs, groups, notes
 
 
 def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Tensor], kwargs: list[dict],
-                device: torch.device) -> Tensor:
+                device: torch.device, ranks: Ranks) -> Tensor:
     """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
     hooks = _HessianHooks({name: linear}, device, stop_at=name)
+    share = ranks.share(len(inputs))
     try:
-        for x, kw in zip(inputs, kwargs):
+        for x, kw in zip(inputs[share.start:share.stop], kwargs[share.start:share.stop]):
             try:
                 block(x.to(device), **move(kw, device))
             except _StopBlock:
@@ -135,7 +162,8 @@ def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Ten
             hooks.end_batch()
     finally:
         hooks.remove()
-    return hooks.accumulators[name].mean()
+    own = hooks.accumulators.get(name) or HessianAccumulator(linear.in_features, device)
+    return ranks.merge(own).mean()
 
 
 @torch.no_grad()
@@ -164,6 +192,7 @@ def quantize_blockwise(
     """
     reporter = reporter or Reporter()
     report = QuantizeReport()
+    ranks = Ranks()
     prefix, blocks = find_blocks(model, config.blocks)
     model.eval()
     if streamed is None:
@@ -180,7 +209,13 @@ def quantize_blockwise(
     if work_folder is not None:
         fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id,
                                      weights=weights, check=check is not None)
-        state = RunState.open(work_folder, fingerprint)
+        if not ranks.leader:
+            ranks.barrier()  # the leader opens (and cleans) the work folder first
+        state = RunState.open(work_folder, fingerprint, writer=ranks.leader)
+        if ranks.leader:
+            ranks.barrier()
+    if not ranks.leader:
+        check = None  # the leader runs the quick check
     cache = None
     if hessian_cache is not None and cacheable(config):
         identity = {"model": model_id, "weights": weights, "calibration": calibration.to_dict()}
@@ -196,9 +231,9 @@ def quantize_blockwise(
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
     calls = None
     if calibrated or check is not None:
-        if streamed is not None:  # the embeddings for the capture; block 0 tells what blocks return
+        if streamed is not None:  # the embeddings for the capture (not the head); block 0 tells what blocks return
             streamed.materialize(f"{prefix}.0")
-            streamed.materialize("", outside=prefix)
+            streamed.materialize("", outside=(prefix,) + tuple(n for n in streamed.ends()[1:] if n))
         calls = capture_block_calls(model, blocks, batches + (check.batches if check is not None else []))
         if streamed is not None:
             streamed.release_outside(prefix)
@@ -231,15 +266,15 @@ def quantize_blockwise(
                 check.before(block, calls.kwargs[index][len(batches):], device)
             cached = cache.load(index) if use_cache else None
             inputs, saved, records, groups = _quantize_block(
-                block, linears, inputs, kwargs, config, device, reporter, report, cached, observed
+                block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks
             )
             if check is not None:
                 check.after(block, calls.kwargs[index][len(batches):], device)
-            if cache is not None and not use_cache:
+            if cache is not None and not use_cache and ranks.leader:
                 cache.save(index, groups)
             blocks[index] = block.to("cpu") if device.type != "cpu" else block
             report.layers.extend(r.to_dict() for r in records)
-            if state is not None:
+            if state is not None and ranks.leader:
                 specs = {layer: spec for layer, (spec, _) in saved.items()}
                 state.save_block(index, state_tensors(blocks[index], name), specs, [r.to_dict() for r in records],
                                  inputs, check.state() if check is not None else {})
@@ -252,15 +287,22 @@ def quantize_blockwise(
             "no linear layer matched the include/exclude patterns; nothing was quantized "
             f"(blocks are '{prefix}.N', e.g. '{prefix}.0.mlp.down_proj')"
         )
+    if not ranks.leader:  # the rest (head, embeddings, the checkpoint) is the leader's
+        return report
     start = time.perf_counter()
-    if streamed is not None:
-        streamed.materialize("", outside=prefix)
+    load_embeddings = None
+    if streamed is not None:  # the head (and the final norm) first; the embeddings once the head is done
+        embeddings, untied_head = streamed.ends()
+        streamed.materialize("", outside=(prefix, embeddings) if untied_head else (prefix,))
+        load_embeddings = lambda: streamed.materialize("", outside=(prefix,))  # noqa: E731
     returns_tuple = calls.returns_tuple if calls is not None else False
     if check is not None:
         check.finish_float(model, blocks, returns_tuple)
     head_batches = batches or (list(torch.split(tokens, calibration.batch_size)) if tokens.numel() else [])
     head = compress_head(model, config, device, head_batches, blocks, inputs if calibrated and inputs else None,
-                         returns_tuple)
+                         returns_tuple, load_embeddings)
+    if streamed is not None:
+        streamed.materialize("", outside=(prefix,))  # whatever the head's stage left on disk (a float32 head)
     report.head = head.to_dict() if head is not None else None
     report.seconds["head"] = time.perf_counter() - start
     if check is not None:
@@ -296,6 +338,7 @@ def _quantize_block(
     report: QuantizeReport,
     cached: HessianGroups | None = None,
     observed: dict[str, nn.Linear] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups]:
     """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected).
 
@@ -306,11 +349,12 @@ def _quantize_block(
     from the block with the earlier groups already quantized, so it learns to absorb their error.
     """
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     notes: dict[str, str] = {}
     if cached is not None:
         outputs, groups = inputs, cached
     elif config.needs_calibration:
-        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device)
+        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks)
     else:
         outputs = inputs
         groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
@@ -327,15 +371,8 @@ def _quantize_block(
         if missing:  # never skip a layer silently
             raise QuipkitError(f"no calibration token reached {sorted(missing)[0]}: the block's forward never calls "
                                "it; leave it out with --exclude")
-        for index, (group, hessian) in enumerate(selected):
-            members = {name: linears[name] for name in group if name in linears}
-            if config.sequential and config.needs_calibration and index > 0 and not is_expert(group[0]):
-                start = time.perf_counter()
-                first = next(iter(members))
-                hessian = _hessian_at(block, first, members[first], inputs, kwargs, device)
-                report.seconds["hessian"] += time.perf_counter() - start
-                t1 += time.perf_counter() - start  # keep it out of the rounding time
-            for layer, record in quantize_group(members, hessian, config, device):
+        def install(results: list[tuple[QuantizedLinear, LayerRecord]]) -> None:
+            for layer, record in results:
                 if record.name in notes:
                     record = replace(record, warnings=(notes[record.name],) + record.warnings)
                 local = _relative(block, record.name, linears)
@@ -343,12 +380,48 @@ def _quantize_block(
                 saved[record.name] = (layer.spec(), {k: v.cpu() for k, v in layer.state_dict().items()})
                 records.append(record)
                 layer_task.advance(1, status=f"{local} proxy {record.proxy:.4f}")
+
+        def members_of(group: list[str]) -> dict[str, nn.Linear]:
+            return {name: linears[name] for name in group if name in linears}
+
+        if config.sequential and config.needs_calibration:  # each group sees the earlier ones quantized
+            for index, (group, hessian) in enumerate(selected):
+                members = members_of(group)
+                if index > 0 and not is_expert(group[0]):
+                    start = time.perf_counter()
+                    first = next(iter(members))
+                    hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
+                    report.seconds["hessian"] += time.perf_counter() - start
+                    t1 += time.perf_counter() - start  # keep it out of the rounding time
+                install(quantize_group(members, hessian, config, device))
+        else:  # independent groups: divided among the processes, then exchanged
+            costs = [sum(m.in_features * m.out_features for m in members_of(group).values()) for group, _ in selected]
+            owners = ranks.owners(costs)
+            mine = {index: quantize_group(members_of(group), hessian, config, device)
+                    for index, (group, hessian) in enumerate(selected) if owners[index] == ranks.rank}
+            for index, results in sorted(_exchange(mine, ranks, linears).items()):
+                install(results)
     t2 = time.perf_counter()
     report.seconds["rounding"] += t2 - t1
     if config.needs_calibration and config.propagate == "quantized":
-        outputs = run_block(block, inputs, kwargs, device)
+        outputs = _shared_run(block, inputs, kwargs, device, ranks)
         report.seconds["propagate"] += time.perf_counter() - t2
     return outputs, saved, records, groups
+
+
+def _exchange(mine: dict[int, list[tuple[QuantizedLinear, LayerRecord]]], ranks: Ranks,
+              linears: dict[str, nn.Linear]) -> dict[int, list[tuple[QuantizedLinear, LayerRecord]]]:
+    """Every process's quantized groups {group index: [(layer, record)]}, on every process."""
+    if not ranks.active:
+        return mine
+    portable = {index: [(layer.spec(), {**layer.codebook_tensors(), **layer.transform_params()}, record) for layer, record in results]
+                for index, results in mine.items()}
+    merged: dict[int, list[tuple[QuantizedLinear, LayerRecord]]] = {}
+    for part in ranks.gather([portable]):
+        for index, results in part.items():
+            merged[index] = [(QuantizedLinear.from_tensors(spec, tensors, linears[record.name].bias), record)
+                             for spec, tensors, record in results]
+    return merged
 
 
 def _relative(block: nn.Module, full_name: str, linears: dict[str, nn.Linear]) -> str:

@@ -154,19 +154,35 @@ class _PassThrough(nn.Module):
         return (hidden,) if self.returns_tuple else hidden
 
 
+class _Zeros(nn.Module):
+    """Stands in for the token embeddings when the blocks replay stored outputs: what they return is
+    discarded, so the embedding matrix need not be in memory (a streamed model's stays on disk)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.zeros(*ids.shape, self.dim)
+
+
 @contextmanager
-def _after_blocks(blocks: nn.ModuleList, final_outputs: list[Tensor] | None, returns_tuple: bool):
-    """With `final_outputs` (the last block's outputs per batch), the blocks stand aside while the model
-    runs: block 0 replays them and the others pass them on. Without, nothing changes."""
+def _after_blocks(model: nn.Module, blocks: nn.ModuleList, final_outputs: list[Tensor] | None, returns_tuple: bool):
+    """With `final_outputs` (the last block's outputs per batch), the embeddings and blocks stand aside
+    while the model runs: block 0 replays the outputs and the others pass them on. Without, nothing
+    changes."""
     originals = list(blocks)
+    embeddings = model.get_input_embeddings()
     try:
         if final_outputs is not None:
             for i in range(len(originals)):
                 blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
+            model.set_input_embeddings(_Zeros(final_outputs[0].shape[-1]))
         yield
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+        model.set_input_embeddings(embeddings)
 
 
 @torch.no_grad()
@@ -175,7 +191,7 @@ def capture_head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[T
     """Call `record(x)` with the output head's input for each token batch [b, T], then stop the forward.
 
     With `final_outputs` (the last block's outputs per batch; `returns_tuple` says what blocks return)
-    the blocks are not run: only the embedding and what follows the blocks (the final norm) run.
+    neither the embeddings nor the blocks run: only what follows the blocks (the final norm).
     Without, the whole model runs up to the head.
     """
     def hook(module: nn.Module, args: tuple) -> None:
@@ -184,7 +200,7 @@ def capture_head_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[T
 
     handle = head.register_forward_pre_hook(hook)
     try:
-        with _after_blocks(blocks, final_outputs, returns_tuple):
+        with _after_blocks(model, blocks, final_outputs, returns_tuple):
             _run_batches(model, batches)
     finally:
         handle.remove()
@@ -195,7 +211,7 @@ def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, batches: list[T
                         returns_tuple: bool) -> list[Tensor]:
     """The model's logits [b, T, V] for each token batch [b, T] whose last block's outputs are
     `final_outputs`, running only what follows the blocks (final norm, head, soft-capping)."""
-    with _after_blocks(blocks, final_outputs, returns_tuple):
+    with _after_blocks(model, blocks, final_outputs, returns_tuple):
         return [model(input_ids=batch, use_cache=False).logits for batch in batches]
 
 

@@ -30,8 +30,10 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 
 def _tied(head: nn.Module | None, embedding: nn.Module | None) -> bool:
-    return (isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding)
-            and head.weight.data_ptr() == embedding.weight.data_ptr())
+    if not isinstance(head, nn.Linear) or not isinstance(embedding, nn.Embedding):
+        return False
+    return head.weight is embedding.weight or (not head.weight.is_meta
+                                               and head.weight.data_ptr() == embedding.weight.data_ptr())
 
 
 def _plain(embedding: nn.Module | None) -> bool:
@@ -41,12 +43,13 @@ def _plain(embedding: nn.Module | None) -> bool:
 
 def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
                   blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None,
-                  returns_tuple: bool = False) -> LayerRecord | None:
+                  returns_tuple: bool = False, load_embeddings=None) -> LayerRecord | None:
     """Replace the output head and the token embeddings as `config.head_bits` says; returns the head's record.
 
     `batches` (calibration tokens) are needed when the head is rounded against its Hessian; with
     `final_outputs` (the last block's outputs per batch; `returns_tuple`: what blocks return) collecting
-    it runs no block.
+    it runs no block. `load_embeddings()`, when given, is called once the head is done and before the
+    embeddings are needed (a streamed model reads them from disk then, not while the head is in memory).
     """
     bits = config.head_bits
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -78,6 +81,9 @@ def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[T
             [(quantized, record)] = quantize_group({name: head}, hessian, head_config, device)
         model.set_output_embeddings(quantized.to(head.weight.device))
         head = quantized
+    if load_embeddings is not None:
+        load_embeddings()
+        embedding = model.get_input_embeddings()
     if _plain(embedding):
         dtype = str(embedding.weight.dtype).removeprefix("torch.")
         if tied and isinstance(head, QuantizedLinear):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from quipkit.config import QuantConfig
 from quipkit.errors import QuipkitError
-from quipkit.formats.atomic import atomic_save_tensors
+from quipkit.formats.atomic import atomic_save_tensors, atomic_write_text
 
 HessianGroups = list[tuple[list[str], Tensor]]  # [(linear names reading one input, E[x x^T] [n, n])]
 
@@ -43,7 +43,7 @@ class HessianCache:
         self.folder = Path(root) / key
         self.blocks = blocks
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "identity.json").write_text(json.dumps(identity, sort_keys=True, indent=1, default=str))
+        atomic_write_text(self.folder / "identity.json", json.dumps(identity, sort_keys=True, indent=1, default=str))
 
     def _file(self, index: int) -> Path:
         return self.folder / f"block_{index:04d}.safetensors"

@@ -38,8 +38,9 @@ class RunState:
         self.specs: dict[str, dict[str, Any]] = {}  # {layer name: QuantizedLinear spec} of the finished blocks
 
     @classmethod
-    def open(cls, folder: Path, fingerprint: dict[str, Any]) -> "RunState":
-        """Resume the run in `folder` if it matches `fingerprint`, else start a new one there."""
+    def open(cls, folder: Path, fingerprint: dict[str, Any], writer: bool = True) -> "RunState":
+        """Resume the run in `folder` if it matches `fingerprint`, else start a new one there. Only the
+        `writer` (the one process of a run that writes) creates the folder and cleans it up."""
         state = cls(folder, fingerprint)
         path = folder / _STATE
         if path.is_file():
@@ -57,9 +58,10 @@ class RunState:
             state.specs = dict(saved.get("specs") or {})
             if not state.inputs_file(state.next_block).is_file():
                 raise QuipkitError(f"{folder} lacks {state.inputs_file(state.next_block).name}; delete {folder} to start over")
-        else:
+        elif writer:
             folder.mkdir(parents=True, exist_ok=True)
-        state._remove_stale()
+        if writer:
+            state._remove_stale()
         return state
 
     def _remove_stale(self) -> None:

@@ -6,24 +6,47 @@ import torch
 from torch import Tensor
 
 
+def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum), elementwise."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
 class HessianAccumulator:
-    """Running sum of x x^T over tokens; products in float32 per batch, the sum in float64."""
+    """Running sum of x x^T over tokens: products in float32 per batch, summed exactly.
+
+    The sum is held as a float64 pair (high part, rounding errors) that represents it exactly, so the
+    result is the correctly rounded sum whatever the order or grouping of the batches: the same
+    Hessian from one process or from several that each summed a share (`merge`). (Exact while one
+    entry's products across batches span less than about 2^70 in magnitude.)
+    """
 
     def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
-        self.total = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.high = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.low = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
         """Add the inputs x [..., n] of one batch."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self.total += (flat.t() @ flat).to(self.total.device, torch.float64)
+        self._add((flat.t() @ flat).to(self.high.device, torch.float64), torch.zeros((), dtype=torch.float64))
         self.tokens += flat.shape[0]
+
+    def _add(self, high: Tensor, low: Tensor) -> None:
+        self.high, error = _two_sum(self.high, high)
+        self.low += error + low
+
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Add another accumulator's sum (another process's share of the batches)."""
+        self._add(other.high.to(self.high.device), other.low.to(self.high.device))
+        self.tokens += other.tokens
 
     def mean(self) -> Tensor:
         """E[x x^T] [n, n] (float64)."""
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        return self.total / self.tokens
+        return (self.high + self.low) / self.tokens
 
 
 def prepare_hessian(hessian: Tensor, damping: float) -> Tensor:
