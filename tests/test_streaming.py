@@ -130,3 +130,29 @@ def test_quick_check_during_the_walk_is_the_full_forward_perplexity(smol_tokeniz
     assert check.result["float"] == pytest.approx(full, rel=1e-5)
     assert check.result["quantized"] == pytest.approx(after, rel=1e-5)
     assert check.result["quantized"] != check.result["float"]
+
+
+def test_activations_held_in_bfloat16_halve_their_memory_and_stay_close(tmp_path, monkeypatch, smol_tokenizer, source):
+    model, _ = load_float_model(ModelSource("hf", str(source)))
+    tokens = calibration_tokens(smol_tokenizer, CAL)
+    config = make_config("gptq", 4)
+    full = quantize_blockwise(model, tokens, config, CAL, torch.device("cpu"))
+    half_cal = CalibrationConfig(**{**CAL.to_dict(), "activations": "bfloat16"})
+    real = run_state.RunState.save_block
+
+    def stop_after_first(self, index, *args):
+        real(self, index, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_state.RunState, "save_block", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_blockwise(load_float_model(ModelSource("hf", str(source)))[0], tokens, config, half_cal,
+                           torch.device("cpu"), work_folder=tmp_path / "w")
+    held = load_file(str(tmp_path / "w" / "inputs_0001.safetensors"))
+    assert {t.dtype for t in held.values()} == {torch.bfloat16}
+    monkeypatch.setattr(run_state.RunState, "save_block", real)
+    half = quantize_blockwise(load_float_model(ModelSource("hf", str(source)))[0], tokens, config, half_cal,
+                              torch.device("cpu"), work_folder=tmp_path / "w")
+    assert half.resumed_from_block == 1
+    for a, b in zip(full.layers, half.layers):
+        assert a["name"] == b["name"] and b["proxy"] == pytest.approx(a["proxy"], rel=0.1)

@@ -84,7 +84,8 @@ def _build_configs(args: argparse.Namespace):
     config = make_config(args.method, args.bits, **_method_options(args))
     sources = tuple(s for s in args.calibration.split(",") if s)
     calibration = CalibrationConfig(
-        nsamples=args.nsamples, seqlen=args.seqlen, sources=sources, seed=args.seed or 0, batch_size=args.calib_batch
+        nsamples=args.nsamples, seqlen=args.seqlen, sources=sources, seed=args.seed or 0, batch_size=args.calib_batch,
+        activations=args.activations,
     )
     return config, calibration
 
@@ -632,6 +633,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     c.add_argument("--calibration", default="wikitext2,c4",
                    help="comma-separated sources: wikitext2, c4, a .txt/.jsonl file, hf:NAME:SPLIT [wikitext2,c4]")
     c.add_argument("--calib-batch", type=int, default=8, help="sequences per forward pass [8]")
+    c.add_argument("--activations", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the calibration activations wait in between blocks; bfloat16 halves their memory "
+                   "(the result changes slightly) [float32]")
     c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
     c.add_argument("--no-check", action="store_true",
                    help="skip the quick perplexity check (4 windows of 256 tokens, float and quantized) [on]")

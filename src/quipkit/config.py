@@ -147,11 +147,14 @@ class CalibrationConfig:
     sources: tuple[str, ...] = ("wikitext2", "c4")
     seed: int = 0
     batch_size: int = 8
+    activations: str = "float32"  # the dtype block inputs are held in between blocks: float32 or bfloat16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise QuipkitError("calibration needs nsamples >= 1, seqlen >= 2 and batch_size >= 1")
+        if self.activations not in ("float32", "bfloat16"):
+            raise QuipkitError(f"unknown activations dtype '{self.activations}'; choose float32 or bfloat16")
         if not self.sources:
             raise QuipkitError("calibration needs at least one text source")
 

@@ -62,15 +62,17 @@ def _register(auto_module: Any) -> None:
 
             from huggingface_hub import try_to_load_from_cache
 
-            from quipkit.formats.checkpoint import WEIGHTS
+            from quipkit.formats.checkpoint import INDEX, WEIGHTS
             from quipkit.formats.validate import validate_checkpoint
 
             folder = getattr(model.config, "name_or_path", "")
             if folder and not os.path.isdir(folder):  # a hub id: its files are in the cache by now
-                try:
-                    cached = try_to_load_from_cache(folder, WEIGHTS)
-                except ValueError:  # not a valid hub id either: nothing to look up
-                    cached = None
+                cached = None
+                for name in (WEIGHTS, INDEX):  # one file, or shards with their index
+                    try:
+                        cached = cached if isinstance(cached, str) else try_to_load_from_cache(folder, name)
+                    except ValueError:  # not a valid hub id either: nothing to look up
+                        break
                 folder = os.path.dirname(cached) if isinstance(cached, str) else ""
             if folder and os.path.isdir(folder):  # check the checkpoint before loading a tensor
                 validate_checkpoint(folder)

@@ -25,7 +25,7 @@ from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.models.experts import unfuse_experts
 from quipkit.models.streaming import StreamedModel
-from quipkit.pipeline.capture import capture_block_calls, move, run_block
+from quipkit.pipeline.capture import capture_block_calls, compute_dtype, move, run_block
 from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.head import compress_head
@@ -109,9 +109,10 @@ class _HessianHooks:
 
 def _shared_run(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, ranks: Ranks,
                 after=None) -> list[Tensor]:
-    """The block's outputs for every batch, each process running its share of them."""
+    """The block's outputs for every batch (held in the inputs' dtype), each process running its share."""
     share = ranks.share(len(inputs))
-    mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after)
+    store = inputs[0].dtype if inputs else None
+    mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after, store)
     return ranks.gather(mine)
 
 
@@ -153,10 +154,11 @@ def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Ten
     """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
     hooks = _HessianHooks({name: linear}, device, stop_at=name)
     share = ranks.share(len(inputs))
+    compute = compute_dtype(block)
     try:
         for x, kw in zip(inputs[share.start:share.stop], kwargs[share.start:share.stop]):
             try:
-                block(x.to(device), **move(kw, device))
+                block(x.to(device, compute), **move(kw, device))
             except _StopBlock:
                 pass
             hooks.end_batch()
@@ -238,7 +240,8 @@ def quantize_blockwise(
         if streamed is not None:
             streamed.release_outside(prefix)
             streamed.release(f"{prefix}.0")
-    inputs = calls.inputs[: len(batches)] if calls is not None else []
+    held = getattr(torch, calibration.activations)  # the dtype activations wait in between blocks
+    inputs = [x.to(held) for x in calls.inputs[: len(batches)]] if calls is not None else []
     if check is not None:
         check.start(calls.inputs[len(batches):])
     report.seconds["capture"] += time.perf_counter() - start

@@ -158,12 +158,12 @@ class _Zeros(nn.Module):
     """Stands in for the token embeddings when the blocks replay stored outputs: what they return is
     discarded, so the embedding matrix need not be in memory (a streamed model's stays on disk)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.dtype = dim, dtype
 
     def forward(self, ids: Tensor) -> Tensor:
-        return torch.zeros(*ids.shape, self.dim)
+        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype)
 
 
 @contextmanager
@@ -177,7 +177,7 @@ def _after_blocks(model: nn.Module, blocks: nn.ModuleList, final_outputs: list[T
         if final_outputs is not None:
             for i in range(len(originals)):
                 blocks[i] = _Replay(final_outputs, returns_tuple) if i == 0 else _PassThrough(returns_tuple)
-            model.set_input_embeddings(_Zeros(final_outputs[0].shape[-1]))
+            model.set_input_embeddings(_Zeros(final_outputs[0].shape[-1], compute_dtype(model)))
         yield
     finally:
         for i, block in enumerate(originals):
@@ -215,12 +215,20 @@ def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, batches: list[T
         return [model(input_ids=batch, use_cache=False).logits for batch in batches]
 
 
-def run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None) -> list[Tensor]:
-    """The block's outputs for each batch of inputs (on the CPU); `after` runs after each batch."""
+def run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None,
+              store: torch.dtype | None = None) -> list[Tensor]:
+    """The block's outputs for each batch of inputs (on the CPU, in `store` dtype, default the outputs'
+    own); inputs held in another dtype are computed in the block's. `after` runs after each batch."""
+    compute = compute_dtype(block)
     outputs = []
     for x, kw in zip(inputs, kwargs):
-        out = block_output(block(x.to(device), **move(kw, device)))
-        outputs.append(out.detach().to("cpu"))
+        out = block_output(block(x.to(device, compute), **move(kw, device)))
+        outputs.append(out.detach().to("cpu", store or out.dtype))
         if after is not None:
             after()
     return outputs
+
+
+def compute_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype the block computes in: its first float parameter's (float32 when it has none)."""
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)

@@ -39,7 +39,8 @@ def estimate(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationCo
     outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
     weights = block_params * 4 + outside * 4 if streamed else sum(p.numel() for p in model.parameters()) * 4
     calibrated = config.needs_calibration
-    activations = 2 * calibration.nsamples * calibration.seqlen * hidden * 4 if calibrated else 0
+    held = 2 if calibration.activations == "bfloat16" else 4
+    activations = 2 * calibration.nsamples * calibration.seqlen * hidden * held if calibrated else 0
     hessians = sum(m.in_features ** 2 * 8 for m in linears) if calibrated else 0
     largest = max(linears, key=lambda m: m.in_features * (m.out_features + m.in_features))
     rounding = 3 * largest.in_features ** 2 * 8 + 3 * largest.in_features * largest.out_features * 4
@@ -57,6 +58,6 @@ def check_memory(model: nn.Module, blocks: nn.ModuleList, calibration: Calibrati
     line = f"memory: about {total / GB:.2f} GB at most ({detail} GB; {held} in float32)"
     if available is not None and total > available:
         raise QuipkitError(f"this run needs about {total / GB:.1f} GB ({detail} GB) but {available / GB:.1f} GB are "
-                           "available; lower --nsamples or --seqlen (the activations and Hessians), or quantize on "
-                           "a machine with more memory")
+                           "available; lower --nsamples or --seqlen (the activations and Hessians), pass --activations "
+                           "bfloat16 (half the activations), or quantize on a machine with more memory")
     return line + (f", {available / GB:.1f} GB available" if available is not None else "")
