@@ -28,7 +28,7 @@ from quipkit.models.streaming import StreamedModel
 from quipkit.pipeline.capture import capture_block_calls, compute_dtype, move, run_block
 from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
-from quipkit.pipeline.head import compress_head
+from quipkit.pipeline.head import compress_head, stored_embedding_dtype
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.formats.checkpoint import state_tensors
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
@@ -233,17 +233,11 @@ def quantize_blockwise(
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
     calls = None
     if calibrated or check is not None:
-        if streamed is not None:  # the embeddings for the capture (not the head); block 0 tells what blocks return
-            streamed.materialize(f"{prefix}.0")
-            streamed.materialize("", outside=(prefix,) + tuple(n for n in streamed.ends()[1:] if n))
-        calls = capture_block_calls(model, blocks, batches + (check.batches if check is not None else []))
-        if streamed is not None:
-            streamed.release_outside(prefix)
-            streamed.release(f"{prefix}.0")
+        calls, check_inputs = _capture(model, blocks, prefix, batches, check, config.head_bits, streamed)
+        if check is not None:
+            check.start(calls.inputs[len(batches):], check_inputs)
     held = getattr(torch, calibration.activations)  # the dtype activations wait in between blocks
     inputs = [x.to(held) for x in calls.inputs[: len(batches)]] if calls is not None else []
-    if check is not None:
-        check.start(calls.inputs[len(batches):])
     report.seconds["capture"] += time.perf_counter() - start
     if state is not None and state.resuming:
         if streamed is None:
@@ -293,26 +287,63 @@ def quantize_blockwise(
     if not ranks.leader:  # the rest (head, embeddings, the checkpoint) is the leader's
         return report
     start = time.perf_counter()
-    load_embeddings = None
-    if streamed is not None:  # the head (and the final norm) first; the embeddings once the head is done
-        embeddings, untied_head = streamed.ends()
-        streamed.materialize("", outside=(prefix, embeddings) if untied_head else (prefix,))
-        load_embeddings = lambda: streamed.materialize("", outside=(prefix,))  # noqa: E731
     returns_tuple = calls.returns_tuple if calls is not None else False
-    if check is not None:
-        check.finish_float(model, blocks, returns_tuple)
     head_batches = batches or (list(torch.split(tokens, calibration.batch_size)) if tokens.numel() else [])
-    head = compress_head(model, config, device, head_batches, blocks, inputs if calibrated and inputs else None,
-                         returns_tuple, load_embeddings)
-    if streamed is not None:
-        streamed.materialize("", outside=(prefix,))  # whatever the head's stage left on disk (a float32 head)
+    head = _outside_blocks(model, blocks, prefix, config, device, head_batches,
+                           inputs if calibrated and inputs else None, returns_tuple, streamed, check)
     report.head = head.to_dict() if head is not None else None
     report.seconds["head"] = time.perf_counter() - start
-    if check is not None:
-        check.finish_quantized(model, blocks, returns_tuple)
     if state is not None:
         report.specs, report.block_files = dict(state.specs), state.block_files()
     return report
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, batches: list[Tensor], check: QuickCheck | None,
+             head_bits: int, streamed: StreamedModel | None):
+    """What each block is called with for each token batch (the calibration's, then the check's), and
+    the check's block-0 inputs as the quantized model's embeddings will give them (rows rounded to
+    bf16 when they will be stored so). A streamed model reads its embeddings (not its head) and block 0
+    (which tells what blocks return) for this, then releases them."""
+    if streamed is not None:
+        streamed.materialize(f"{prefix}.0")
+        streamed.materialize("", outside=(prefix,) + tuple(name for name in streamed.ends()[1:] if name))
+    checked = check.batches if check is not None else []
+    calls = capture_block_calls(model, blocks, batches + checked)
+    quantized = calls.inputs[len(batches):]
+    rounding = stored_embedding_dtype(model, head_bits) if check is not None else None
+    if rounding is not None:
+        embedding = model.get_input_embeddings()
+        weight = embedding.weight
+        embedding.weight = nn.Parameter(weight.to(rounding).to(weight.dtype), requires_grad=False)
+        try:
+            quantized = capture_block_calls(model, blocks, checked).inputs
+        finally:
+            embedding.weight = weight
+    if streamed is not None:
+        streamed.release_outside(prefix)
+        streamed.release(f"{prefix}.0")
+    return calls, quantized
+
+
+def _outside_blocks(model: nn.Module, blocks: nn.ModuleList, prefix: str, config: QuantConfig, device: torch.device,
+                    batches: list[Tensor], final_outputs: list[Tensor] | None, returns_tuple: bool,
+                    streamed: StreamedModel | None, check: QuickCheck | None) -> LayerRecord | None:
+    """The head and embeddings once the blocks are done (returns the head's record), with the quick
+    check's float side before the head changes and its quantized side after. A streamed model reads the head (and final norm) first
+    and the embeddings once the head is done, so the two are never both in float32 in memory."""
+    load_embeddings = None
+    if streamed is not None:
+        embeddings, untied_head = streamed.ends()
+        streamed.materialize("", outside=(prefix, embeddings) if untied_head else (prefix,))
+        load_embeddings = lambda: streamed.materialize("", outside=(prefix,))  # noqa: E731
+    if check is not None:
+        check.finish_float(model, blocks, returns_tuple)
+    head = compress_head(model, config, device, batches, blocks, final_outputs, returns_tuple, load_embeddings)
+    if streamed is not None:
+        streamed.materialize("", outside=(prefix,))  # whatever the head's stage left on disk (a float32 head)
+    if check is not None:
+        check.finish_quantized(model, blocks, returns_tuple)
+    return head
 
 
 def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:

@@ -41,6 +41,15 @@ def _plain(embedding: nn.Module | None) -> bool:
     return isinstance(embedding, nn.Embedding) and type(embedding).forward is nn.Embedding.forward
 
 
+def stored_embedding_dtype(model: nn.Module, head_bits: int) -> torch.dtype | None:
+    """The dtype `compress_head` will store the embedding rows in (bf16), or None when they stay float or
+    become the quantized head's rows (tied at 8/6/4 bits)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head_bits == 32 or not _plain(embedding) or (_tied(head, embedding) and head_bits != 16):
+        return None
+    return torch.bfloat16
+
+
 def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
                   blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None,
                   returns_tuple: bool = False, load_embeddings=None) -> LayerRecord | None:
