@@ -13,6 +13,7 @@ checkpoints) is loaded whole instead: `open_streamed` returns None and says why.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -44,19 +45,14 @@ class StreamedModel:
         self.model = model
         self.files = files
         self.dtype = dtype
-        self._handles: dict[Path, object] = {}
-
-    def _read(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
-        return self._handles[path].get_tensor(name)
 
     def materialize(self, prefix: str = "", outside: tuple[str, ...] = ()) -> nn.Module:
         """Fill the submodule at `prefix` ('' for the model) with its weights from disk, float tensors in
         the model's dtype, leaving what lies under the modules named in `outside` on meta; returns it."""
         module = self.model.get_submodule(prefix) if prefix else self.model
         head = f"{prefix}." if prefix else ""
+        # files opened for this call only: an open file's pages that were read count as this process's memory
+        handles: dict[Path, Any] = {}
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             full = head + name
             if not tensor.is_meta or any(full.startswith(skip + ".") for skip in outside):
@@ -65,8 +61,11 @@ class StreamedModel:
                 if _is_tied_head(self.model, full):
                     continue  # read through the embeddings it is tied to
                 raise QuipkitError(f"the model's files lack '{full}'; restore the model's files")
-            value = self._read(full)
-            value = value.to(self.dtype) if value.is_floating_point() else value
+            path = self.files[full]
+            if path not in handles:
+                handles[path] = safe_open(str(path), "pt")
+            value = handles[path].get_tensor(full)
+            value = value.to(self.dtype, copy=True) if value.is_floating_point() else value.clone()
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             if leaf in owner._parameters:

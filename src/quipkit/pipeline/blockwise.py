@@ -391,7 +391,7 @@ def _quantize_block(
         outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks)
     else:
         outputs = inputs
-        groups = [([name], torch.eye(lin.in_features, dtype=torch.float64)) for name, lin in linears.items()]
+        groups = [([name], None) for name in linears]  # uncalibrated: H = I, built only if a transform needs it
     t1 = time.perf_counter()
     report.seconds["hessian"] += t1 - t0
     saved: dict[str, tuple[dict, dict[str, Tensor]]] = {}

@@ -62,9 +62,10 @@ def _rms(matrix: Tensor) -> float:
 
 
 def quantize_group(
-    linears: dict[str, nn.Linear], hessian: Tensor, config: QuantConfig, device: torch.device
+    linears: dict[str, nn.Linear], hessian: Tensor | None, config: QuantConfig, device: torch.device
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
-    """Quantize `linears` (all reading an input with second moment `hessian` [n, n]) under `config`."""
+    """Quantize `linears` (all reading an input with second moment `hessian` [n, n]; None: uncalibrated,
+    H = I) under `config`."""
     by_config: dict[str, tuple[QuantConfig, list[str]]] = {}
     for name in linears:
         cfg = config.for_layer(name)
@@ -77,7 +78,7 @@ def quantize_group(
 
 
 def _quantize_stack(
-    linears: dict[str, nn.Linear], hessian: Tensor, cfg: QuantConfig, device: torch.device
+    linears: dict[str, nn.Linear], hessian: Tensor | None, cfg: QuantConfig, device: torch.device
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
     start = time.perf_counter()
     names = list(linears)
@@ -92,10 +93,15 @@ def _quantize_stack(
         except QuipkitError as err:
             raise QuipkitError(f"{name}: {err}") from None
         check_finite(w, f"the weight of {name}", "the float model is corrupt; restore its files")
-    h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names)
     stacked = torch.cat(weights)
-    in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
-    h_t = transform.hessian(h, in_params)
+    if hessian is None and cfg.rounding == "nearest" and transform.spec()["name"] == "identity":
+        h_t, damping, dead, in_params = None, cfg.damping, 0, {}  # H = I is never built (1 GB for a 7B MLP's)
+    else:
+        if hessian is None:
+            hessian = torch.eye(stacked.shape[1], dtype=torch.float64)
+        h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names)
+        in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
+        h_t = transform.hessian(h, in_params)
     out_params, rotated, scales = [], [], []
     for name, w in zip(names, weights):
         params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}
@@ -133,7 +139,7 @@ def _quantize_stack(
             "bias": linear.bias is not None,
         }
         layer = QuantizedLinear.from_tensors(spec, {k: v.cpu() for k, v in tensors.items()}, linear.bias)
-        proxy = relative_proxy_loss(target_parts[i], value_parts[i], h_t)
+        proxy = relative_proxy_loss(target_parts[i], value_parts[i], h_t)  # h_t None: H = I
         notes = [f"{name}: Hessian damping raised from {cfg.damping:g} to {damping:g} to make it positive definite"
                  ] if damping != cfg.damping else []
         notes += [w for w in [proxy_warning(name, proxy, cfg.bits)] if w]
