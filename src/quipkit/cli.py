@@ -723,7 +723,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _return_freed_memory() -> None:
+    """Have glibc map every allocation above 1 MiB on its own, so a freed tensor goes back to the system
+    at once (its default threshold grows to 32 MiB, and the heap then keeps freed blocks' memory:
+    a streamed 1B model's run held twice what it used)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # another C library: nothing to tune
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _return_freed_memory()
     # Before anything imports tqdm: transformers' GGUF loader would draw its own progress bar.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -143,8 +143,8 @@ def collect_hessians(
         hooks.remove()
     sizes = {n: lin.in_features for n, lin in linears.items()}
     names, accumulators = _merged(hooks, ranks, sizes)
-    groups = [(group, accumulators[group[0]].mean()) for group in names]
     tokens = {group[0]: accumulators[group[0]].tokens for group in names}
+    groups = [(group, accumulators[group[0]].pop_mean()) for group in names]  # each sum becomes its mean
     groups, notes = complete_expert_hessians(groups, tokens, sizes)
     return outputs, groups, notes
 
@@ -165,7 +165,7 @@ def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Ten
     finally:
         hooks.remove()
     own = hooks.accumulators.get(name) or HessianAccumulator(linear.in_features, device)
-    return ranks.merge(own).mean()
+    return ranks.merge(own).pop_mean()
 
 
 @torch.no_grad()
@@ -263,7 +263,8 @@ def quantize_blockwise(
                 check.before(block, calls.kwargs[index][len(batches):], device)
             cached = cache.load(index) if use_cache else None
             inputs, saved, records, groups = _quantize_block(
-                block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks
+                block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks,
+                keep_hessians=cache is not None and not use_cache,
             )
             if check is not None:
                 check.after(block, calls.kwargs[index][len(batches):], device)
@@ -373,8 +374,10 @@ def _quantize_block(
     cached: HessianGroups | None = None,
     observed: dict[str, nn.Linear] | None = None,
     ranks: Ranks | None = None,
-) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups]:
-    """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected).
+    keep_hessians: bool = False,
+) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups | None]:
+    """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected
+    when `keep_hessians`, else None: each is let go, or overwritten, as soon as it is used).
 
     Without calibration (round-to-nearest) each linear uses H = I; with `cached` Hessians the
     block is not run at all. Hessians are collected for `observed` (default: `linears`), a superset.
@@ -405,12 +408,15 @@ def _quantize_block(
         if missing:  # never skip a layer silently
             raise QuipkitError(f"no calibration token reached {sorted(missing)[0]}: the block's forward never calls "
                                "it; leave it out with --exclude")
+        if not keep_hessians:
+            groups = None  # `selected` holds the Hessians now, and lets each go once used
         def install(results: list[tuple[QuantizedLinear, LayerRecord]]) -> None:
             for layer, record in results:
                 if record.name in notes:
                     record = replace(record, warnings=(notes[record.name],) + record.warnings)
                 local = _relative(block, record.name, linears)
                 set_module(block, local, layer.to(device))
+                del linears[record.name]  # its float weight goes once nothing else holds it
                 saved[record.name] = (layer.spec(), {k: v.cpu() for k, v in layer.state_dict().items()})
                 records.append(record)
                 layer_task.advance(1, status=f"{local} proxy {record.proxy:.4f}")
@@ -419,20 +425,30 @@ def _quantize_block(
             return {name: linears[name] for name in group if name in linears}
 
         if config.sequential and config.needs_calibration:  # each group sees the earlier ones quantized
-            for index, (group, hessian) in enumerate(selected):
+            # the groups after the first get a Hessian of the block as it will be then: these go now
+            selected = [(group, h if index == 0 or is_expert(group[0]) else None)
+                        for index, (group, h) in enumerate(selected)]
+            for index, (group, _) in enumerate(selected):
                 members = members_of(group)
+                hessian, fresh = selected[index][1], not keep_hessians
+                selected[index] = (group, None)  # each Hessian is let go once used (a 7B MLP's is 1 GB)
                 if index > 0 and not is_expert(group[0]):
                     start = time.perf_counter()
                     first = next(iter(members))
-                    hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
+                    hessian, fresh = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks), True
                     report.seconds["hessian"] += time.perf_counter() - start
                     t1 += time.perf_counter() - start  # keep it out of the rounding time
-                install(quantize_group(members, hessian, config, device))
+                install(quantize_group(members, hessian, config, device, consume=fresh))
+                del hessian
         else:  # independent groups: divided among the processes, then exchanged
             costs = [sum(m.in_features * m.out_features for m in members_of(group).values()) for group, _ in selected]
             owners = ranks.owners(costs)
-            mine = {index: quantize_group(members_of(group), hessian, config, device)
-                    for index, (group, hessian) in enumerate(selected) if owners[index] == ranks.rank}
+            mine = {}
+            for index, (group, hessian) in enumerate(selected):
+                selected[index] = (group, None)
+                if owners[index] == ranks.rank:
+                    mine[index] = quantize_group(members_of(group), hessian, config, device, consume=not keep_hessians)
+                del hessian
             for index, results in sorted(_exchange(mine, ranks, linears).items()):
                 install(results)
     t2 = time.perf_counter()

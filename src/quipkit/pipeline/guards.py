@@ -29,16 +29,20 @@ def check_finite(tensor: Tensor, what: str, fix: str) -> None:
         raise QuipkitError(f"{what} has {bad} NaN/Inf values of {tensor.numel()}; {fix}")
 
 
-def definite_hessian(hessian: Tensor, damping: float, names: list[str]) -> tuple[Tensor, float, int]:
+def definite_hessian(hessian: Tensor, damping: float, names: list[str], consume: bool = False
+                     ) -> tuple[Tensor, float, int]:
     """(prepared H [n, n] float64, the damping that made it positive definite, number of dead inputs).
 
-    The damping starts at `damping` and grows tenfold while a Cholesky factorisation fails."""
+    The damping starts at `damping` and grows tenfold while a Cholesky factorisation fails. With
+    `consume`, H is prepared in `hessian`'s own memory (a 7B MLP's is 1 GB)."""
     check_finite(hessian, f"the Hessian of {', '.join(names)}",
                  "the calibration activations overflow; check the float model on the calibration text")
     dead = int((torch.diagonal(hessian) == 0).sum())
+    h = prepare_hessian(hessian, 0.0, in_place=consume)
+    undamped = torch.diagonal(h).clone()
     used = damping
     while True:
-        h = prepare_hessian(hessian, used)
+        torch.diagonal(h).copy_(undamped + used)  # what prepare_hessian(hessian, used) gives
         if int(torch.linalg.cholesky_ex(h.float())[1]) == 0 or int(torch.linalg.cholesky_ex(h)[1]) == 0:
             return h, used, dead
         if used >= MAX_DAMPING:

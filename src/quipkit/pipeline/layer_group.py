@@ -62,23 +62,25 @@ def _rms(matrix: Tensor) -> float:
 
 
 def quantize_group(
-    linears: dict[str, nn.Linear], hessian: Tensor | None, config: QuantConfig, device: torch.device
+    linears: dict[str, nn.Linear], hessian: Tensor | None, config: QuantConfig, device: torch.device,
+    consume: bool = False,
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
     """Quantize `linears` (all reading an input with second moment `hessian` [n, n]; None: uncalibrated,
-    H = I) under `config`."""
+    H = I) under `config`; with `consume`, `hessian`'s memory is reused (its values are lost)."""
     by_config: dict[str, tuple[QuantConfig, list[str]]] = {}
     for name in linears:
         cfg = config.for_layer(name)
         by_config.setdefault(cfg.to_json(), (cfg, []))[1].append(name)
     results = []
     for cfg, names in by_config.values():
-        results.extend(_quantize_stack({n: linears[n] for n in names}, hessian, cfg, device))
+        results.extend(_quantize_stack({n: linears[n] for n in names}, hessian, cfg, device,
+                                       consume and len(by_config) == 1))
     order = list(linears)
     return sorted(results, key=lambda pair: order.index(pair[1].name))
 
 
 def _quantize_stack(
-    linears: dict[str, nn.Linear], hessian: Tensor | None, cfg: QuantConfig, device: torch.device
+    linears: dict[str, nn.Linear], hessian: Tensor | None, cfg: QuantConfig, device: torch.device, consume: bool = False
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
     start = time.perf_counter()
     names = list(linears)
@@ -93,13 +95,13 @@ def _quantize_stack(
         except QuipkitError as err:
             raise QuipkitError(f"{name}: {err}") from None
         check_finite(w, f"the weight of {name}", "the float model is corrupt; restore its files")
-    stacked = torch.cat(weights)
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # no copy of a lone 7B MLP matrix
     if hessian is None and cfg.rounding == "nearest" and transform.spec()["name"] == "identity":
         h_t, damping, dead, in_params = None, cfg.damping, 0, {}  # H = I is never built (1 GB for a 7B MLP's)
     else:
         if hessian is None:
             hessian = torch.eye(stacked.shape[1], dtype=torch.float64)
-        h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names)
+        h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
         in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
         h_t = transform.hessian(h, in_params)
     out_params, rotated, scales = [], [], []
@@ -108,9 +110,10 @@ def _quantize_stack(
         w_t = transform.weight(w, params)
         scale = _rms(w_t) / codebook.target_rms if codebook.target_rms is not None else 1.0
         out_params.append(params)
-        rotated.append(w_t / scale)
+        rotated.append(w_t / scale if codebook.target_rms is not None else w_t)
         scales.append(scale)
-    target = torch.cat(rotated)
+    target = rotated[0] if len(rotated) == 1 else torch.cat(rotated)
+    del rotated
     cb_params = codebook.fit(target)
     if cfg.rounding == "nearest":
         codes, values = round_nearest(target, codebook, cb_params)

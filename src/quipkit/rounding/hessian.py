@@ -60,10 +60,19 @@ class HessianAccumulator:
             raise RuntimeError("no calibration tokens reached this layer")
         return (self.high if self.low is None else self.high + self.low) / self.tokens
 
+    def pop_mean(self) -> Tensor:
+        """`mean()` computed in the accumulator's own memory, which it gives up (the same values)."""
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        total, tokens = (self.high if self.low is None else self.high.add_(self.low)), self.tokens
+        self.high, self.low, self.tokens = torch.empty(0), None, 0
+        return total.div_(tokens)
 
-def prepare_hessian(hessian: Tensor, damping: float) -> Tensor:
-    """Normalise H [n, n] to mean diagonal 1, give dead inputs a unit diagonal, add `damping` * I."""
-    h = hessian.double().clone()
+
+def prepare_hessian(hessian: Tensor, damping: float, in_place: bool = False) -> Tensor:
+    """Normalise H [n, n] to mean diagonal 1, give dead inputs a unit diagonal, add `damping` * I (in
+    `hessian`'s own memory with `in_place`, when it is float64)."""
+    h = hessian.double() if in_place else hessian.double().clone()
     diag = torch.diagonal(h)
     mean = diag.mean()
     if mean > 0:
@@ -75,14 +84,29 @@ def prepare_hessian(hessian: Tensor, damping: float) -> Tensor:
     return h
 
 
+PROXY_ROWS = 1024  # rows per step of the proxy sums: bounded work space for a 7B MLP's 90M weights
+
+
+def _quadratic(left: Tensor, right: Tensor, hessian: Tensor | None) -> float:
+    """sum_r left_r H right_r^T over the rows of `left`, `right` [m, n] (float64; H None: identity)."""
+    total = 0.0
+    h = hessian.double() if hessian is not None else None
+    for start in range(0, left.shape[0], PROXY_ROWS):
+        a = left[start:start + PROXY_ROWS].double()
+        b = right[start:start + PROXY_ROWS].double()
+        total += float(((a @ h if h is not None else a) * b).sum())
+    return total
+
+
 def proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
-    """tr((Ŵ - W) H (Ŵ - W)^T) for W, Ŵ [m, n] and H [n, n] (None: the identity)."""
+    """tr((Ŵ - W) H (Ŵ - W)^T) for W, Ŵ [m, n] and H [n, n] (None: the identity), in one sum (greedy
+    refinement compares these)."""
     err = (approx - weight).double()
     return float(((err @ hessian.double() if hessian is not None else err) * err).sum())
 
 
 def relative_proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
-    """The proxy loss relative to tr(W H W^T) (None: H = I): 0 is exact, 1 is as bad as a zero matrix."""
-    w = weight.double()
-    denom = float(((w @ hessian.double() if hessian is not None else w) * w).sum())
-    return proxy_loss(weight, approx, hessian) / max(denom, 1e-30)
+    """The proxy loss relative to tr(W H W^T) (None: H = I): 0 is exact, 1 is as bad as a zero matrix.
+    Summed over row chunks: a record of the result, with bounded work space."""
+    err = approx - weight
+    return _quadratic(err, err, hessian) / max(_quadratic(weight, weight, hessian), 1e-30)
