@@ -34,7 +34,9 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 4), ("quip#", 2)])
+# GPTQ: every process rounds every group (true-sequential); QuIP#: groups divided and exchanged (also
+# covered by the kill test below, whose resumed two-process result equals one process's)
+@pytest.mark.parametrize("method,bits", [("gptq", 4), pytest.param("quip#", 2, marks=pytest.mark.slow)])
 def test_two_processes_write_the_bytes_one_process_writes(tmp_path, source, method, bits):
     one = _quantize(source, tmp_path / "one", method, bits, 1)
     assert one.returncode == 0, one.stderr[-2000:]

@@ -115,14 +115,16 @@ def _preflight(args: argparse.Namespace):
     return config, calibration, source
 
 
-def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[Any, Any, dict[str, Any], Path] | None:
+def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model: bool = True
+                   ) -> tuple[Any, Any, dict[str, Any], Path] | None:
     """Check (unless `checked` holds `_preflight`'s answer), load, quantize, check the result and save;
     returns (model, tokenizer, summary, output folder).
 
     A Hugging Face model with safetensors weights is streamed: built on the meta device, each block
     read from disk when its turn comes and written out once quantized. A GGUF file, or a model whose
-    files name tensors differently, is loaded whole. Under torch.distributed, the processes other than
-    the leader return None once the blocks are done."""
+    files name tensors differently, is loaded whole; its result is read back from the folder only when
+    `need_model` (else the model returned is None: a 7B result would double the run's peak memory).
+    Under torch.distributed, the processes other than the leader return None once the blocks are done."""
     import shutil
 
     import torch
@@ -190,8 +192,8 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None) -> tuple[An
     atomic_write_text(out / REPORT, json.dumps(summary, indent=1))
     summary["size_bytes"] = _dir_size(out)
     if streamed is not None:  # its blocks were released as they were written: read the result back
-        model, _ = load(out)
-    return model.to(device), tokenizer, summary, out
+        model = load(out)[0] if need_model else None
+    return (model.to(device) if model is not None else None), tokenizer, summary, out
 
 
 def _quick_check(model, tokenizer):
@@ -240,7 +242,7 @@ def cmd_quantize(args: argparse.Namespace) -> int | None:
         return
     with RichReporter() as reporter:
         try:
-            model, tokenizer, summary, out = quantize_model(args, reporter, checked)
+            model, tokenizer, summary, out = quantize_model(args, reporter, checked, need_model=bool(args.eval))
         finally:
             stop()
         results = [_evaluate(model, tokenizer, p, args.device, reporter) for p in _protocols(args.eval)]

@@ -43,7 +43,9 @@ def estimate(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationCo
     activations = 2 * calibration.nsamples * calibration.seqlen * hidden * held if calibrated else 0
     hessians = sum(m.in_features ** 2 * 8 for m in linears) if calibrated else 0
     largest = max(linears, key=lambda m: m.in_features * (m.out_features + m.in_features))
-    rounding = 3 * largest.in_features ** 2 * 8 + 3 * largest.in_features * largest.out_features * 4
+    rounding = 4 * largest.in_features * largest.out_features * 4  # copies of the weight being rounded
+    if config.rounding != "nearest":  # the LDL factorisation's float32 work space
+        rounding += 2 * largest.in_features ** 2 * 4
     return {"weights": weights, "activations": activations, "hessians": hessians, "rounding": rounding}
 
 
