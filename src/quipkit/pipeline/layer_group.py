@@ -112,7 +112,8 @@ def _quantize_stack(
         out_params.append(params)
         rotated.append(w_t / scale if codebook.target_rms is not None else w_t)
         scales.append(scale)
-    target = rotated[0] if len(rotated) == 1 else torch.cat(rotated)
+    unchanged = all(r is w for r, w in zip(rotated, weights))  # no transform, no scale (GPTQ, RTN)
+    target = stacked if unchanged else rotated[0] if len(rotated) == 1 else torch.cat(rotated)
     del rotated
     cb_params = codebook.fit(target)
     if cfg.rounding == "nearest":
