@@ -121,10 +121,11 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     returns (model, tokenizer, summary, output folder).
 
     A Hugging Face model with safetensors weights is streamed: built on the meta device, each block
-    read from disk when its turn comes and written out once quantized. A GGUF file, or a model whose
-    files name tensors differently, is loaded whole; its result is read back from the folder only when
-    `need_model` (else the model returned is None: a 7B result would double the run's peak memory).
-    Under torch.distributed, the processes other than the leader return None once the blocks are done."""
+    read from disk when its turn comes and written out once quantized; its result is read back from
+    the folder only when `need_model` (else the model returned is None: reading a 7B result would
+    double the run's peak memory). A GGUF file, or a model whose files name tensors differently, is
+    loaded whole. Under torch.distributed, the processes other than the leader return None once the
+    blocks are done."""
     import shutil
 
     import torch
