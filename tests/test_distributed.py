@@ -77,3 +77,18 @@ def test_the_hessian_sum_does_not_depend_on_the_grouping_of_batches():
         assert torch.equal(first.mean(), whole.mean()) and first.tokens == whole.tokens
     exact = sum((x.double().t() @ x.double()) for x in batches)  # the float32 products differ from these
     torch.testing.assert_close(whole.mean(), exact / whole.tokens, rtol=1e-5, atol=0)
+
+
+def test_hessian_rounding_errors_are_held_only_where_they_occur():
+    gen = torch.Generator().manual_seed(1)
+    ordinary = HessianAccumulator(32)
+    for _ in range(6):  # float32 products of one scale add into float64 without error
+        ordinary.add(torch.randn(128, 32, generator=gen))
+    assert len(ordinary.low_index) == 0
+    tiny = torch.randn(128, 32, generator=gen) * 1e-12
+    ordinary.add(tiny)  # 1e-24 against 1e2: every entry has an error to keep
+    assert 0 < len(ordinary.low_index) <= 32 * 32
+    again = HessianAccumulator.from_pair(ordinary.pair(), ordinary.tokens)
+    assert torch.equal(again.mean(), ordinary.mean())
+    total = ordinary.mean() * ordinary.tokens
+    assert not torch.equal(total, ordinary.high)  # the errors are part of the result

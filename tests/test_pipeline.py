@@ -100,6 +100,22 @@ def test_include_exclude_and_nothing_selected():
         _quantized(include=(r"no_such_layer",))
 
 
+def test_a_sequential_run_whose_first_group_is_left_out_rounds_against_the_float_blocks_hessian():
+    # GPTQ's first pass sums only the first group's Hessian; the first *selected* group (gate/up here)
+    # must still get its own, which with attention left float is the non-sequential run's (in block
+    # 0: the next blocks' inputs come from the differently rounded down_proj)
+    sequential, _ = _quantized(include=(r"mlp",), group_size=32)
+    independent, _ = _quantized(include=(r"mlp",), group_size=32, sequential=False)
+    for name in ("gate_proj", "up_proj"):
+        ours = getattr(sequential.model.layers[0].mlp, name).state_dict()
+        theirs = getattr(independent.model.layers[0].mlp, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    identity, _ = _quantized(include=(r"mlp",), group_size=32, act_order=False)
+    plain_rtn = _quantized(method="rtn", include=(r"mlp",), group_size=32)[0]
+    gate = lambda m: m.model.layers[0].mlp.gate_proj.state_dict()["codes"]  # noqa: E731
+    assert not torch.equal(gate(identity), gate(plain_rtn))  # rounded through a real Hessian, not H = I
+
+
 class _StopAfter(Reporter):
     """Raises KeyboardInterrupt when the block bar has advanced `blocks` times, like a Ctrl-C."""
 

@@ -60,13 +60,16 @@ class _StopBlock(Exception):
 class _HessianHooks:
     """Forward pre-hooks that accumulate H per distinct input; linears fed the same tensor share one H.
 
-    With `stop_at`, the block's forward is cut short right after that linear's input is recorded.
+    With `stop_at`, the block's forward is cut short right after that linear's input is recorded. With
+    `first_only`, only the first group (and experts) accumulate: the others are found but not summed.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, stop_at: str | None = None) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device, stop_at: str | None = None,
+                 first_only: bool = False) -> None:
         self.linears = linears
         self.device = device
         self.stop_at = stop_at
+        self.first_only = first_only
         self.groups: list[list[str]] = []  # names that read one input, found on the first batch
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: list[tuple[Tensor, str]] = []  # (input, first reader), alive during a batch
@@ -82,8 +85,9 @@ class _HessianHooks:
                 self._names.add(name)
                 if owner is None:
                     self._seen.append((x, name))
+                    if self.wanted(len(self.groups), name):
+                        self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
                     self.groups.append([name])
-                    self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
                 else:
                     next(g for g in self.groups if g[0] == owner).append(name)
                     return
@@ -97,6 +101,10 @@ class _HessianHooks:
                 raise _StopBlock
 
         return hook
+
+    def wanted(self, index: int, name: str) -> bool:
+        """Whether the group at `index` in forward order, first read by `name`, is summed."""
+        return not self.first_only or index == 0 or is_expert(name)
 
     def end_batch(self) -> None:
         self._first_batch = False
@@ -118,12 +126,14 @@ def _shared_run(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], devi
 
 def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[list[list[str]], dict[str, HessianAccumulator]]:
     """The groups every process found (in the first process's order, then others' late experts) and
-    their accumulators summed over the processes."""
+    the accumulators of those the hooks sum, summed over the processes."""
     groups: list[list[str]] = []
     for found in ranks.gather([hooks.groups]):  # one list of groups per process
         groups += [group for group in found if group[0] not in {g[0] for g in groups}]
     accumulators = {}
-    for group in groups:
+    for index, group in enumerate(groups):
+        if not hooks.wanted(index, group[0]):
+            continue
         own = hooks.accumulators.get(group[0]) or HessianAccumulator(sizes[group[0]], hooks.device)
         accumulators[group[0]] = ranks.merge(own)
     return groups, accumulators
@@ -131,20 +141,23 @@ def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[
 
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device,
-    ranks: Ranks | None = None,
-) -> tuple[list[Tensor], list[tuple[list[str], Tensor]], dict[str, str]]:
+    ranks: Ranks | None = None, first_only: bool = False,
+) -> tuple[list[Tensor], list[tuple[list[str], Tensor | None]], dict[str, str]]:
     """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
-    order, {expert name: how its Hessian was completed} for experts that saw too few tokens)."""
+    order, {expert name: how its Hessian was completed} for experts that saw too few tokens). With
+    `first_only`, groups after the first (experts excepted) come with None: a sequential method
+    collects theirs later, and holding them meanwhile cost a 7B block 2 GB."""
     ranks = ranks or Ranks()
-    hooks = _HessianHooks(linears, device)
+    hooks = _HessianHooks(linears, device, first_only=first_only)
     try:
         outputs = _shared_run(block, inputs, kwargs, device, ranks, after=hooks.end_batch)
     finally:
         hooks.remove()
     sizes = {n: lin.in_features for n, lin in linears.items()}
     names, accumulators = _merged(hooks, ranks, sizes)
-    tokens = {group[0]: accumulators[group[0]].tokens for group in names}
-    groups = [(group, accumulators[group[0]].pop_mean()) for group in names]  # each sum becomes its mean
+    tokens = {first: accumulator.tokens for first, accumulator in accumulators.items()}
+    groups = [(group, accumulators[group[0]].pop_mean() if group[0] in accumulators else None)
+              for group in names]  # each sum becomes its mean
     groups, notes = complete_expert_hessians(groups, tokens, sizes)
     return outputs, groups, notes
 
@@ -391,7 +404,8 @@ def _quantize_block(
     if cached is not None:
         outputs, groups = inputs, cached
     elif config.needs_calibration:
-        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks)
+        later = config.sequential and not keep_hessians  # groups after the first collect their own
+        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later)
     else:
         outputs = inputs
         groups = [([name], None) for name in linears]  # uncalibrated: H = I, built only if a transform needs it
@@ -425,14 +439,15 @@ def _quantize_block(
             return {name: linears[name] for name in group if name in linears}
 
         if config.sequential and config.needs_calibration:  # each group sees the earlier ones quantized
-            # the groups after the first get a Hessian of the block as it will be then: these go now
+            # the groups after the first get a Hessian of the block as it will be then (a cached one is
+            # dropped); so does a first selected group that the first pass did not sum (include/exclude)
             selected = [(group, h if index == 0 or is_expert(group[0]) else None)
                         for index, (group, h) in enumerate(selected)]
             for index, (group, _) in enumerate(selected):
                 members = members_of(group)
                 hessian, fresh = selected[index][1], not keep_hessians
                 selected[index] = (group, None)  # each Hessian is let go once used (a 7B MLP's is 1 GB)
-                if index > 0 and not is_expert(group[0]):
+                if hessian is None and not is_expert(group[0]):
                     start = time.perf_counter()
                     first = next(iter(members))
                     hessian, fresh = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks), True

@@ -68,17 +68,14 @@ class Ranks:
             return accumulator
         import torch.distributed as dist
 
-        low = accumulator.low if accumulator.low is not None else torch.zeros_like(accumulator.high)
-        pair = torch.stack([accumulator.high, low])  # [2, n, n]
+        pair = accumulator.pair()
         parts = [torch.empty_like(pair) for _ in range(self.world)]
         tokens = torch.tensor([accumulator.tokens], dtype=torch.int64, device=pair.device)
         counts = [torch.empty_like(tokens) for _ in range(self.world)]
         self._call("summing Hessians", lambda: (dist.all_gather(parts, pair), dist.all_gather(counts, tokens)))
         total = HessianAccumulator(pair.shape[-1], pair.device)
         for part, count in zip(parts, counts):
-            share = HessianAccumulator(pair.shape[-1], pair.device)
-            share.high, share.low, share.tokens = part[0], part[1], int(count.item())
-            total.merge(share)
+            total.merge(HessianAccumulator.from_pair(part, int(count.item())))
         return total
 
     def owners(self, costs: list[float]) -> list[int]:

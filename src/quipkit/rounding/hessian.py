@@ -12,16 +12,20 @@ class HessianAccumulator:
     The sum is held as a float64 pair (high part, rounding errors) that represents it exactly, so the
     result is the correctly rounded sum whatever the order or grouping of the batches: the same
     Hessian from one process or from several that each summed a share (`merge`). (Exact while one
-    entry's products across batches span less than about 2^70 in magnitude.) The error part exists
-    from the second batch on, and the sums run over row chunks, so the working memory beyond the
-    pair is one batch's float32 product.
+    entry's products across batches span less than about 2^70 in magnitude.) Float32 products add
+    into float64 without error unless an entry's terms span more than 29 binary orders, so the errors
+    are held sparsely (flat positions and values; none on real activations so far, 16 bytes an entry
+    at worst): a dense error matrix cost a 7B MLP's Hessian another 1 GB. The sums run over row chunks, so the working memory beyond
+    the pair is one batch's float32 product.
     """
 
     CHUNK_ROWS = 256
 
     def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
-        self.high = torch.zeros(size, size, dtype=torch.float64, device=device)
-        self.low: Tensor | None = None  # [size, size] float64 once a second batch came
+        self.size = size
+        self.high = torch.zeros(0, size, dtype=torch.float64, device=device)  # [n, n] from the first batch on
+        self.low_index = torch.zeros(0, dtype=torch.int64, device=device)  # [k] sorted flat positions in high
+        self.low_value = torch.zeros(0, dtype=torch.float64, device=device)  # [k] the errors there
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
@@ -30,14 +34,32 @@ class HessianAccumulator:
         self._add(flat.t() @ flat, None)
         self.tokens += flat.shape[0]
 
+    def pair(self) -> Tensor:
+        """[2, n, n] float64: the sum as (high part, errors), dense, to send to other processes."""
+        pair = torch.zeros(2, self.size, self.size, dtype=torch.float64, device=self.high.device)
+        if self.tokens:
+            pair[0] = self.high
+        pair[1].view(-1)[self.low_index] = self.low_value
+        return pair
+
+    @classmethod
+    def from_pair(cls, pair: Tensor, tokens: int) -> "HessianAccumulator":
+        """The accumulator whose `pair()` is `pair` [2, n, n], the sum of `tokens` tokens."""
+        accumulator = cls(pair.shape[-1], pair.device)
+        if tokens:
+            accumulator.high, accumulator.tokens = pair[0], tokens
+            accumulator._add_low(*_nonzero(pair[1], 0))
+        return accumulator
+
     def _add(self, high: Tensor, low: Tensor | None) -> None:
         """Add the exact value high + low ([n, n] each; low may be None: zero)."""
-        if self.tokens == 0 and self.low is None:  # the first term: stored as it is, exactly
+        if self.tokens == 0:  # the first term: stored as it is, exactly
             self.high = high.to(self.high.device, torch.float64, copy=True)
-            self.low = None if low is None else low.to(self.high.device, torch.float64, copy=True)
+            if low is not None:
+                self._add_low(*_nonzero(low.to(self.high.device, torch.float64), 0))
             return
-        if self.low is None:
-            self.low = torch.zeros_like(self.high)
+        size = self.high.shape[1]
+        found = []
         for start in range(0, self.high.shape[0], self.CHUNK_ROWS):
             rows = slice(start, start + self.CHUNK_ROWS)
             a, b = self.high[rows], high[rows].to(self.high.device, torch.float64)
@@ -45,28 +67,51 @@ class HessianAccumulator:
             virtual = total - a
             error = (a - (total - virtual)) + (b - virtual)
             self.high[rows] = total
-            self.low[rows] += error if low is None else error + low[rows].to(self.high.device)
+            if low is not None:
+                error += low[rows].to(self.high.device)
+            found.append(_nonzero(error, start * size))
+        self._add_low(torch.cat([index for index, _ in found]), torch.cat([value for _, value in found]))
+
+    def _add_low(self, index: Tensor, value: Tensor) -> None:
+        """Add errors `value` [k] at flat positions `index` [k] (unique) to the held ones."""
+        if not len(index):
+            return
+        index = torch.cat([self.low_index, index.to(self.low_index.device)])
+        value = torch.cat([self.low_value, value.to(self.low_value.device)])
+        self.low_index, inverse = torch.unique(index, sorted=True, return_inverse=True)
+        # at most two terms per position (held + new): their one addition is the same in either order
+        self.low_value = torch.zeros(len(self.low_index), dtype=torch.float64, device=value.device).index_add_(0, inverse, value)
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Add another accumulator's sum (another process's share of the batches)."""
         if other.tokens == 0:
             return
-        self._add(other.high, other.low)
+        self._add(other.high, other.pair()[1] if len(other.low_index) else None)
         self.tokens += other.tokens
 
     def mean(self) -> Tensor:
         """E[x x^T] [n, n] (float64)."""
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        return (self.high if self.low is None else self.high + self.low) / self.tokens
+        total = self.high.clone()
+        total.view(-1)[self.low_index] += self.low_value
+        return total / self.tokens
 
     def pop_mean(self) -> Tensor:
         """`mean()` computed in the accumulator's own memory, which it gives up (the same values)."""
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        total, tokens = (self.high if self.low is None else self.high.add_(self.low)), self.tokens
-        self.high, self.low, self.tokens = torch.empty(0), None, 0
+        total, tokens = self.high, self.tokens
+        total.view(-1)[self.low_index] += self.low_value
+        self.high, self.tokens = torch.empty(0), 0
+        self.low_index, self.low_value = self.low_index[:0], self.low_value[:0]
         return total.div_(tokens)
+
+
+def _nonzero(error: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """(flat positions + `offset`, values) of the nonzero entries of `error` [r, n]."""
+    index = torch.nonzero(error.reshape(-1)).squeeze(1)
+    return index + offset, error.reshape(-1)[index]
 
 
 def prepare_hessian(hessian: Tensor, damping: float, in_place: bool = False) -> Tensor:

@@ -59,30 +59,35 @@ def ldlq(
     """
     m, n = weight.shape
     g = codebook.dim
+    if order is not None and g != 1:
+        raise ValueError("a column order (act-order) needs a codebook that rounds one column at a time")
     cols = torch.arange(n, device=weight.device) if order is None else order.to(weight.device)
     w = weight.float()[:, cols]  # indexing copies: the caller's weight is untouched
     feedback = ldl_feedback(hessian, g, None if order is None else cols).to(w.device)
     batch = max(g, lazy_batch - lazy_batch % g)
+    # results go straight to their final columns: no list of pieces to join, no copy to undo the order
     values = torch.empty_like(w)
-    codes = []
+    codes: Tensor | None = None
+    place = cols.tolist()
     for b0 in range(0, n, batch):
         b1 = min(n, b0 + batch)
         err = torch.empty(m, b1 - b0, device=w.device)
         for k in range(b0, b1, g):
             target = w[:, k : k + g]
             code, q = codebook.quantize(target, params, cols[k : k + g])
-            codes.append(code)
-            values[:, k : k + g] = q
+            width = code.shape[1]
+            if codes is None:
+                codes = code.new_empty((code.shape[0], width * (n // g), *code.shape[2:]))
+            if order is None:
+                values[:, k : k + g] = q
+                codes[:, k // g * width : (k // g + 1) * width] = code
+            else:
+                values[:, place[k]] = q[:, 0]
+                codes[:, place[k]] = code[:, 0]
             eta = q - target
             err[:, k - b0 : k - b0 + g] = eta
             if k + g < b1:
                 w[:, k + g : b1] += eta @ feedback[k : k + g, k + g : b1]
         if b1 < n:
             w[:, b1:] += err @ feedback[b0:b1, b1:]
-    del w, feedback  # before the codes are joined: a 7B MLP's are 0.7 GB
-    all_codes = torch.cat(codes, dim=1)
-    del codes
-    if order is not None:
-        inverse = torch.argsort(cols)
-        all_codes, values = all_codes[:, inverse], values[:, inverse]
-    return all_codes, values
+    return codes, values
