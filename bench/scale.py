@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ def main() -> None:
     for run in args.runs.split(","):
         method, bits = run.split(":")
         out = work / f"{args.shape}-{method.replace('#', 's')}{bits}"
+        shutil.rmtree(str(out) + ".partial", ignore_errors=True)  # a whole run is measured, never a resumed one
         argv = ["quantize", str(model), "--method", method, "--bits", bits, "--out", str(out), "--overwrite",
                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calibration", "wikitext2",
                 "--json", str(out) + ".json"] + ([] if args.check else ["--no-check"])
