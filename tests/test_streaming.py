@@ -178,5 +178,36 @@ def test_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_naming_the_f
     assert estimate(streamed.model, blocks, half, config, True)["activations"] * 2 == \
         estimate(streamed.model, blocks, big, config, True)["activations"]
     assert "memory: about" in check_memory(streamed.model, blocks, CAL, config, True, available=1 << 40)
-    with pytest.raises(QuipkitError, match=r"needs about .* --nsamples or --seqlen .* --activations bfloat16"):
+    with pytest.raises(QuipkitError, match=r"needs about .* --nsamples or --seqlen .* --offload-activations DIR .* --activations bfloat16"):
         check_memory(streamed.model, blocks, big, config, True, available=1 << 30)
+
+
+def test_offloaded_activations_give_the_same_bytes_and_either_kind_of_run_resumes_the_other(tmp_path, monkeypatch,
+                                                                                            source):
+    from quipkit.pipeline.activations import OffloadedBatches
+
+    assert main(_argv(source, tmp_path / "memory", "gptq", 4)) == 0  # propagates the quantized outputs
+    offload = tmp_path / "offload"
+    reads = []
+    real_read = OffloadedBatches.__getitem__
+    monkeypatch.setattr(OffloadedBatches, "__getitem__", lambda self, i: reads.append(i) or real_read(self, i))
+    assert main(_argv(source, tmp_path / "disk", "gptq", 4, "--offload-activations", str(offload))) == 0
+    assert _digest(tmp_path / "disk") == _digest(tmp_path / "memory")
+    assert len(reads) >= 3 * SHAPE[1] * CAL.nsamples // CAL.batch_size  # every pass read its batches from disk
+    assert list(offload.iterdir()) == []  # the run's folder is gone with it
+
+    real_save = run_state.RunState.save_block
+
+    def stop_after_first(self, index, *args):
+        real_save(self, index, *args)
+        raise KeyboardInterrupt
+
+    for first, then, name in ((["--offload-activations", str(offload)], [], "a"),
+                              ([], ["--offload-activations", str(offload)], "b")):
+        with monkeypatch.context() as patch:
+            patch.setattr(run_state.RunState, "save_block", stop_after_first)
+            assert main(_argv(source, tmp_path / name, "gptq", 4, *first)) == 130
+        batch_files = sorted((tmp_path / f"{name}.partial").glob("inputs_0001.batch_*.safetensors"))
+        assert len(batch_files) == (CAL.nsamples // CAL.batch_size if first else 0)
+        assert main(_argv(source, tmp_path / name, "gptq", 4, *then)) == 0
+        assert _digest(tmp_path / name) == _digest(tmp_path / "memory")

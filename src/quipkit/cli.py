@@ -152,13 +152,14 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     prefix, blocks = find_blocks(model, config.blocks)  # a model quipkit cannot quantize says so first
     reporter.log(f"streaming {source.describe()}: one block in memory at a time" if streamed is not None
                  else f"loading the whole model ({why})")
-    reporter.log(check_memory(model, blocks, calibration, config, streamed is not None))
+    offload = Path(args.offload_activations) if args.offload_activations else None
+    reporter.log(check_memory(model, blocks, calibration, config, streamed is not None, offload is not None))
     check = None if args.no_check else _quick_check(model, tokenizer)
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
     tokens = calibration_tokens(tokenizer, calibration) if config.needs_calibration else torch.empty(0, 0)
     report = quantize_blockwise(model, tokens, config, calibration, device, reporter, work, source.describe(),
-                                Path(args.hessian_cache) if args.hessian_cache else None, streamed, check)
+                                Path(args.hessian_cache) if args.hessian_cache else None, streamed, check, offload)
     seconds = time.perf_counter() - start
     if not Ranks().leader:
         return None
@@ -639,6 +640,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     c.add_argument("--activations", choices=("float32", "bfloat16"), default="float32",
                    help="dtype the calibration activations wait in between blocks; bfloat16 halves their memory "
                    "(the result changes slightly) [float32]")
+    c.add_argument("--offload-activations", metavar="DIR",
+                   help="keep the calibration activations in files under DIR between passes, one batch in memory "
+                   "at a time (the same result; for models whose activations do not fit) [in memory]")
     c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
     c.add_argument("--no-check", action="store_true",
                    help="skip the quick perplexity check (4 windows of 256 tokens, float and quantized) [on]")

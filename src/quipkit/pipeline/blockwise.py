@@ -25,6 +25,7 @@ from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.structure import find_blocks, select_linears, set_module
 from quipkit.models.experts import unfuse_experts
 from quipkit.models.streaming import StreamedModel
+from quipkit.pipeline.activations import ActivationFolder, OffloadedBatches
 from quipkit.pipeline.capture import capture_block_calls, compute_dtype, move, run_block
 from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
@@ -115,12 +116,22 @@ class _HessianHooks:
             handle.remove()
 
 
-def _shared_run(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, ranks: Ranks,
-                after=None) -> list[Tensor]:
-    """The block's outputs for every batch (held in the inputs' dtype), each process running its share."""
+Batches = list[Tensor] | OffloadedBatches  # hidden states per calibration batch, in memory or on disk
+
+
+def _waiting(space: ActivationFolder | None) -> Batches:
+    """An empty sequence for a pass's outputs: a list, or files in `space` when offloading."""
+    return space.batches() if space is not None else []
+
+
+def _shared_run(block: nn.Module, inputs: Batches, kwargs: list[dict], device: torch.device, ranks: Ranks,
+                after=None, space: ActivationFolder | None = None) -> Batches:
+    """The block's outputs for every batch (held in the inputs' dtype, in memory or in `space`), each
+    process running its share."""
     share = ranks.share(len(inputs))
-    store = inputs[0].dtype if inputs else None
-    mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after, store)
+    store = inputs[0].dtype if len(inputs) else None
+    mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after, store,
+                     into=_waiting(space))
     return ranks.gather(mine)
 
 
@@ -140,9 +151,9 @@ def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[
 
 
 def collect_hessians(
-    block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: list[dict], device: torch.device,
-    ranks: Ranks | None = None, first_only: bool = False,
-) -> tuple[list[Tensor], list[tuple[list[str], Tensor | None]], dict[str, str]]:
+    block: nn.Module, linears: dict[str, nn.Linear], inputs: Batches, kwargs: list[dict], device: torch.device,
+    ranks: Ranks | None = None, first_only: bool = False, space: ActivationFolder | None = None,
+) -> tuple[Batches, list[tuple[list[str], Tensor | None]], dict[str, str]]:
     """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
     order, {expert name: how its Hessian was completed} for experts that saw too few tokens). With
     `first_only`, groups after the first (experts excepted) come with None: a sequential method
@@ -150,7 +161,7 @@ def collect_hessians(
     ranks = ranks or Ranks()
     hooks = _HessianHooks(linears, device, first_only=first_only)
     try:
-        outputs = _shared_run(block, inputs, kwargs, device, ranks, after=hooks.end_batch)
+        outputs = _shared_run(block, inputs, kwargs, device, ranks, after=hooks.end_batch, space=space)
     finally:
         hooks.remove()
     sizes = {n: lin.in_features for n, lin in linears.items()}
@@ -162,7 +173,7 @@ def collect_hessians(
     return outputs, groups, notes
 
 
-def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: list[Tensor], kwargs: list[dict],
+def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: Batches, kwargs: list[dict],
                 device: torch.device, ranks: Ranks) -> Tensor:
     """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
     hooks = _HessianHooks({name: linear}, device, stop_at=name)
@@ -194,6 +205,7 @@ def quantize_blockwise(
     hessian_cache: Path | None = None,
     streamed: StreamedModel | None = None,
     check: QuickCheck | None = None,
+    offload: Path | None = None,
 ) -> QuantizeReport:
     """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done.
 
@@ -203,7 +215,8 @@ def quantize_blockwise(
     With `streamed` (whose skeleton `model` is), each block's weights are read from disk just before
     it is quantized and released once its shard is in `work_folder` (required then): memory holds one
     block. Finished blocks of a resumed streamed run are not read at all. With `check`, the quick
-    perplexity check's windows travel through each block, float before and quantized after.
+    perplexity check's windows travel through each block, float before and quantized after. With
+    `offload`, a folder, the calibration activations wait there between passes, one file per batch.
     """
     reporter = reporter or Reporter()
     report = QuantizeReport()
@@ -227,8 +240,9 @@ def quantize_blockwise(
         if not ranks.leader:
             ranks.barrier()  # the leader opens (and cleans) the work folder first
         state = RunState.open(work_folder, fingerprint, writer=ranks.leader)
-        if ranks.leader:
-            ranks.barrier()
+    space = ActivationFolder(offload, str(work_folder or model_id), ranks.rank, ranks.leader) if offload else None
+    if work_folder is not None and ranks.leader:
+        ranks.barrier()
     if not ranks.leader:
         check = None  # the leader runs the quick check
     cache = None
@@ -244,18 +258,21 @@ def quantize_blockwise(
     first = state.next_block if state is not None else 0
     start = time.perf_counter()
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
-    calls = None
+    calls, inputs = None, _waiting(space)
     if calibrated or check is not None:
         calls, check_inputs = _capture(model, blocks, prefix, batches, check, config.head_bits, streamed)
+        captured, calls.inputs = calls.inputs[: len(batches)], calls.inputs[len(batches):]
         if check is not None:
-            check.start(calls.inputs[len(batches):], check_inputs)
-    held = getattr(torch, calibration.activations)  # the dtype activations wait in between blocks
-    inputs = [x.to(held) for x in calls.inputs[: len(batches)]] if calls is not None else []
+            check.start(calls.inputs, check_inputs)
+        if not (state is not None and state.resuming):
+            held = getattr(torch, calibration.activations)  # the dtype activations wait in between blocks
+            while captured:
+                inputs.append(captured.pop(0).to(held))
     report.seconds["capture"] += time.perf_counter() - start
     if state is not None and state.resuming:
         if streamed is None:
             _restore_blocks(model, state, first)
-        inputs, extra = state.load_inputs()
+        inputs, extra = state.load_inputs(space)
         if check is not None:
             check.restore(extra)
         report.layers.extend(state.records)
@@ -275,9 +292,10 @@ def quantize_blockwise(
             if check is not None:
                 check.before(block, calls.kwargs[index][len(batches):], device)
             cached = cache.load(index) if use_cache else None
+            previous = inputs
             inputs, saved, records, groups = _quantize_block(
                 block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks,
-                keep_hessians=cache is not None and not use_cache,
+                keep_hessians=cache is not None and not use_cache, space=space,
             )
             if check is not None:
                 check.after(block, calls.kwargs[index][len(batches):], device)
@@ -291,6 +309,9 @@ def quantize_blockwise(
                                  inputs, check.state() if check is not None else {})
             if streamed is not None:
                 streamed.release(name)
+            if previous is not inputs:
+                _let_go(previous, ranks)
+            del previous
             worst = max((r.proxy for r in records), default=0.0)
             block_task.advance(1, status=f"worst proxy {worst:.4f}")
     if not report.layers:
@@ -307,6 +328,8 @@ def quantize_blockwise(
                            inputs if calibrated and inputs else None, returns_tuple, streamed, check)
     report.head = head.to_dict() if head is not None else None
     report.seconds["head"] = time.perf_counter() - start
+    if space is not None:
+        space.remove()
     if state is not None:
         report.specs, report.block_files = dict(state.specs), state.block_files()
     return report
@@ -360,6 +383,12 @@ def _outside_blocks(model: nn.Module, blocks: nn.ModuleList, prefix: str, config
     return head
 
 
+def _let_go(batches: Batches, ranks: Ranks) -> None:
+    """Delete offloaded batches no pass will read again (the leader, once every process is past them)."""
+    if isinstance(batches, OffloadedBatches) and ranks.leader:
+        batches.delete()
+
+
 def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:
     """Put the quantized layers of the first `count` finished blocks of `state` into `model`."""
     for index in range(count):
@@ -378,7 +407,7 @@ def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:
 def _quantize_block(
     block: nn.Module,
     linears: dict[str, nn.Linear],
-    inputs: list[Tensor],
+    inputs: Batches,
     kwargs: list[dict],
     config: QuantConfig,
     device: torch.device,
@@ -388,7 +417,8 @@ def _quantize_block(
     observed: dict[str, nn.Linear] | None = None,
     ranks: Ranks | None = None,
     keep_hessians: bool = False,
-) -> tuple[list[Tensor], dict, list[LayerRecord], HessianGroups | None]:
+    space: ActivationFolder | None = None,
+) -> tuple[Batches, dict, list[LayerRecord], HessianGroups | None]:
     """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected
     when `keep_hessians`, else None: each is let go, or overwritten, as soon as it is used).
 
@@ -405,7 +435,8 @@ def _quantize_block(
         outputs, groups = inputs, cached
     elif config.needs_calibration:
         later = config.sequential and not keep_hessians  # groups after the first collect their own
-        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later)
+        outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later,
+                                                  space)
     else:
         outputs = inputs
         groups = [([name], None) for name in linears]  # uncalibrated: H = I, built only if a transform needs it
@@ -469,7 +500,9 @@ def _quantize_block(
     t2 = time.perf_counter()
     report.seconds["rounding"] += t2 - t1
     if config.needs_calibration and config.propagate == "quantized":
-        outputs = _shared_run(block, inputs, kwargs, device, ranks)
+        if outputs is not inputs:
+            _let_go(outputs, ranks)  # the float block's outputs: the quantized block's replace them
+        outputs = _shared_run(block, inputs, kwargs, device, ranks, space=space)
         report.seconds["propagate"] += time.perf_counter() - t2
     return outputs, saved, records, groups
 

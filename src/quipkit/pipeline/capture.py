@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -215,12 +215,13 @@ def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, batches: list[T
         return [model(input_ids=batch, use_cache=False).logits for batch in batches]
 
 
-def run_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict], device: torch.device, after=None,
-              store: torch.dtype | None = None) -> list[Tensor]:
+def run_block(block: nn.Module, inputs: Sequence[Tensor], kwargs: list[dict], device: torch.device, after=None,
+              store: torch.dtype | None = None, into: Any = None) -> Any:
     """The block's outputs for each batch of inputs (on the CPU, in `store` dtype, default the outputs'
-    own); inputs held in another dtype are computed in the block's. `after` runs after each batch."""
+    own), appended to `into` (default: a new list); inputs held in another dtype are computed in the
+    block's. `after` runs after each batch."""
     compute = compute_dtype(block)
-    outputs = []
+    outputs = into if into is not None else []
     for x, kw in zip(inputs, kwargs):
         out = block_output(block(x.to(device, compute), **move(kw, device)))
         outputs.append(out.detach().to("cpu", store or out.dtype))

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
+from quipkit.pipeline.activations import OffloadedBatches
 from quipkit.rounding import HessianAccumulator
 
 
@@ -60,6 +61,8 @@ class Ranks:
 
         parts: list[Any] = [None] * self.world
         self._call("exchanging activations", lambda: dist.all_gather_object(parts, mine))
+        if isinstance(mine, OffloadedBatches):  # files on this machine: their paths are exchanged, not their data
+            return OffloadedBatches.joined(parts)
         return [item for part in parts for item in part]
 
     def merge(self, accumulator: HessianAccumulator) -> HessianAccumulator:

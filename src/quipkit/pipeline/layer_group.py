@@ -114,7 +114,7 @@ def _quantize_stack(
         scales.append(scale)
     unchanged = all(r is w for r, w in zip(rotated, weights))  # no transform, no scale (GPTQ, RTN)
     target = stacked if unchanged else rotated[0] if len(rotated) == 1 else torch.cat(rotated)
-    del rotated
+    del rotated, stacked  # a transformed stack's float copy is not needed any more
     cb_params = codebook.fit(target)
     if cfg.rounding == "nearest":
         codes, values = round_nearest(target, codebook, cb_params)

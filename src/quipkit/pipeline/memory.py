@@ -30,8 +30,9 @@ def available_bytes() -> int | None:
 
 
 def estimate(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationConfig, config: QuantConfig,
-             streamed: bool) -> dict[str, float]:
-    """{part: bytes} of the run's peak: weights held, activations, Hessians, rounding work space."""
+             streamed: bool, offloaded: bool = False) -> dict[str, float]:
+    """{part: bytes} of the run's peak: weights held, activations (one batch's in and out when they are
+    offloaded), Hessians, rounding work space."""
     block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     linears = [m for m in blocks[0].modules() if isinstance(m, nn.Linear)]
     embeddings = model.get_input_embeddings()
@@ -40,7 +41,8 @@ def estimate(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationCo
     weights = block_params * 4 + outside * 4 if streamed else sum(p.numel() for p in model.parameters()) * 4
     calibrated = config.needs_calibration
     held = 2 if calibration.activations == "bfloat16" else 4
-    activations = 2 * calibration.nsamples * calibration.seqlen * hidden * held if calibrated else 0
+    sequences = min(calibration.batch_size, calibration.nsamples) if offloaded else calibration.nsamples
+    activations = 2 * sequences * calibration.seqlen * hidden * held if calibrated else 0
     hessians = sum(m.in_features ** 2 * 8 for m in linears) if calibrated else 0
     largest = max(linears, key=lambda m: m.in_features * (m.out_features + m.in_features))
     rounding = 4 * largest.in_features * largest.out_features * 4  # copies of the weight being rounded
@@ -50,9 +52,9 @@ def estimate(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationCo
 
 
 def check_memory(model: nn.Module, blocks: nn.ModuleList, calibration: CalibrationConfig, config: QuantConfig,
-                 streamed: bool, available: int | None = None) -> str:
+                 streamed: bool, offloaded: bool = False, available: int | None = None) -> str:
     """A line saying what the run will need; a QuipkitError naming the fix when it cannot fit."""
-    parts = estimate(model, blocks, calibration, config, streamed)
+    parts = estimate(model, blocks, calibration, config, streamed, offloaded)
     total = sum(parts.values())
     detail = ", ".join(f"{name} {value / GB:.2f}" for name, value in parts.items())
     available = available_bytes() if available is None else available
@@ -60,6 +62,7 @@ def check_memory(model: nn.Module, blocks: nn.ModuleList, calibration: Calibrati
     line = f"memory: about {total / GB:.2f} GB at most ({detail} GB; {held} in float32)"
     if available is not None and total > available:
         raise QuipkitError(f"this run needs about {total / GB:.1f} GB ({detail} GB) but {available / GB:.1f} GB are "
-                           "available; lower --nsamples or --seqlen (the activations and Hessians), pass --activations "
-                           "bfloat16 (half the activations), or quantize on a machine with more memory")
+                           "available; lower --nsamples or --seqlen (the activations and Hessians), pass "
+                           "--offload-activations DIR (activations on disk) or --activations bfloat16 (half of them), "
+                           "or quantize on a machine with more memory")
     return line + (f", {available / GB:.1f} GB available" if available is not None else "")

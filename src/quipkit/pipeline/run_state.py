@@ -23,6 +23,7 @@ from torch import Tensor
 from quipkit.errors import QuipkitError
 from quipkit.faults import reach
 from quipkit.formats.atomic import atomic_save_tensors, atomic_write_text
+from quipkit.pipeline.activations import ActivationFolder, OffloadedBatches, link_or_copy
 
 _STATE = "state.json"
 
@@ -67,8 +68,9 @@ class RunState:
     def _remove_stale(self) -> None:
         """Files of a block that was written but not committed, and temporary files of a killed write."""
         keep = {self.inputs_file(self.next_block).name, _STATE} | {self.block_file(i).name for i in range(self.next_block)}
+        batches = self.batch_file(self.next_block, 0).name.rpartition(".batch_")[0]
         for path in self.folder.iterdir():
-            if path.name not in keep:
+            if path.name not in keep and not (path.name.startswith(batches + ".batch_") and path.suffix == ".safetensors"):
                 path.unlink(missing_ok=True)
 
     @property
@@ -82,21 +84,32 @@ class RunState:
         """The inputs of block `index` (the outputs of block index - 1)."""
         return self.folder / f"inputs_{index:04d}.safetensors"
 
+    def batch_file(self, index: int, batch: int) -> Path:
+        """One batch of block `index`'s inputs, for a run whose activations are offloaded."""
+        return self.folder / f"inputs_{index:04d}.batch_{batch:05d}.safetensors"
+
     def save_block(
         self,
         index: int,
         tensors: dict[str, Tensor],
         specs: dict[str, dict[str, Any]],
         records: list[dict[str, Any]],
-        next_inputs: list[Tensor],
+        next_inputs: list[Tensor] | OffloadedBatches,
         extra: dict[str, Tensor] | None = None,
     ) -> None:
         """Record block `index` as done: its checkpoint tensors {full name: tensor}, its quantized layers'
-        specs, their records, the next block's inputs and `extra` tensors that travel with them."""
+        specs, their records, the next block's inputs and `extra` tensors that travel with them.
+        Offloaded inputs are linked into the folder one file per batch, never read into memory."""
         atomic_save_tensors(self.block_file(index), tensors, {"format": "pt"})
         reach("block-written")
-        batches = {f"batch_{i}": x for i, x in enumerate(next_inputs)}
-        atomic_save_tensors(self.inputs_file(index + 1), {**batches, **(extra or {})}, {"batches": str(len(batches))})
+        metadata = {"batches": str(len(next_inputs))}
+        if isinstance(next_inputs, OffloadedBatches):
+            for batch, path in enumerate(next_inputs.paths):
+                link_or_copy(path, self.batch_file(index + 1, batch))
+            batches, metadata["offloaded"] = {}, "1"
+        else:
+            batches = {f"batch_{i}": x for i, x in enumerate(next_inputs)}
+        atomic_save_tensors(self.inputs_file(index + 1), {**batches, **(extra or {})}, metadata)
         reach("inputs-written")
         payload = {"fingerprint": self.fingerprint, "next_block": index + 1, "records": self.records + records,
                    "specs": {**self.specs, **specs}}
@@ -106,6 +119,8 @@ class RunState:
         self.records.extend(records)
         self.specs.update(specs)
         self.inputs_file(index).unlink(missing_ok=True)
+        for path in self.folder.glob(self.batch_file(index, 0).name.replace("00000", "*")):
+            path.unlink(missing_ok=True)
 
     def load_block(self, index: int) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
         """(specs of its quantized layers, its tensors by full name) of finished block `index`."""
@@ -114,11 +129,26 @@ class RunState:
         specs = {name: spec for name, spec in self.specs.items() if name in modules}
         return specs, tensors
 
-    def load_inputs(self) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """(the next block's inputs, one tensor per calibration batch; the extra tensors stored with them)."""
+    def load_inputs(self, space: ActivationFolder | None = None) -> tuple[list[Tensor] | OffloadedBatches, dict[str, Tensor]]:
+        """(the next block's inputs, one tensor per calibration batch, in memory or, with `space`,
+        offloaded there; the extra tensors stored with them). Either kind of run resumes either kind."""
         metadata, flat = self._read(self.inputs_file(self.next_block))
         count = int((metadata or {}).get("batches", "0"))
-        inputs = [flat.pop(f"batch_{i}") for i in range(count)]
+        if (metadata or {}).get("offloaded"):
+            stored = OffloadedBatches([self.batch_file(self.next_block, i) for i in range(count)])
+            missing = next((path for path in stored.paths if not path.is_file()), None)
+            if missing is not None:
+                raise QuipkitError(f"{self.folder} lacks {missing.name}; delete {self.folder} to start over")
+        else:
+            stored = [flat.pop(f"batch_{i}") for i in range(count)]
+        if space is None:
+            return (list(stored) if isinstance(stored, OffloadedBatches) else stored), flat
+        inputs = space.batches()
+        for batch in range(count):
+            if isinstance(stored, OffloadedBatches):
+                inputs.adopt(stored.paths[batch])
+            else:
+                inputs.append(stored[batch])
         return inputs, flat
 
     def block_files(self) -> list[Path]:

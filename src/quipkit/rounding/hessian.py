@@ -132,26 +132,24 @@ def prepare_hessian(hessian: Tensor, damping: float, in_place: bool = False) -> 
 PROXY_ROWS = 1024  # rows per step of the proxy sums: bounded work space for a 7B MLP's 90M weights
 
 
-def _quadratic(left: Tensor, right: Tensor, hessian: Tensor | None) -> float:
-    """sum_r left_r H right_r^T over the rows of `left`, `right` [m, n] (float64; H None: identity)."""
+def _quadratic(left: Tensor, right: Tensor | None, hessian: Tensor | None) -> float:
+    """sum_r e_r H e_r^T over the rows of e = `left` - `right` ([m, n] each; `right` None: zero), in
+    float64 (H None: the identity), a chunk of rows at a time."""
     total = 0.0
     h = hessian.double() if hessian is not None else None
     for start in range(0, left.shape[0], PROXY_ROWS):
-        a = left[start:start + PROXY_ROWS].double()
-        b = right[start:start + PROXY_ROWS].double()
-        total += float(((a @ h if h is not None else a) * b).sum())
+        rows = slice(start, start + PROXY_ROWS)
+        e = (left[rows] - right[rows] if right is not None else left[rows]).double()
+        total += float(((e @ h if h is not None else e) * e).sum())
     return total
 
 
 def proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
-    """tr((Ŵ - W) H (Ŵ - W)^T) for W, Ŵ [m, n] and H [n, n] (None: the identity), in one sum (greedy
-    refinement compares these)."""
-    err = (approx - weight).double()
-    return float(((err @ hessian.double() if hessian is not None else err) * err).sum())
+    """tr((Ŵ - W) H (Ŵ - W)^T) for W, Ŵ [m, n] and H [n, n] (None: the identity); greedy refinement
+    compares these. Summed over row chunks: the whole error in float64 was 16 bytes a weight."""
+    return _quadratic(approx, weight, hessian)
 
 
 def relative_proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
-    """The proxy loss relative to tr(W H W^T) (None: H = I): 0 is exact, 1 is as bad as a zero matrix.
-    Summed over row chunks: a record of the result, with bounded work space."""
-    err = approx - weight
-    return _quadratic(err, err, hessian) / max(_quadratic(weight, weight, hessian), 1e-30)
+    """The proxy loss relative to tr(W H W^T) (None: H = I): 0 is exact, 1 is as bad as a zero matrix."""
+    return _quadratic(approx, weight, hessian) / max(_quadratic(weight, None, hessian), 1e-30)
