@@ -211,3 +211,21 @@ def test_offloaded_activations_give_the_same_bytes_and_either_kind_of_run_resume
         assert len(batch_files) == (CAL.nsamples // CAL.batch_size if first else 0)
         assert main(_argv(source, tmp_path / name, "gptq", 4, *then)) == 0
         assert _digest(tmp_path / name) == _digest(tmp_path / "memory")
+
+
+def test_a_tied_head_is_read_through_the_embeddings(tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tied")  # its files hold the embeddings only
+    streamed, why = open_streamed(tmp_path / "tied")
+    assert streamed is not None, why
+    assert streamed.tied_head == "lm_head.weight" and "lm_head.weight" not in streamed.files
+    assert streamed.ends() == ("model.embed_tokens", None)
+    streamed.materialize("")
+    assert streamed.model.lm_head.weight is streamed.model.model.embed_tokens.weight
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    streamed.release_outside("model.layers")
+    assert streamed.model.lm_head.weight.is_meta and streamed.model.model.embed_tokens.weight.is_meta

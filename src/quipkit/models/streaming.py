@@ -45,6 +45,7 @@ class StreamedModel:
         self.model = model
         self.files = files
         self.dtype = dtype
+        self.tied_head = _tied_head(model)  # the head's weight name when it is the embeddings' matrix
 
     def materialize(self, prefix: str = "", outside: tuple[str, ...] = ()) -> nn.Module:
         """Fill the submodule at `prefix` ('' for the model) with its weights from disk, float tensors in
@@ -58,7 +59,7 @@ class StreamedModel:
             if not tensor.is_meta or any(full.startswith(skip + ".") for skip in outside):
                 continue
             if full not in self.files:
-                if _is_tied_head(self.model, full):
+                if full == self.tied_head:
                     continue  # read through the embeddings it is tied to
                 raise QuipkitError(f"the model's files lack '{full}'; restore the model's files")
             path = self.files[full]
@@ -80,8 +81,7 @@ class StreamedModel:
         """(the input embeddings' name, the output head's name or None when it is tied to them)."""
         embeddings, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         names = {id(module): name for name, module in self.model.named_modules()}
-        tied = head is None or getattr(head, "weight", None) is getattr(embeddings, "weight", None)
-        return names[id(embeddings)], None if tied else names[id(head)]
+        return names[id(embeddings)], None if head is None or self.tied_head else names[id(head)]
 
     def release(self, prefix: str) -> None:
         """Return the submodule at `prefix` to the meta device (its memory is freed)."""
@@ -96,7 +96,7 @@ class StreamedModel:
             for table in (module._parameters, module._buffers):
                 for key, tensor in table.items():
                     if tensor is not None and not tensor.is_meta and (head + key in self.files
-                                                                      or _is_tied_head(self.model, head + key)):
+                                                                      or head + key == self.tied_head):
                         meta = tensor.to("meta")
                         table[key] = nn.Parameter(meta, requires_grad=False) if table is module._parameters else meta
 
@@ -138,16 +138,17 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> tup
     if find_fused_experts(model):
         return None, "its experts are fused in memory"
     names = set(model.state_dict())
-    tied = {n for n in names if n not in files and _is_tied_head(model, n)}
-    missing = sorted(names - set(files) - tied)
+    missing = sorted(names - set(files) - {_tied_head(model)})
     if missing:
         return None, f"its files name tensors differently from the model ('{missing[0]}' is not in them)"
     return StreamedModel(model, files, dtype), ""
 
 
-def _is_tied_head(model: nn.Module, name: str) -> bool:
+def _tied_head(model: nn.Module) -> str | None:
+    """The output head's weight name when the config ties it to the input embeddings (then the files
+    may lack it: it is read through the embeddings), else None."""
     head = model.get_output_embeddings()
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if head is None or not getattr(config, "tie_word_embeddings", False):
-        return False
-    return any(module is head and name == f"{prefix}.weight" for prefix, module in model.named_modules())
+        return None
+    return next((f"{prefix}.weight" for prefix, module in model.named_modules() if module is head), None)
