@@ -229,3 +229,23 @@ def test_a_tied_head_is_read_through_the_embeddings(tmp_path):
         torch.testing.assert_close(streamed.model(ids).logits, model(ids).logits, rtol=0, atol=0)
     streamed.release_outside("model.layers")
     assert streamed.model.lm_head.weight.is_meta and streamed.model.model.embed_tokens.weight.is_meta
+
+
+def test_a_file_written_tensor_by_tensor_has_the_bytes_save_file_writes(tmp_path):
+    from safetensors.torch import save_file
+
+    from quipkit.formats.streamed_file import TensorSource, sources_in, write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+              torch.float32, torch.float64, torch.int64]
+    tensors = {f"{name}.{i}": (torch.randn(3, 5, generator=gen) * 100).to(dtype)
+               for i, dtype in enumerate(dtypes) for name in ("w.codes", "a.b", "z")}
+    tensors.update(scalar=torch.tensor(3.0), empty=torch.zeros(0, 4))
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tmp_path / "ours.safetensors", {k: TensorSource.held(v) for k, v in tensors.items()},
+                      {"format": "pt"})
+    theirs = (tmp_path / "theirs.safetensors").read_bytes()
+    assert (tmp_path / "ours.safetensors").read_bytes() == theirs
+    write_safetensors(tmp_path / "copied.safetensors", sources_in(tmp_path / "theirs.safetensors"), {"format": "pt"})
+    assert (tmp_path / "copied.safetensors").read_bytes() == theirs

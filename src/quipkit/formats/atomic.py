@@ -4,6 +4,7 @@ file or the new one, never half of one."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -24,3 +25,15 @@ def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[s
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     reach("tmp-written")
     os.replace(tmp, path)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` with `source`'s content: a hard link on one file system (no copy), else a copy renamed
+    into place, so a crash never leaves half a file under the name."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)

@@ -21,6 +21,8 @@ from torch import nn
 
 from quipkit.errors import QuipkitError
 from quipkit.faults import reach
+from quipkit.formats.atomic import link_or_copy
+from quipkit.formats.streamed_file import TensorSource, sources_in, write_safetensors
 from quipkit.layers.quantized_embedding import QuantizedEmbedding
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.models.experts import ExpertLinears, find_fused_experts, unfuse_experts
@@ -155,22 +157,22 @@ def save_from_blocks(
     """Write a checkpoint from the blocks' finished files (a run's work folder: each holds one block's
     tensors under their final names) and what `model` holds outside the blocks (embeddings, final norm,
     head); `specs` are the quantized layers of the blocks. Nothing is read into memory but the part
-    outside the blocks, except for a small model (all files under SINGLE_FILE_BYTES), which gets one
-    `model.safetensors` like `save` writes; a larger one gets one shard per block and an index."""
+    outside the blocks and one tensor at a time. A small model (all files under SINGLE_FILE_BYTES) gets
+    one `model.safetensors`, the bytes `save` writes; a larger one gets one shard per block and an index."""
     rest = state_tensors(model, skip=blocks_prefix)
     size = sum(p.stat().st_size for p in block_files) + sum(t.numel() * t.element_size() for t in rest.values())
 
     def write(tmp: Path) -> None:
-        if size <= SINGLE_FILE_BYTES:
-            tensors = dict(rest)
+        if size <= SINGLE_FILE_BYTES:  # written a tensor at a time: never the whole result in memory
+            tensors = {key: TensorSource.held(value) for key, value in rest.items()}
             for path in block_files:
-                tensors.update(load_file(str(path)))
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+                tensors.update(sources_in(path))
+            write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"})
         else:
             names = [f"model-{i:05d}-of-{len(block_files) + 1:05d}.safetensors" for i in range(1, len(block_files) + 2)]
             weight_map: dict[str, str] = {}
             for path, name in zip(block_files, names):
-                _link_or_copy(path, tmp / name)
+                link_or_copy(path, tmp / name)
                 with safe_open(str(path), "pt") as handle:
                     weight_map.update({key: name for key in handle.keys()})
             save_file(rest, str(tmp / names[-1]), metadata={"format": "pt"})
@@ -181,14 +183,6 @@ def save_from_blocks(
         _write_config(tmp, model, tokenizer, quantization_config(model, config, calibration, specs), report)
 
     return _publish(Path(out_dir), overwrite, write)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """`target` with `source`'s bytes: a hard link when both are on one file system (no copy)."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _write_config(folder: Path, model: nn.Module, tokenizer, quant: dict[str, Any], report: dict[str, Any] | None) -> None:

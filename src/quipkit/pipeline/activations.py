@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,7 +18,7 @@ from typing import Iterator, Sequence
 from safetensors import safe_open
 from torch import Tensor
 
-from quipkit.formats.atomic import atomic_save_tensors
+from quipkit.formats.atomic import atomic_save_tensors, link_or_copy
 
 
 class ActivationFolder:
@@ -100,14 +99,3 @@ class OffloadedBatches(Sequence[Tensor]):
         """One view of several processes' batches, in order."""
         return OffloadedBatches([path for part in parts for path in part.paths])
 
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """`target` with `source`'s content: a hard link on one file system, else a copy (renamed into
-    place, so a crash never leaves half a file under the name)."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from quipkit.errors import QuipkitError
 from quipkit.faults import reach
-from quipkit.formats.atomic import atomic_save_tensors, atomic_write_text
-from quipkit.pipeline.activations import ActivationFolder, OffloadedBatches, link_or_copy
+from quipkit.formats.atomic import atomic_save_tensors, atomic_write_text, link_or_copy
+from quipkit.pipeline.activations import ActivationFolder, OffloadedBatches
 
 _STATE = "state.json"
 
