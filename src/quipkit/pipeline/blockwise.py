@@ -490,7 +490,10 @@ def _quantize_block(
             costs = [sum(m.in_features * m.out_features for m in members_of(group).values()) for group, _ in selected]
             owners = ranks.owners(costs)
             mine = {}
-            for index, (group, hessian) in enumerate(selected):
+            # the largest Hessian first: the others wait in memory while a group is rounded
+            widest = sorted(range(len(selected)), key=lambda i: -next(iter(members_of(selected[i][0]).values())).in_features)
+            for index in widest:
+                group, hessian = selected[index]
                 selected[index] = (group, None)
                 if owners[index] == ranks.rank:
                     mine[index] = quantize_group(members_of(group), hessian, config, device, consume=not keep_hessians)

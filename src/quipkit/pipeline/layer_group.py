@@ -66,7 +66,7 @@ def quantize_group(
     consume: bool = False,
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
     """Quantize `linears` (all reading an input with second moment `hessian` [n, n]; None: uncalibrated,
-    H = I) under `config`; with `consume`, `hessian`'s memory is reused (its values are lost)."""
+    H = I) under `config`; with `consume`, `hessian`'s memory is reused or released (its values are lost)."""
     by_config: dict[str, tuple[QuantConfig, list[str]]] = {}
     for name in linears:
         cfg = config.for_layer(name)
@@ -104,6 +104,8 @@ def _quantize_stack(
         h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
         in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
         h_t = transform.hessian(h, in_params)
+        if consume and h_t.data_ptr() != h.data_ptr():
+            h.set_()  # the caller's Hessian, transformed: its memory goes now, not after the rounding
     out_params, rotated, scales = [], [], []
     for name, w in zip(names, weights):
         params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}

@@ -14,6 +14,9 @@ from quipkit.codebooks.base import Codebook, Params
 from quipkit.rounding.hessian import proxy_loss
 
 
+ROWS = 1024  # rows per step of the products with H: their results stay this small (the same bits)
+
+
 def greedy_refine(
     weight: Tensor,
     hessian: Tensor,
@@ -38,7 +41,9 @@ def greedy_refine(
     kept = 0
     for _ in range(sweeps):
         new_codes, new_values = codes.clone(), values.clone()
-        resid = (w - new_values) @ h  # [m, n]: (W - Ŵ) H, kept current for columns not yet visited
+        resid = torch.empty_like(w)  # [m, n]: (W - Ŵ) H, kept current for columns not yet visited
+        for r in range(0, m, ROWS):
+            resid[r:r + ROWS] = (w[r:r + ROWS] - new_values[r:r + ROWS]) @ h
         for b0 in range(0, n, batch):
             b1 = min(n, b0 + batch)
             before = new_values[:, b0:b1].clone()
@@ -51,7 +56,9 @@ def greedy_refine(
                 new_codes[:, kb : kb + 1] = code
                 resid[:, b0:b1] -= delta @ h[k : k + g, b0:b1]
             if b1 < n:
-                resid[:, b1:] -= (new_values[:, b0:b1] - before) @ h[b0:b1, b1:]
+                change = new_values[:, b0:b1] - before
+                for r in range(0, m, ROWS):
+                    resid[r:r + ROWS, b1:] -= change[r:r + ROWS] @ h[b0:b1, b1:]
         loss = proxy_loss(w, new_values, h)
         if loss >= best:
             break

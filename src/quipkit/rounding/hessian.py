@@ -130,17 +130,22 @@ def prepare_hessian(hessian: Tensor, damping: float, in_place: bool = False) -> 
 
 
 PROXY_ROWS = 1024  # rows per step of the proxy sums: bounded work space for a 7B MLP's 90M weights
+PROXY_COLS = 2048  # columns of H per step: a float32 H is never copied whole to float64
 
 
 def _quadratic(left: Tensor, right: Tensor | None, hessian: Tensor | None) -> float:
     """sum_r e_r H e_r^T over the rows of e = `left` - `right` ([m, n] each; `right` None: zero), in
-    float64 (H None: the identity), a chunk of rows at a time."""
+    float64 (H None: the identity), a chunk of rows and a block of H's columns at a time."""
     total = 0.0
-    h = hessian.double() if hessian is not None else None
     for start in range(0, left.shape[0], PROXY_ROWS):
         rows = slice(start, start + PROXY_ROWS)
         e = (left[rows] - right[rows] if right is not None else left[rows]).double()
-        total += float(((e @ h if h is not None else e) * e).sum())
+        if hessian is None:
+            total += float((e * e).sum())
+            continue
+        for col in range(0, hessian.shape[1], PROXY_COLS):
+            cols = slice(col, col + PROXY_COLS)
+            total += float(((e @ hessian[:, cols].double()) * e[:, cols]).sum())
     return total
 
 
