@@ -95,3 +95,34 @@ def test_prepare_hessian_normalises_damps_and_fixes_dead_inputs():
     h = torch.diag(torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64))
     out = prepare_hessian(h, 0.01)
     assert torch.allclose(torch.diagonal(out), torch.tensor([1.01, 2.01, 1.01], dtype=torch.float64))
+
+
+def test_greedy_products_by_blocks_of_rows_give_the_same_result(monkeypatch):
+    from quipkit.rounding import greedy
+
+    torch.manual_seed(3)
+    cb = make_codebook({"name": "e8p", "bits": 2})
+    w = torch.randn(70, 64)
+    x = torch.randn(256, 64)
+    h = (x.t() @ x / 256).double() + 0.01 * torch.eye(64, dtype=torch.float64)
+    params = cb.fit(w)
+    codes, values = ldlq(w, h, cb, params)
+    whole = greedy_refine(w, h, cb, params, codes, values, 3)
+    monkeypatch.setattr(greedy, "ROWS", 16)
+    blocks = greedy_refine(w, h, cb, params, codes, values, 3)
+    assert whole[2] == blocks[2] > 0
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+
+
+def test_a_consumed_hessian_is_released_once_transformed_and_kept_when_it_is_the_rounding_one():
+    from quipkit.config import make_config
+    from quipkit.pipeline.layer_group import quantize_group
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    for method, bits, released in (("quip#", 2, True), ("gptq", 4, False)):
+        linears = {"a": torch.nn.Linear(64, 32, bias=False)}
+        hessian = (x.t() @ x / 512).double()
+        quantize_group(linears, hessian, make_config(method, bits, group_size=32) if method == "gptq"
+                       else make_config(method, bits), torch.device("cpu"), consume=True)
+        assert (hessian.numel() == 0) == released

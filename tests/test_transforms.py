@@ -116,3 +116,18 @@ def test_kronecker_regenerates_identically_from_seed():
     fresh = KroneckerOp(30, 5)
     assert torch.allclose(fresh.apply(w), a.new_tensor(0) + KroneckerOp(30, 5).apply(w))
     assert torch.allclose(t.weight(w, {**t.fit_input(h, w, 5), **t.fit_output(20, 6)}), a)
+
+
+def test_large_rotations_go_by_blocks_of_rows_with_the_same_bits(monkeypatch):
+    from quipkit.transforms import rht
+    from quipkit.transforms.hadamard import orthogonal_op
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (576, 1536, 960):  # Hadamard factors 36, 12, 60
+        matrix = torch.randn(300, n, generator=gen, dtype=torch.float64)
+        signs = rht.random_signs(n, 1)
+        whole = orthogonal_op(n).apply(matrix * signs.to(matrix), transpose=True)
+        monkeypatch.setattr(rht, "ROTATE_STEP", 7 * n)  # blocks of 7 rows, the last one short
+        assert torch.equal(rht.rotate_rows(matrix, signs), whole)
+        assert torch.equal(rht.rotate_rows(matrix.t().contiguous().t(), signs), whole)  # a transposed view too
+        monkeypatch.undo()
