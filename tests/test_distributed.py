@@ -22,10 +22,10 @@ def source(tmp_path_factory, smol_tokenizer) -> Path:
     return write_random_llama(tmp_path_factory.mktemp("dist") / "random", smol_tokenizer, SHAPE, std=0.05)
 
 
-def _quantize(model: Path, out: Path, method: str, bits: int, nproc: int, env: dict | None = None):
+def _quantize(model: Path, out: Path, method: str, bits: int, nproc: int, env: dict | None = None, *extra: str):
     argv = [sys.executable, "-m", "quipkit.cli", "quantize", str(model), "--method", method, "--bits", str(bits),
             "--out", str(out), "--nsamples", "8", "--seqlen", "32", "--calib-batch", "2", "--calibration",
-            "wikitext2", "--nproc", str(nproc)]
+            "wikitext2", "--nproc", str(nproc), *extra]
     return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                           timeout=600)
 
@@ -40,9 +40,11 @@ def _digest(folder: Path) -> str:
 def test_two_processes_write_the_bytes_one_process_writes(tmp_path, source, method, bits):
     one = _quantize(source, tmp_path / "one", method, bits, 1)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _quantize(source, tmp_path / "two", method, bits, 2)
+    # the two processes also offload their activations: they exchange the files' paths, not the data
+    two = _quantize(source, tmp_path / "two", method, bits, 2, None, "--offload-activations", str(tmp_path / "spill"))
     assert two.returncode == 0, two.stderr[-2000:]
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+    assert list((tmp_path / "spill").iterdir()) == []
 
 
 def test_a_killed_process_stops_the_run_and_the_same_command_resumes(tmp_path, source):
