@@ -156,8 +156,8 @@ def collect_hessians(
 ) -> tuple[Batches, list[tuple[list[str], Tensor | None]], dict[str, str]]:
     """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
     order, {expert name: how its Hessian was completed} for experts that saw too few tokens). With
-    `first_only`, groups after the first (experts excepted) come with None: a sequential method
-    collects theirs later, and holding them meanwhile cost a 7B block 2 GB."""
+    `first_only`, groups after the first (experts excepted) come with None: each is collected when its
+    turn comes, as holding them all meanwhile cost a 7B block 2 GB."""
     ranks = ranks or Ranks()
     hooks = _HessianHooks(linears, device, first_only=first_only)
     try:
@@ -424,6 +424,8 @@ def _quantize_block(
 
     Without calibration (round-to-nearest) each linear uses H = I; with `cached` Hessians the
     block is not run at all. Hessians are collected for `observed` (default: `linears`), a superset.
+    Unless they are all kept (for a cache), the pass that gives the block's outputs sums only the first
+    group's; each other group's is summed when its turn comes, so one large Hessian is held at a time.
 
     With `config.sequential` (GPTQ's true-sequential), each group after the first gets its Hessian
     from the block with the earlier groups already quantized, so it learns to absorb their error.
@@ -434,7 +436,7 @@ def _quantize_block(
     if cached is not None:
         outputs, groups = inputs, cached
     elif config.needs_calibration:
-        later = config.sequential and not keep_hessians  # groups after the first collect their own
+        later = not keep_hessians  # groups after the first collect their own when their turn comes
         outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later,
                                                   space)
     else:
@@ -495,6 +497,14 @@ def _quantize_block(
             for index in widest:
                 group, hessian = selected[index]
                 selected[index] = (group, None)
+                if hessian is None and config.needs_calibration:  # the block is still float (layers go in
+                    # after the exchange), so this is the H the first pass would have summed
+                    members = members_of(group)
+                    first = next(iter(members))
+                    start = time.perf_counter()
+                    hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
+                    report.seconds["hessian"] += time.perf_counter() - start
+                    t1 += time.perf_counter() - start
                 if owners[index] == ranks.rank:
                     mine[index] = quantize_group(members_of(group), hessian, config, device, consume=not keep_hessians)
                 del hessian

@@ -103,9 +103,10 @@ def _quantize_stack(
             hessian = torch.eye(stacked.shape[1], dtype=torch.float64)
         h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
         in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
-        h_t = transform.hessian(h, in_params)
-        if consume and h_t.data_ptr() != h.data_ptr():
-            h.set_()  # the caller's Hessian, transformed: its memory goes now, not after the rounding
+        # the caller's Hessian, once transformed, goes now rather than after the rounding
+        h_t = transform.hessian(h, in_params, consume=consume)
+        if consume and h.numel() and h_t.data_ptr() != h.data_ptr():
+            h.set_()
     out_params, rotated, scales = [], [], []
     for name, w in zip(names, weights):
         params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}

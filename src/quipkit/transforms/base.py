@@ -65,8 +65,8 @@ class Transform(ABC):
         """W [m, n] -> W~ = U W V^T (the basis the codebook rounds in, unscaled)."""
 
     @abstractmethod
-    def hessian(self, hessian: Tensor, params: Params) -> Tensor:
-        """H [n, n] -> H~ = V H V^T."""
+    def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
+        """H [n, n] -> H~ = V H V^T; with `consume`, H's memory is released as soon as it is read."""
 
     @abstractmethod
     def input(self, x: Tensor, params: Params) -> Tensor:
@@ -102,7 +102,7 @@ class Identity(Transform):
     def weight(self, weight: Tensor, params: Params) -> Tensor:
         return weight
 
-    def hessian(self, hessian: Tensor, params: Params) -> Tensor:
+    def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
         return hessian
 
     def input(self, x: Tensor, params: Params) -> Tensor:

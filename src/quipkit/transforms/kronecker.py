@@ -108,12 +108,14 @@ class RandomKronecker(Transform):
         w = self._in(params, n).apply(w)  # rows: V r, i.e. W V^T
         return self._out(params, m).apply(w.t()).t()  # U (.)
 
-    def hessian(self, hessian: Tensor, params: Params) -> Tensor:
+    def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
         n = hessian.shape[0]
         h = hessian
         if self.rescale:
             inv = 1.0 / params["rescale"].to(h)
             h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
+            if consume:
+                hessian.set_()
         op = self._in(params, n)
         return op.apply(op.apply(h).t()).t()
 

@@ -46,8 +46,10 @@ class RandomHadamard(Transform):
         w = rotate_rows(weight, params["su"])  # W S_n Had_n
         return rotate_rows(w.t(), params["sv"].sign()).t()  # Had_m^T S_m (.)
 
-    def hessian(self, hessian: Tensor, params: Params) -> Tensor:
+    def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
         h = rotate_rows(hessian, params["su"])
+        if consume:
+            hessian.set_()  # three n x n matrices at once were 3 GB for a 7B MLP's float64 Hessian
         return rotate_rows(h.t(), params["su"]).t()
 
     # The online transforms run as the quipkit::hadamard kernel op; imported on first use because
