@@ -283,6 +283,7 @@ def test_a_full_disk_during_save_keeps_the_previous_result(capsys, tmp_path, tin
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("quipkit.formats.checkpoint.save_file", no_space)
+    monkeypatch.setattr("quipkit.formats.checkpoint.write_safetensors", no_space)  # a streamed run's writer
     _one_line_error(capsys, _quantize_argv(tiny_source, out) + ["--overwrite", "--method", "rtn", "--bits", "4"],
                     "No space left on device", "is unchanged")
     assert _digest(out) == before

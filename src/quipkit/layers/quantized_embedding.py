@@ -27,7 +27,7 @@ class QuantizedEmbedding(nn.Module):
         self._head: nn.Module | None = None  # the output head whose tensors a tied embedding reads
         if not tied:
             for name, (shape, dt) in self.codebook.storage(num_embeddings, embedding_dim).items():
-                self.register_buffer(name, torch.zeros(shape, dtype=dt))
+                self.register_buffer(name, torch.empty(shape, dtype=dt))  # filled before use: untouched till then
 
     def tie_to(self, head: nn.Module) -> None:
         """Read the stored tensors of `head` (a QuantizedLinear with the same codebook and shape)."""

@@ -44,8 +44,8 @@ class QuantizedLinear(nn.Module):
         layout = {**self.codebook.storage(out_features, in_features), **self.transform.storage(out_features, in_features)}
         if len(layout) != len(self._codebook_names) + len(self._transform_names):
             raise ValueError("codebook and transform tensor names collide")
-        for name, (shape, dtype) in layout.items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        for name, (shape, dtype) in layout.items():  # filled by from_tensors or a state dict: untouched till then
+            self.register_buffer(name, torch.empty(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("decoded", None, persistent=False)  # see keep_decoded
         self.kernel_spec = spec_of(self.codebook)
@@ -83,7 +83,7 @@ class QuantizedLinear(nn.Module):
             buf, value = getattr(layer, name), tensors[name]
             if value.shape != buf.shape:
                 raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
-            setattr(layer, name, value.to(buf.dtype).clone())
+            setattr(layer, name, value.to(buf.dtype, copy=True))  # one copy (a bf16 head's is 200 MB)
         if layer.bias is not None:
             if bias is None:
                 raise ValueError("the layer has a bias but none was given")
