@@ -249,3 +249,11 @@ def test_a_file_written_tensor_by_tensor_has_the_bytes_save_file_writes(tmp_path
     assert (tmp_path / "ours.safetensors").read_bytes() == theirs
     write_safetensors(tmp_path / "copied.safetensors", sources_in(tmp_path / "theirs.safetensors"), {"format": "pt"})
     assert (tmp_path / "copied.safetensors").read_bytes() == theirs
+
+
+def test_an_unusable_offload_folder_is_one_line_before_any_model_loads(capsys, tmp_path, source):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    assert main(_argv(source, tmp_path / "q", "rtn", 4, "--offload-activations", str(blocker / "sub"))) == 2
+    err = capsys.readouterr().err
+    assert "--offload-activations cannot use" in err and "Traceback" not in err and "streaming" not in err

@@ -101,6 +101,10 @@ def _preflight(args: argparse.Namespace):
     if out.exists() and not args.overwrite:
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     config, calibration = _build_configs(args)
+    if getattr(args, "offload_activations", None):
+        from quipkit.pipeline.activations import usable_folder
+
+        usable_folder(Path(args.offload_activations))
     source = resolve_model(args.model)
     if source.kind == "quipkit":
         raise QuipkitError(f"{args.model} is already quantized; quantize the original float model")

@@ -18,7 +18,17 @@ from typing import Iterator, Sequence
 from safetensors import safe_open
 from torch import Tensor
 
+from quipkit.errors import QuipkitError
 from quipkit.formats.atomic import atomic_save_tensors, link_or_copy
+
+
+def usable_folder(folder: Path) -> None:
+    """Create `folder` (with its parents), or say in one line why the offload folder cannot be used."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QuipkitError(f"--offload-activations cannot use {folder} ({err.strerror or err}); "
+                           "pass a writable folder") from None
 
 
 class ActivationFolder:
@@ -34,7 +44,7 @@ class ActivationFolder:
         self._count = itertools.count()
         if owner:
             shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        usable_folder(self.folder)
 
     def batches(self) -> "OffloadedBatches":
         """A new, empty sequence of batches stored here."""
