@@ -11,6 +11,7 @@ sorted), and reads each tensor only while writing it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,11 @@ _RANK = {name: rank for rank, name in enumerate(_DTYPES.values())}
 _BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
 
 
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name ("BF16", "F32", ...)."""
+    return _BY_NAME[name]
+
+
 class TensorSource:
     """A tensor's dtype and shape, and how to read it when its turn comes."""
 
@@ -37,10 +43,7 @@ class TensorSource:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * _BY_NAME[self.dtype].itemsize
+        return math.prod(self.shape) * _BY_NAME[self.dtype].itemsize
 
     @classmethod
     def held(cls, tensor: Tensor) -> "TensorSource":

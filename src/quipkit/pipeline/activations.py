@@ -15,11 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
 from quipkit.formats.atomic import atomic_save_tensors, link_or_copy
+from quipkit.formats.streamed_file import dtype_named
 
 
 def usable_folder(folder: Path) -> None:
@@ -80,6 +82,12 @@ class OffloadedBatches(Sequence[Tensor]):
         target = self.owner.next_path()
         link_or_copy(path, target)
         self.paths.append(target)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The batches' dtype, from the first file's header (no data read)."""
+        with safe_open(str(self.paths[0]), "pt") as handle:
+            return dtype_named(handle.get_slice("hidden").get_dtype())
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -129,7 +129,7 @@ def _shared_run(block: nn.Module, inputs: Batches, kwargs: list[dict], device: t
     """The block's outputs for every batch (held in the inputs' dtype, in memory or in `space`), each
     process running its share."""
     share = ranks.share(len(inputs))
-    store = inputs[0].dtype if len(inputs) else None
+    store = (inputs.dtype if isinstance(inputs, OffloadedBatches) else inputs[0].dtype) if len(inputs) else None
     mine = run_block(block, inputs[share.start:share.stop], kwargs[share.start:share.stop], device, after, store,
                      into=_waiting(space))
     return ranks.gather(mine)
@@ -471,6 +471,16 @@ def _quantize_block(
         def members_of(group: list[str]) -> dict[str, nn.Linear]:
             return {name: linears[name] for name in group if name in linears}
 
+        def hessian_now(members: dict[str, nn.Linear]) -> Tensor:
+            """The Hessian of the members' input in the block as it is now (its time is not rounding's)."""
+            nonlocal t1
+            start = time.perf_counter()
+            first = next(iter(members))
+            hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
+            report.seconds["hessian"] += time.perf_counter() - start
+            t1 += time.perf_counter() - start
+            return hessian
+
         if config.sequential and config.needs_calibration:  # each group sees the earlier ones quantized
             # the groups after the first get a Hessian of the block as it will be then (a cached one is
             # dropped); so does a first selected group that the first pass did not sum (include/exclude)
@@ -481,11 +491,7 @@ def _quantize_block(
                 hessian, fresh = selected[index][1], not keep_hessians
                 selected[index] = (group, None)  # each Hessian is let go once used (a 7B MLP's is 1 GB)
                 if hessian is None and not is_expert(group[0]):
-                    start = time.perf_counter()
-                    first = next(iter(members))
-                    hessian, fresh = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks), True
-                    report.seconds["hessian"] += time.perf_counter() - start
-                    t1 += time.perf_counter() - start  # keep it out of the rounding time
+                    hessian, fresh = hessian_now(members), True
                 install(quantize_group(members, hessian, config, device, consume=fresh))
                 del hessian
         else:  # independent groups: divided among the processes, then exchanged
@@ -499,12 +505,7 @@ def _quantize_block(
                 selected[index] = (group, None)
                 if hessian is None and config.needs_calibration:  # the block is still float (layers go in
                     # after the exchange), so this is the H the first pass would have summed
-                    members = members_of(group)
-                    first = next(iter(members))
-                    start = time.perf_counter()
-                    hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
-                    report.seconds["hessian"] += time.perf_counter() - start
-                    t1 += time.perf_counter() - start
+                    hessian = hessian_now(members_of(group))
                 if owners[index] == ranks.rank:
                     mine[index] = quantize_group(members_of(group), hessian, config, device, consume=not keep_hessians)
                 del hessian

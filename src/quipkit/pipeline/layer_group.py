@@ -105,8 +105,6 @@ def _quantize_stack(
         in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
         # the caller's Hessian, once transformed, goes now rather than after the rounding
         h_t = transform.hessian(h, in_params, consume=consume)
-        if consume and h.numel() and h_t.data_ptr() != h.data_ptr():
-            h.set_()
     out_params, rotated, scales = [], [], []
     for name, w in zip(names, weights):
         params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}

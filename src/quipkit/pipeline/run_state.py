@@ -68,9 +68,9 @@ class RunState:
     def _remove_stale(self) -> None:
         """Files of a block that was written but not committed, and temporary files of a killed write."""
         keep = {self.inputs_file(self.next_block).name, _STATE} | {self.block_file(i).name for i in range(self.next_block)}
-        batches = self.batch_file(self.next_block, 0).name.rpartition(".batch_")[0]
+        batches = _batch_prefix(self.next_block)
         for path in self.folder.iterdir():
-            if path.name not in keep and not (path.name.startswith(batches + ".batch_") and path.suffix == ".safetensors"):
+            if path.name not in keep and not (path.name.startswith(batches) and path.suffix == ".safetensors"):
                 path.unlink(missing_ok=True)
 
     @property
@@ -86,7 +86,7 @@ class RunState:
 
     def batch_file(self, index: int, batch: int) -> Path:
         """One batch of block `index`'s inputs, for a run whose activations are offloaded."""
-        return self.folder / f"inputs_{index:04d}.batch_{batch:05d}.safetensors"
+        return self.folder / f"{_batch_prefix(index)}{batch:05d}.safetensors"
 
     def save_block(
         self,
@@ -119,7 +119,7 @@ class RunState:
         self.records.extend(records)
         self.specs.update(specs)
         self.inputs_file(index).unlink(missing_ok=True)
-        for path in self.folder.glob(self.batch_file(index, 0).name.replace("00000", "*")):
+        for path in self.folder.glob(f"{_batch_prefix(index)}*.safetensors"):
             path.unlink(missing_ok=True)
 
     def load_block(self, index: int) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
@@ -165,6 +165,11 @@ class RunState:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _batch_prefix(index: int) -> str:
+    """The start of the names of block `index`'s offloaded input batches."""
+    return f"inputs_{index:04d}.batch_"
 
 
 def fingerprint_of(**parts: Any) -> dict[str, Any]:

@@ -39,8 +39,13 @@ class HessianAccumulator:
         pair = torch.zeros(2, self.size, self.size, dtype=torch.float64, device=self.high.device)
         if self.tokens:
             pair[0] = self.high
-        pair[1].view(-1)[self.low_index] = self.low_value
+        self._errors_into(pair[1])
         return pair
+
+    def _errors_into(self, dense: Tensor) -> Tensor:
+        """`dense` [n, n] (zeros) with the held errors written in."""
+        dense.view(-1)[self.low_index] = self.low_value
+        return dense
 
     @classmethod
     def from_pair(cls, pair: Tensor, tokens: int) -> "HessianAccumulator":
@@ -86,7 +91,7 @@ class HessianAccumulator:
         """Add another accumulator's sum (another process's share of the batches)."""
         if other.tokens == 0:
             return
-        self._add(other.high, other.pair()[1] if len(other.low_index) else None)
+        self._add(other.high, other._errors_into(torch.zeros_like(other.high)) if len(other.low_index) else None)
         self.tokens += other.tokens
 
     def mean(self) -> Tensor:

@@ -114,10 +114,11 @@ class RandomKronecker(Transform):
         if self.rescale:
             inv = 1.0 / params["rescale"].to(h)
             h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
-            if consume:
-                hessian.set_()
         op = self._in(params, n)
-        return op.apply(op.apply(h).t()).t()
+        first = op.apply(h).t()
+        if consume:
+            hessian.set_()
+        return op.apply(first).t()
 
     def input(self, x: Tensor, params: Params) -> Tensor:
         if self.rescale:
