@@ -38,7 +38,7 @@ def _problem(m, n, seed, spike=False):
 
 def _kronecker(w, h, seed=0):
     t = make_transform({"name": "kronecker", "rescale": False})
-    params = {**t.fit_input(h, w, seed), **t.fit_output(w.shape[0], seed + 1)}
+    params = {**t.fit_input(h, [w], seed), **t.fit_output(w.shape[0], seed + 1)}
     return t.weight(w, params), t.hessian(h, params)
 
 

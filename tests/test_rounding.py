@@ -1,5 +1,7 @@
 """LDLQ, GPTQ, greedy refinement and the proxy loss, against straightforward reference code."""
 
+import sys
+
 import torch
 
 from quipkit.codebooks import make_codebook
@@ -97,21 +99,45 @@ def test_prepare_hessian_normalises_damps_and_fixes_dead_inputs():
     assert torch.allclose(torch.diagonal(out), torch.tensor([1.01, 2.01, 1.01], dtype=torch.float64))
 
 
-def test_greedy_products_by_blocks_of_rows_give_the_same_result(monkeypatch):
-    from quipkit.rounding import greedy
-
+def test_rounding_by_blocks_of_rows_gives_the_same_result(monkeypatch):
+    """LDLQ and greedy round a few rows at a time (bounded memory); rows are independent, so the
+    result is the same as rounding the whole matrix at once, bit for bit."""
+    ldlq_module = sys.modules["quipkit.rounding.ldlq"]
     torch.manual_seed(3)
-    cb = make_codebook({"name": "e8p", "bits": 2})
-    w = torch.randn(70, 64)
     x = torch.randn(256, 64)
     h = (x.t() @ x / 256).double() + 0.01 * torch.eye(64, dtype=torch.float64)
-    params = cb.fit(w)
-    codes, values = ldlq(w, h, cb, params)
-    whole = greedy_refine(w, h, cb, params, codes, values, 3)
-    monkeypatch.setattr(greedy, "ROWS", 16)
-    blocks = greedy_refine(w, h, cb, params, codes, values, 3)
-    assert whole[2] == blocks[2] > 0
-    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+    order = torch.argsort(torch.diagonal(h), descending=True)
+    for spec, act_order in (({"name": "e8p", "bits": 2}, False), ({"name": "scalar", "bits": 3, "group_size": 16}, True)):
+        cb = make_codebook(spec)
+        w = torch.randn(70, 64)
+        params = cb.fit(w)
+
+        def run():
+            codes, values = ldlq(w, h, cb, params, order if act_order else None)
+            return (codes, values, *greedy_refine(w, h, cb, params, codes.clone(), values.clone(), 3))
+
+        whole = run()
+        monkeypatch.setattr(ldlq_module, "ROW_BYTES", 16 * 64 * 4)  # 16 rows a step: 5 blocks, a short last one
+        assert ldlq_module.row_step(cb, 64) == 16
+        blocks = run()
+        monkeypatch.undo()
+        assert whole[4] == blocks[4] > 0
+        assert all(torch.equal(a, b) for a, b in zip(whole[:4], blocks[:4]))
+
+
+def test_a_sweep_that_does_not_help_is_undone_exactly():
+    """The sweep that stops the refinement leaves codes and values as they were before it (restored by
+    decoding the kept codes, not from a float copy)."""
+    w, h = _random_problem(seed=5)
+    cb = make_codebook({"name": "uniform", "bits": 2})
+    scaled = w / w.square().mean().sqrt()
+    codes, values = ldlq(scaled, h, cb, {})
+    kept = greedy_refine(scaled, h, cb, {}, codes.clone(), values.clone(), sweeps=100)[2]
+    assert 0 < kept < 100  # a sweep that did not help ended it
+    stopped = greedy_refine(scaled, h, cb, {}, codes.clone(), values.clone(), sweeps=kept + 1)
+    exact = greedy_refine(scaled, h, cb, {}, codes.clone(), values.clone(), sweeps=kept)
+    assert stopped[2] == exact[2] == kept
+    assert torch.equal(stopped[0], exact[0]) and torch.equal(stopped[1], exact[1])
 
 
 def test_a_consumed_hessian_is_released_once_transformed_and_kept_when_it_is_the_rounding_one():

@@ -91,7 +91,7 @@ def test_transform_is_exact_conjugation(spec, shape):
     x = torch.randn(10, n, generator=gen, dtype=torch.float64)
     h = x.t() @ x / 10 + torch.eye(n, dtype=torch.float64)
     t = make_transform(spec)
-    params = {**t.fit_input(h, w, 1), **t.fit_output(m, 2)}
+    params = {**t.fit_input(h, [w], 1), **t.fit_output(m, 2)}
     params = {k: (v.double() if v.is_floating_point() else v) for k, v in params.items()}
     w_t, h_t = t.weight(w, params), t.hessian(h, params)
     # the online path reproduces the layer: output(W~ input(x)) = W x
@@ -110,12 +110,12 @@ def test_kronecker_regenerates_identically_from_seed():
     t = make_transform({"name": "kronecker", "rescale": False})
     w = torch.randn(20, 30)
     h = torch.eye(30)
-    a = t.weight(w, {**t.fit_input(h, w, 5), **t.fit_output(20, 6)})
+    a = t.weight(w, {**t.fit_input(h, [w], 5), **t.fit_output(20, 6)})
     from quipkit.transforms.kronecker import KroneckerOp
 
     fresh = KroneckerOp(30, 5)
     assert torch.allclose(fresh.apply(w), a.new_tensor(0) + KroneckerOp(30, 5).apply(w))
-    assert torch.allclose(t.weight(w, {**t.fit_input(h, w, 5), **t.fit_output(20, 6)}), a)
+    assert torch.allclose(t.weight(w, {**t.fit_input(h, [w], 5), **t.fit_output(20, 6)}), a)
 
 
 def test_large_rotations_go_by_blocks_of_rows_with_the_same_bits(monkeypatch):

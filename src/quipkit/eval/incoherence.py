@@ -70,7 +70,7 @@ def layer_incoherence(weight: Tensor, hessian: Tensor, seed: int, bits: int = 2,
     out: dict[str, Any] = {}
     for label, spec in TRANSFORMS.items():
         transform = make_transform(spec)
-        params = {**transform.fit_input(h, weight.double(), seed), **transform.fit_output(weight.shape[0], seed + 1)}
+        params = {**transform.fit_input(h, [weight.double()], seed), **transform.fit_output(weight.shape[0], seed + 1)}
         params = {k: v.double() if v.is_floating_point() else v for k, v in params.items()}
         w_t = transform.weight(weight.double(), params)
         h_t = transform.hessian(h, params)

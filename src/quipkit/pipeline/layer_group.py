@@ -95,27 +95,34 @@ def _quantize_stack(
         except QuipkitError as err:
             raise QuipkitError(f"{name}: {err}") from None
         check_finite(w, f"the weight of {name}", "the float model is corrupt; restore its files")
-    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)  # no copy of a lone 7B MLP matrix
     if hessian is None and cfg.rounding == "nearest" and transform.spec()["name"] == "identity":
         h_t, damping, dead, in_params = None, cfg.damping, 0, {}  # H = I is never built (1 GB for a 7B MLP's)
     else:
         if hessian is None:
-            hessian = torch.eye(stacked.shape[1], dtype=torch.float64)
+            hessian = torch.eye(weights[0].shape[1], dtype=torch.float64)
         h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
-        in_params = transform.fit_input(h, stacked, stable_seed(cfg.seed, names[0] + ":in"))
+        in_params = transform.fit_input(h, weights, stable_seed(cfg.seed, names[0] + ":in"))
         # the caller's Hessian, once transformed, goes now rather than after the rounding
         h_t = transform.hessian(h, in_params, consume=consume)
-    out_params, rotated, scales = [], [], []
+    out_params, scales = [], []
+    sizes = [w.shape[0] for w in weights]
+    # the stack is written in place, one layer's transformed copy at a time (a lone layer: no stack)
+    target = None if len(weights) == 1 else torch.empty(sum(sizes), weights[0].shape[1], device=device)
+    row = 0
     for name, w in zip(names, weights):
         params = {**in_params, **transform.fit_output(w.shape[0], stable_seed(cfg.seed, name + ":out"))}
         w_t = transform.weight(w, params)
         scale = _rms(w_t) / codebook.target_rms if codebook.target_rms is not None else 1.0
+        if codebook.target_rms is not None:
+            w_t = w_t.div_(scale) if w_t is not w else w_t / scale
         out_params.append(params)
-        rotated.append(w_t / scale if codebook.target_rms is not None else w_t)
         scales.append(scale)
-    unchanged = all(r is w for r, w in zip(rotated, weights))  # no transform, no scale (GPTQ, RTN)
-    target = stacked if unchanged else rotated[0] if len(rotated) == 1 else torch.cat(rotated)
-    del rotated, stacked  # a transformed stack's float copy is not needed any more
+        if target is None:
+            target = w_t  # a lone layer rounds its transformed copy, or (untransformed) reads its own weight
+        else:
+            target[row : row + w.shape[0]] = w_t
+            row += w.shape[0]
+        del w_t
     cb_params = codebook.fit(target)
     if cfg.rounding == "nearest":
         codes, values = round_nearest(target, codebook, cb_params)
@@ -125,7 +132,6 @@ def _quantize_stack(
     kept = 0
     if cfg.greedy_sweeps:
         codes, values, kept = greedy_refine(target, h_t, codebook, cb_params, codes, values, cfg.greedy_sweeps)
-    sizes = [w.shape[0] for w in weights]
     code_parts = split_rows({"codes": codes}, sizes, codebook.row_block)
     param_parts = split_rows(cb_params, sizes, 1)
     value_parts = torch.split(values, sizes)

@@ -12,9 +12,7 @@ from torch import Tensor
 
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.rounding.hessian import proxy_loss
-
-
-ROWS = 1024  # rows per step of the products with H: their results stay this small (the same bits)
+from quipkit.rounding.ldlq import row_step, rows_of
 
 
 def greedy_refine(
@@ -27,41 +25,58 @@ def greedy_refine(
     sweeps: int,
     lazy_batch: int = 128,
 ) -> tuple[Tensor, Tensor, int]:
-    """Refine (codes, Ŵ [m, n]) of W [m, n] under H [n, n]. Returns (codes, Ŵ, sweeps kept)."""
-    m, n = weight.shape
-    g = codebook.dim
-    nb = n // g
+    """Refine (codes, Ŵ [m, n]) of W [m, n] under H [n, n] in place. Returns (codes, Ŵ, sweeps kept).
+
+    Rows are independent, so a sweep runs `row_step()` rows at a time and only the previous codes are
+    kept for a sweep that does not help: Ŵ is restored by decoding them (decode gives exactly the values
+    rounding gave), not from a second float copy of the matrix.
+    """
     w = weight.float()
     h = hessian.float().to(w.device)
-    blocks = h.reshape(nb, g, nb, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, g, g]
+    nb = w.shape[1] // codebook.dim
+    blocks = h.reshape(nb, codebook.dim, nb, codebook.dim).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, g, g]
     inv_blocks = torch.linalg.inv(blocks.double()).float()
-    batch = max(g, lazy_batch - lazy_batch % g)
-    cols = torch.arange(n, device=w.device)
     best = proxy_loss(w, values, h)
+    step = row_step(codebook, w.shape[1])
     kept = 0
     for _ in range(sweeps):
-        new_codes, new_values = codes.clone(), values.clone()
-        resid = torch.empty_like(w)  # [m, n]: (W - Ŵ) H, kept current for columns not yet visited
-        for r in range(0, m, ROWS):
-            resid[r:r + ROWS] = (w[r:r + ROWS] - new_values[r:r + ROWS]) @ h
-        for b0 in range(0, n, batch):
-            b1 = min(n, b0 + batch)
-            before = new_values[:, b0:b1].clone()
-            for k in range(b0, b1, g):
-                kb = k // g
-                target = new_values[:, k : k + g] + resid[:, k : k + g] @ inv_blocks[kb]
-                code, q = codebook.quantize(target, params, cols[k : k + g])
-                delta = q - new_values[:, k : k + g]
-                new_values[:, k : k + g] = q
-                new_codes[:, kb : kb + 1] = code
-                resid[:, b0:b1] -= delta @ h[k : k + g, b0:b1]
-            if b1 < n:
-                change = new_values[:, b0:b1] - before
-                for r in range(0, m, ROWS):
-                    resid[r:r + ROWS, b1:] -= change[r:r + ROWS] @ h[b0:b1, b1:]
-        loss = proxy_loss(w, new_values, h)
+        before = codes.clone()
+        for r0 in range(0, w.shape[0], step):
+            rows, code_rows = slice(r0, r0 + step), slice(r0 // codebook.row_block, (r0 + step) // codebook.row_block)
+            _sweep_rows(w[rows], h, inv_blocks, codebook, rows_of(params, rows), codes[code_rows], values[rows],
+                        lazy_batch)
+        loss = proxy_loss(w, values, h)
         if loss >= best:
+            codes.copy_(before)
+            for r0 in range(0, w.shape[0], step):
+                rows, code_rows = slice(r0, r0 + step), slice(r0 // codebook.row_block, (r0 + step) // codebook.row_block)
+                values[rows] = codebook.decode(before[code_rows], rows_of(params, rows))
             break
-        best, codes, values = loss, new_codes, new_values
+        best = loss
         kept += 1
     return codes, values, kept
+
+
+def _sweep_rows(
+    w: Tensor, h: Tensor, inv_blocks: Tensor, codebook: Codebook, params: Params, codes: Tensor, values: Tensor,
+    lazy_batch: int,
+) -> None:
+    """One sweep over every column block of the rows `w` [r, n], updating their `codes` and Ŵ `values` [r, n]."""
+    g = codebook.dim
+    n = w.shape[1]
+    batch = max(g, lazy_batch - lazy_batch % g)
+    cols = torch.arange(n, device=w.device)
+    resid = (w - values) @ h  # [r, n]: (W - Ŵ) H, kept current for columns not yet visited
+    for b0 in range(0, n, batch):
+        b1 = min(n, b0 + batch)
+        before = values[:, b0:b1].clone()
+        for k in range(b0, b1, g):
+            kb = k // g
+            target = values[:, k : k + g] + resid[:, k : k + g] @ inv_blocks[kb]
+            code, q = codebook.quantize(target, params, cols[k : k + g])
+            delta = q - values[:, k : k + g]
+            values[:, k : k + g] = q
+            codes[:, kb : kb + 1] = code
+            resid[:, b0:b1] -= delta @ h[k : k + g, b0:b1]
+        if b1 < n:
+            resid[:, b1:] -= (values[:, b0:b1] - before) @ h[b0:b1, b1:]

@@ -14,6 +14,8 @@ from torch import Tensor
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.errors import QuipkitError
 
+ROW_BYTES = 32 << 20  # a row block's float32 working copy: rounding in such blocks bounds the extra memory
+
 
 def ldl_feedback(hessian: Tensor, block: int, order: Tensor | None = None) -> Tensor:
     """A [n, n] (float32): the unit block-upper-triangular feedback matrix of H for g = `block`, with
@@ -55,30 +57,63 @@ def ldlq(
     """Round W [m, n] under H [n, n] -> (codes [m / row_block, n / dim, ...], Ŵ [m, n]).
 
     `order` [n] is a column permutation (act-order; scalar codebooks only). Updates to columns
-    beyond the current `lazy_batch` are applied once per batch, as one matrix product.
+    beyond the current `lazy_batch` are applied once per batch, as one matrix product. Rows are
+    independent, so they are rounded `row_step()` at a time: the working copy of W stays that small.
     """
     m, n = weight.shape
     g = codebook.dim
     if order is not None and g != 1:
         raise ValueError("a column order (act-order) needs a codebook that rounds one column at a time")
     cols = torch.arange(n, device=weight.device) if order is None else order.to(weight.device)
+    feedback = ldl_feedback(hessian, g, None if order is None else cols).to(weight.device)
+    values = torch.empty(m, n, device=weight.device)
+    codes: Tensor | None = None
+    step = row_step(codebook, n)
+    for r0 in range(0, m, step):
+        rows = slice(r0, r0 + step)
+        part = _ldlq_rows(weight[rows], feedback, codebook, rows_of(params, rows), cols, order is not None, lazy_batch,
+                          values[rows])
+        if codes is None:
+            codes = part.new_empty((m // codebook.row_block, *part.shape[1:]))
+        codes[r0 // codebook.row_block : r0 // codebook.row_block + part.shape[0]] = part
+    return codes, values
+
+
+def row_step(codebook: Codebook, cols: int) -> int:
+    """Rows rounded together: at most ROW_BYTES of float32 `cols` wide, in whole row blocks of the codebook
+    (fewer, larger blocks would save Python steps; smaller ones, memory)."""
+    rows = ROW_BYTES // (4 * cols)
+    return max(codebook.row_block, rows - rows % codebook.row_block)
+
+
+def rows_of(params: Params, rows: slice) -> Params:
+    """The codebook parameters of `rows` (every parameter's first dim is the matrix's rows)."""
+    return {key: value[rows] for key, value in params.items()}
+
+
+def _ldlq_rows(
+    weight: Tensor, feedback: Tensor, codebook: Codebook, params: Params, cols: Tensor, ordered: bool, lazy_batch: int,
+    values: Tensor,
+) -> Tensor:
+    """LDLQ of the rows `weight` [r, n] with the columns in order `cols` [n] (`ordered`: not 0..n-1):
+    writes Ŵ into `values` [r, n] (the final columns), returns the codes."""
+    r, n = weight.shape
+    g = codebook.dim
     w = weight.float()[:, cols]  # indexing copies: the caller's weight is untouched
-    feedback = ldl_feedback(hessian, g, None if order is None else cols).to(w.device)
     batch = max(g, lazy_batch - lazy_batch % g)
     # results go straight to their final columns: no list of pieces to join, no copy to undo the order
-    values = torch.empty_like(w)
     codes: Tensor | None = None
     place = cols.tolist()
     for b0 in range(0, n, batch):
         b1 = min(n, b0 + batch)
-        err = torch.empty(m, b1 - b0, device=w.device)
+        err = torch.empty(r, b1 - b0, device=w.device)
         for k in range(b0, b1, g):
             target = w[:, k : k + g]
             code, q = codebook.quantize(target, params, cols[k : k + g])
             width = code.shape[1]
             if codes is None:
                 codes = code.new_empty((code.shape[0], width * (n // g), *code.shape[2:]))
-            if order is None:
+            if not ordered:
                 values[:, k : k + g] = q
                 codes[:, k // g * width : (k // g + 1) * width] = code
             else:
@@ -90,4 +125,4 @@ def ldlq(
                 w[:, k + g : b1] += eta @ feedback[k : k + g, k + g : b1]
         if b1 < n:
             w[:, b1:] += err @ feedback[b0:b1, b1:]
-    return codes, values
+    return codes

@@ -53,8 +53,9 @@ class Transform(ABC):
         return {"name": self.name}
 
     @abstractmethod
-    def fit_input(self, hessian: Tensor, weight: Tensor, seed: int) -> Params:
-        """Input-side parameters for `hessian` [n, n] and the (stacked) weights [m, n] reading that input."""
+    def fit_input(self, hessian: Tensor, weights: list[Tensor], seed: int) -> Params:
+        """Input-side parameters for `hessian` [n, n] and the weights [m_i, n] of the layers reading that
+        input (a list: they are only stacked where a transform needs them so)."""
 
     @abstractmethod
     def fit_output(self, rows: int, seed: int) -> Params:
@@ -93,7 +94,7 @@ class Identity(Transform):
 
     scaled = False
 
-    def fit_input(self, hessian: Tensor, weight: Tensor, seed: int) -> Params:
+    def fit_input(self, hessian: Tensor, weights: list[Tensor], seed: int) -> Params:
         return {}
 
     def fit_output(self, rows: int, seed: int) -> Params:

@@ -87,10 +87,10 @@ class RandomKronecker(Transform):
     def spec(self) -> dict:
         return {"name": self.name, "rescale": self.rescale}
 
-    def fit_input(self, hessian: Tensor, weight: Tensor, seed: int) -> Params:
+    def fit_input(self, hessian: Tensor, weights: list[Tensor], seed: int) -> Params:
         params = {"seed_in": torch.tensor([seed], dtype=torch.int64)}
         if self.rescale:
-            params["rescale"] = rescale_factors(hessian, weight)
+            params["rescale"] = rescale_factors(hessian, weights[0] if len(weights) == 1 else torch.cat(weights))
         return params
 
     def fit_output(self, rows: int, seed: int) -> Params:

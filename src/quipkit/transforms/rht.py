@@ -36,7 +36,7 @@ def rotate_rows(matrix: Tensor, signs: Tensor) -> Tensor:
 class RandomHadamard(Transform):
     """x -> Had_n^T (s_n ⊙ x); y -> s_m ⊙ Had_m y~. Signs are stored (fp16), so loading needs no seed."""
 
-    def fit_input(self, hessian: Tensor, weight: Tensor, seed: int) -> Params:
+    def fit_input(self, hessian: Tensor, weights: list[Tensor], seed: int) -> Params:
         return {"su": random_signs(hessian.shape[0], seed)}
 
     def fit_output(self, rows: int, seed: int) -> Params:
