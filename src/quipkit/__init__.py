@@ -33,6 +33,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'quipkit' has no attribute '{name}'")
 
 
-from quipkit.integrations.transformers import install as _install_transformers_integration  # noqa: E402
+from quipkit.integrations import peft as _peft, transformers as _transformers  # noqa: E402
 
-_install_transformers_integration()
+_transformers.install()
+_peft.install()

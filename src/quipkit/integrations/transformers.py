@@ -1,17 +1,16 @@
 """transformers integration: `import quipkit` then `AutoModelForCausalLM.from_pretrained(dir)` loads a
 quipkit checkpoint, through transformers' `register_quantization_config` / `register_quantizer`.
 
-Importing transformers' quantizer registry costs seconds, so `import quipkit` does not: `install`
-registers at once if that registry is already imported, and otherwise arranges to register right
-after it is (a one-shot import hook), which is before any `from_pretrained` can read a config.
+Importing transformers' quantizer registry costs seconds, so `import quipkit` does not: the
+registration runs right after that registry is imported (`lazy.after_import`), which is before any
+`from_pretrained` can read a config.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from typing import Any
+
+from quipkit.integrations.lazy import after_import
 
 _REGISTRY = "transformers.quantizers.auto"
 
@@ -77,7 +76,10 @@ def _register(auto_module: Any) -> None:
             if folder and os.path.isdir(folder):  # check the checkpoint before loading a tensor
                 validate_checkpoint(folder)
             replace_linears(model, self.quantization_config.layers, getattr(self.quantization_config, "experts", None))
-            replace_embeddings(model, getattr(self.quantization_config, "embeddings", None) or {})
+            # embeddings look up in the dtype the model is loaded in (dtype=torch.bfloat16), like nn.Embedding
+            dtype = str(model.dtype).removeprefix("torch.")
+            embeddings = getattr(self.quantization_config, "embeddings", None) or {}
+            replace_embeddings(model, {name: {**spec, "dtype": dtype} for name, spec in embeddings.items()})
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
             upgrade_layers(model, self.quantization_config.format_version)
@@ -85,38 +87,14 @@ def _register(auto_module: Any) -> None:
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
             return False
 
-        def is_serializable(self) -> bool:
-            return False
+        def is_serializable(self, safe_serialization: bool = True) -> bool:
+            return True  # the buffers are the checkpoint's tensors under its names: save_pretrained writes one
 
         @property
         def is_trainable(self) -> bool:
-            return False
-
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds transformers' quantizer registry like the normal finders do, then wraps its loader so
-    quipkit registers right after the module has executed."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None):
-        if fullname != _REGISTRY:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            _register(module)
-
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
-        return spec
+            return True  # adapters (PEFT LoRA) train through the layers; the codes are buffers and stay fixed
 
 
 def install() -> None:
     """Register with transformers now if its registry is loaded, else as soon as it is."""
-    if _REGISTRY in sys.modules:
-        _register(sys.modules[_REGISTRY])
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    after_import(_REGISTRY, _register)

@@ -2,7 +2,8 @@
 
 The embedding of a model with tied input and output embeddings reads the output head's stored
 tensors (`tied_to`), so the checkpoint and memory hold that matrix once, as llama.cpp does with
-its token embeddings. Lookups decode only the rows asked for, in float32 (or `dtype`).
+its token embeddings. Lookups decode only the rows asked for, in `dtype` (float32 unless the model
+was cast or loaded in another dtype).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
+from quipkit.layers.stored_formats import KeepsStoredFormats
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(KeepsStoredFormats):
     def __init__(self, num_embeddings: int, embedding_dim: int, codebook: dict[str, Any], tied: bool = False,
                  dtype: str = "float32") -> None:
         super().__init__()
@@ -28,6 +30,10 @@ class QuantizedEmbedding(nn.Module):
         if not tied:
             for name, (shape, dt) in self.codebook.storage(num_embeddings, embedding_dim).items():
                 self.register_buffer(name, torch.empty(shape, dtype=dt))  # filled before use: untouched till then
+
+    def _apply(self, fn, recurse: bool = True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # lookups follow the model's casts (.to(bf16))
+        return super()._apply(fn, recurse)
 
     def tie_to(self, head: nn.Module) -> None:
         """Read the stored tensors of `head` (a QuantizedLinear with the same codebook and shape)."""

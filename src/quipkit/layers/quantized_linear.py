@@ -18,13 +18,14 @@ from quipkit.codebooks import make_codebook
 from quipkit.kernels.dispatch import spec_of
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, eager_call
+from quipkit.layers.stored_formats import KeepsStoredFormats
 from quipkit.transforms import make_transform
 
 # The kernel spec of a held float32 weight (see keep_decoded).
 DENSE_FLOAT32 = spec_of(make_codebook({"name": "dense", "bits": 32}))
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(KeepsStoredFormats):
     def __init__(
         self,
         in_features: int,
@@ -59,6 +60,12 @@ class QuantizedLinear(nn.Module):
             self._one_call = cpu.one_call_linear(self.codebook, self.out_features, self.in_features,
                                                  self.transform.name, self.codebook_tensors().values(), vectors)
         return self._one_call
+
+    @property
+    def qweight(self) -> Tensor:
+        """The first stored codebook tensor: where libraries that wrap quantized layers (PEFT) look to
+        place what they add on the layer's device."""
+        return self._buffers[self._codebook_names[0]]
 
     def _apply(self, fn, recurse: bool = True):
         self._one_call = False  # device or dtype may change
