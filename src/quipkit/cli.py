@@ -604,7 +604,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
 
     methods = "; ".join(f"{m} ({'/'.join(map(str, METHOD_BITS[m]))} bits): {METHOD_HELP[m]}" for m in METHOD_HELP)
     p.add_argument("--method", default=method, help=f"quantization method [{method}]. {methods}")
-    p.add_argument("--bits", type=int, default=bits, help=f"bits per weight of the codes [{bits}]")
+    p.add_argument("--bits", type=int, default=None,
+                   help=f"bits per weight of the codes [{bits}; a method with one width (gguf-q8_0: 8): that]")
     p.add_argument("--out", required=out is None, default=out, help="output folder (must not exist)" + (f" [{out}]" if out else ""))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("method options (defaults come from the method preset)")
@@ -762,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if getattr(args, "method", None) and "bits" in vars(args) and args.bits is None:
+        from quipkit.config import default_bits
+
+        args.bits = default_bits(args.method)
     try:
         code = args.func(args)
     except QuipkitError as err:

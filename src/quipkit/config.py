@@ -293,3 +293,34 @@ def _quip(
         sequential=sequential,
         **_common(options),
     )
+
+
+def _gguf_preset(block_type: str, bits: int) -> None:
+    """`gguf-<type>`: llama.cpp's block format `type`, no transform (llama.cpp could not undo one),
+    rounded by LDLQ with the real Hessian and act-order, layer after layer like GPTQ."""
+
+    def preset(bits: int, act_order: bool = True, clip: bool = True, sequential: bool = True, **options: Any) -> QuantConfig:
+        return QuantConfig(
+            method=f"gguf-{block_type}",
+            bits=bits,
+            codebook={"name": "ggml", "type": block_type, "clip": clip},
+            transform={"name": "identity"},
+            rounding="ldlq",
+            act_order=act_order,
+            sequential=sequential,
+            **_common(options),
+        )
+
+    register_method(f"gguf-{block_type}", (bits,),
+                    f"llama.cpp's {block_type.upper()} blocks of 32 rounded by LDLQ through the Hessian; "
+                    "`quipkit export --format gguf` writes a file llama.cpp runs")(preset)
+
+
+for _type, _bits in (("q4_0", 4), ("q4_1", 4), ("q8_0", 8), ("iq4_nl", 4)):
+    _gguf_preset(_type, _bits)
+
+
+def default_bits(method: str) -> int:
+    """The bits `method` runs at when none are asked for: its only width, else 2."""
+    widths = METHOD_BITS.get(method.lower(), ())
+    return widths[0] if len(widths) == 1 else 2

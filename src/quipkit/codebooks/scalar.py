@@ -17,7 +17,7 @@ _MIN_SCALE = 2.0**-14
 
 # Range factors tried by the clipped grid: min-max wastes low-bit levels on the tails of
 # outlier-free (e.g. incoherence-processed) weights, whose best 2-bit range is about half of it.
-_CLIP_SHRINKS = torch.linspace(1.0, 0.3, 15).tolist()
+CLIP_SHRINKS = torch.linspace(1.0, 0.3, 15).tolist()
 
 
 @register_codebook("scalar")
@@ -26,7 +26,7 @@ class GroupGrid(Codebook):
 
     Asymmetric (default): the grid spans [min(w, 0), max(w, 0)] of the group, as GPTQ does.
     Symmetric: it spans [-max|w|, max|w|] with the zero point fixed at 2^(bits-1).
-    Clip: that range shrunk by the factor (of `_CLIP_SHRINKS`) with the least squared error.
+    Clip: that range shrunk by the factor (of `CLIP_SHRINKS`) with the least squared error.
     """
 
     dim = 1
@@ -63,7 +63,7 @@ class GroupGrid(Codebook):
             return best
         columns = torch.arange(cols, device=w.device)
         best_err = None
-        for shrink in _CLIP_SHRINKS:
+        for shrink in CLIP_SHRINKS:
             params = self._grid(wmin * shrink, wmax * shrink)
             err = (self.quantize(w, params, columns)[1] - w).square()
             err = torch.zeros(shape, device=w.device).index_add_(1, group, err)

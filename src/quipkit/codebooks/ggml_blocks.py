@@ -1,0 +1,148 @@
+"""llama.cpp's block formats without a 256-wide superblock (Q4_0, Q4_1, Q8_0, IQ4_NL), as codebooks.
+
+Each row is cut into blocks of 32 weights; a block holds an fp16 scale d (Q4_1 also an fp16 minimum
+m) and one code per weight, and decodes to d * level[code] (+ m). The stored tensor is the blocks'
+bytes exactly as GGML lays them out (scale first, then 4-bit codes with weight j in the low nibble of
+byte j and weight j + 16 in its high nibble, or 8-bit codes), so a GGUF export copies it and stock
+llama.cpp reads it. The scales are fit before rounding (llama.cpp's own formula, or with `clip` the
+shrink of it with the least squared error per block); LDLQ then rounds against the real Hessian,
+which is what llama.cpp's own quantizers cannot do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.codebooks.registry import register_codebook
+from quipkit.codebooks.scalar import CLIP_SHRINKS
+from quipkit.errors import QuipkitError
+
+BLOCK = 32  # weights per block, along a row
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    bits: int  # bits per code
+    levels: tuple[int, ...]  # the integer level each code decodes to, ascending
+    minimum: bool  # an fp16 minimum per block (the levels then start at 0)
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * (2 if self.minimum else 1) + BLOCK * self.bits // 8
+
+
+FORMATS = {
+    "q4_0": BlockFormat(4, tuple(range(-8, 8)), False),
+    "q4_1": BlockFormat(4, tuple(range(16)), True),
+    "q8_0": BlockFormat(8, tuple(range(-128, 128)), False),
+    "iq4_nl": BlockFormat(4, (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), False),
+}
+
+
+@register_codebook("ggml")
+class GgmlBlocks(Codebook):
+    """One of llama.cpp's 32-weight block formats (`type`: q4_0, q4_1, q8_0, iq4_nl)."""
+
+    dim = 1
+
+    def __init__(self, type: str, clip: bool = True) -> None:
+        if type not in FORMATS:
+            raise QuipkitError(f"unknown llama.cpp block type '{type}'; choose one of {', '.join(FORMATS)}")
+        self.type, self.clip = type, clip
+        self.format = FORMATS[type]
+        super().__init__(self.format.bits)
+        self._levels = torch.tensor(self.format.levels, dtype=torch.float32)
+        self._edges = (self._levels[1:] + self._levels[:-1]) / 2  # nearest level by bucketing
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "clip": self.clip}
+
+    def check_shape(self, rows: int, cols: int) -> None:
+        if cols % BLOCK:
+            raise QuipkitError(f"llama.cpp's {self.type.upper()} needs in_features divisible by {BLOCK}; got a "
+                               f"{rows}x{cols} weight (exclude the layer or pick another method)")
+
+    def fit(self, weight: Tensor) -> Params:
+        """Per (row, block): llama.cpp's scale (and minimum), or with `clip` its shrink of least squared error."""
+        rows, cols = weight.shape
+        blocks = weight.float().reshape(rows, cols // BLOCK, BLOCK)
+        low, high = self._levels[0].item(), self._levels[-1].item()
+        if self.format.minimum:
+            top, bottom = blocks.amax(-1), blocks.amin(-1)
+            base = {"scale": (top - bottom) / (high - low), "min": bottom}
+        else:
+            extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            # the signed extreme lands on the end level with the larger magnitude (q4_0: -8, q8_0: -128 -> 127)
+            end = low if abs(low) >= abs(high) else high
+            if self.type == "q8_0":
+                extreme, end = extreme.abs(), high
+            base = {"scale": extreme / end}
+        best, best_err = None, None
+        for shrink in CLIP_SHRINKS if self.clip else [1.0]:
+            params = {key: (value * shrink).half().float() for key, value in base.items()}
+            err = (self._nearest(blocks, *self._broadcast(params, lambda v: v.unsqueeze(-1)))[1] - blocks).square().sum(-1)
+            if best is None:
+                best, best_err = params, err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = {key: torch.where(better, params[key], best[key]) for key in best}
+        return best
+
+    def _broadcast(self, params: Params, spread) -> tuple[Tensor, Tensor | float]:
+        """(scale, minimum or 0) of `params` per block, each passed through `spread` to line up with the weights."""
+        return spread(params["scale"]), spread(params["min"]) if self.format.minimum else 0.0
+
+    def _nearest(self, x: Tensor, scale: Tensor, shift: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Codes and values of the grid points nearest to x (`scale`, `shift` broadcast to x's shape)."""
+        t = torch.where(scale == 0, 0.0, (x - shift) / torch.where(scale == 0, 1.0, scale))
+        codes = torch.bucketize(t, self._edges.to(x.device))
+        return codes.to(torch.int32), self._value(codes, scale, shift)
+
+    def _value(self, codes: Tensor, scale: Tensor, shift: Tensor | float) -> Tensor:
+        """d * level[code] (+ m): the same arithmetic as llama.cpp's dequantization."""
+        value = scale * self._levels.to(scale.device)[codes]
+        return value + shift if self.format.minimum else value
+
+    def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
+        group = cols // BLOCK
+        return self._nearest(block, *self._broadcast(params, lambda v: v[:, group]))
+
+    def decode(self, codes: Tensor, params: Params) -> Tensor:
+        group = torch.arange(codes.shape[1], device=codes.device) // BLOCK
+        return self._value(codes.long(), *self._broadcast(params, lambda v: v[:, group]))
+
+    def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
+        rows, cols = codes.shape
+        codes = codes.reshape(rows, cols // BLOCK, BLOCK)
+        parts = [params["scale"].half().unsqueeze(-1).view(torch.uint8)]  # [rows, blocks, 2]
+        if self.format.minimum:
+            parts.append(params["min"].half().unsqueeze(-1).view(torch.uint8))
+        if self.format.bits == 8:
+            parts.append((codes - 128).to(torch.int8).view(torch.uint8))
+        else:
+            parts.append((codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)).to(torch.uint8))
+        return {"blocks": torch.cat(parts, -1).reshape(rows, -1)}
+
+    def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
+        blocks = stored["blocks"].reshape(rows, cols // BLOCK, self.format.block_bytes)
+        params = {"scale": blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()}
+        start = 2
+        if self.format.minimum:
+            params["min"] = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+            start = 4
+        data = blocks[..., start:]
+        if self.format.bits == 8:
+            codes = data.contiguous().view(torch.int8).to(torch.int32) + 128
+        else:
+            data = data.to(torch.int32)
+            codes = torch.cat([data & 15, data >> 4], -1)
+        return codes.reshape(rows, cols), params
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"blocks": ((rows, cols // BLOCK * self.format.block_bytes), torch.uint8)}

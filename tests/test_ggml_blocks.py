@@ -1,0 +1,93 @@
+"""llama.cpp's block formats as codebooks: byte-exact against the gguf package's reference
+(de)quantizers, and rounded through the Hessian by the gguf-* presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+import quipkit
+from quipkit.codebooks import make_codebook
+from quipkit.config import make_config
+from quipkit.errors import QuipkitError
+from quipkit.pipeline.blockwise import quantize_blockwise
+
+from conftest import tiny_model
+from test_pipeline import CAL, _tokens
+
+TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
+         "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL}
+
+
+def _weights(rows=24, cols=160, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w[3, 5], w[7, 40], w[9, 64:96] = 0.9, -1.2, 0.0  # outliers of both signs and an all-zero block
+    return w
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("block_type", list(TYPES))
+def test_stored_blocks_are_llama_cpp_bytes(block_type, clip):
+    """llama.cpp's own dequantizer (the gguf package's) reads our bytes as the values we round to."""
+    cb = make_codebook({"name": "ggml", "type": block_type, "clip": clip})
+    w = _weights()
+    params = cb.fit(w)
+    codes, values = cb.quantize(w, params, torch.arange(w.shape[1]))
+    stored = cb.pack(codes, params)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == cb.storage(*w.shape)
+    theirs = quants.dequantize(stored["blocks"].numpy(), TYPES[block_type])
+    assert np.array_equal(theirs, values.numpy())
+    assert torch.equal(cb.decode(codes, params), values)
+    codes_back, params_back = cb.unpack(stored, *w.shape)
+    assert torch.equal(codes_back, codes) and all(torch.equal(params_back[k], params[k]) for k in params)
+    assert torch.equal(values[9, 64:96], torch.zeros(32))
+
+
+@pytest.mark.parametrize("block_type", ["q4_0", "q4_1", "q8_0"])
+def test_round_to_nearest_is_llama_cpps_quantizer_or_closer(block_type):
+    """Without clipping: llama.cpp's scale formula and the nearest level. llama.cpp picks codes with the
+    float32 scale but stores the fp16 one, so a few of its weights land one level off; ours never do."""
+    cb = make_codebook({"name": "ggml", "type": block_type, "clip": False})
+    w = _weights(seed=1)
+    params = cb.fit(w)
+    codes, values = cb.quantize(w, params, torch.arange(w.shape[1]))
+    reference = quants.quantize(w.numpy(), TYPES[block_type])
+    theirs = torch.from_numpy(quants.dequantize(reference, TYPES[block_type]))
+    assert (values == theirs).float().mean() > 0.97
+    assert ((values - w).abs() <= (theirs - w).abs() + 1e-7).all()
+    clipped = make_codebook({"name": "ggml", "type": block_type, "clip": True})
+    p = clipped.fit(w)
+    assert (clipped.quantize(w, p, torch.arange(w.shape[1]))[1] - w).square().sum() <= (values - w).square().sum()
+
+
+def test_a_row_not_in_blocks_of_32_is_refused_in_one_line():
+    with pytest.raises(QuipkitError, match="Q4_0 needs in_features divisible by 32"):
+        make_codebook({"name": "ggml", "type": "q4_0"}).check_shape(64, 48)
+    with pytest.raises(QuipkitError, match="unknown llama.cpp block type 'q5_k'"):
+        make_codebook({"name": "ggml", "type": "q5_k"})
+
+
+@pytest.mark.parametrize("method", ["gguf-q4_0", "gguf-iq4_nl"])
+def test_gguf_presets_round_through_the_hessian_better_than_nearest_and_load_back(tmp_path, method):
+    tokens = _tokens()
+    rounded = tiny_model()
+    report = quantize_blockwise(rounded, tokens, make_config(method, 4), CAL, torch.device("cpu"))
+    nearest = tiny_model()
+    nearest_report = quantize_blockwise(nearest, tokens, _nearest_config(method), CAL, torch.device("cpu"))
+    ldlq = sum(r["proxy"] for r in report.layers)
+    rtn = sum(r["proxy"] for r in nearest_report.layers)
+    assert ldlq < 0.8 * rtn
+    bits = {r["bits"] for r in report.layers}
+    assert bits == {4.5}  # 18 bytes per 32 weights, as llama.cpp stores them
+    out = quipkit.save(rounded, None, tmp_path / "q", make_config(method, 4), CAL, {"layers": report.layers})
+    loaded, _ = quipkit.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens[:2]).logits, rounded(tokens[:2]).logits)
+
+
+def _nearest_config(method):
+    import dataclasses
+
+    return dataclasses.replace(make_config(method, 4), rounding="nearest", act_order=False)
