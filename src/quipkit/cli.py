@@ -176,6 +176,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
         warnings += [w for w in [quality_warning(config.method, config.bits, quick["quantized"], quick["float"])] if w]
     summary = {
         "model": source.describe(),
+        "source": {"kind": source.kind, "location": source.location, "gguf_file": source.gguf_file},  # for exports
         "method": config.method,
         "bits": config.bits,
         "bits_per_weight": report.bits_per_weight(),
@@ -498,6 +499,20 @@ def cmd_kernels(args: argparse.Namespace) -> None:
            [[r["codebook"], r["decode"], r["prefill"]] for r in rows])
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from quipkit.formats.gguf_export import export_gguf
+
+    folder, out = Path(args.model), Path(args.out)
+    if not folder.is_dir():
+        raise QuipkitError(f"no such folder: {folder}")
+    if out.exists() and not args.overwrite:
+        raise QuipkitError(f"{out} exists; pass --overwrite to replace it")
+    log = lambda text: print(f"quipkit: {text}", file=sys.stderr)  # noqa: E731
+    log(f"exporting {folder} to {out} (GGUF)")
+    export_gguf(folder, out, args.tokenizer_from, log)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp, e.g. llama-cli -m {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from quipkit.formats.checkpoint import REPORT, decoder_layers
 
@@ -722,6 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "QuIP's proxy-loss bound")
     p.add_argument("--nsamples", type=int, default=16, help="--incoherence: calibration sequences [16]")
     p.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="--incoherence: bits of the bound [2]")
+
+    p = command("export", cmd_export, "write a gguf-* checkpoint as a GGUF file that llama.cpp runs")
+    p.add_argument("model", help="quantized folder (made with --method gguf-q4_0, gguf-q4_1, gguf-q8_0 or gguf-iq4_nl)")
+    p.add_argument("--format", default="gguf", choices=("gguf",), help="output format [gguf]")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--tokenizer-from", help="copy the tokenizer from this GGUF [the GGUF the model came from, "
+                   "else the folder's tokenizer.json]")
 
     p = command("report", cmd_report, "turn bench/eval JSON results into a Markdown table and PNG plots")
     p.add_argument("results", nargs="+", help="files from bench/quality.py (JSON lines) or quipkit eval --json")

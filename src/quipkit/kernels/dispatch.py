@@ -131,8 +131,14 @@ def _select(x: Tensor, codebook, rows: int, cols: int) -> Kernel:
         if kernel.device in (device, "any") and codebook.name in kernel.codebooks and kernel.applies(x, codebook, rows, cols):
             return kernel
     if device == "cpu" and codebook.name != "dense":
-        _say_once("quipkit: the compiled kernels are not available here, so quantized layers run the eager "
-                  "reference (slow); `quipkit info --kernels` says why")
+        from quipkit import native
+
+        if not native.available():
+            _say_once("quipkit: the compiled kernels are not available here, so quantized layers run the eager "
+                      "reference (slow); `quipkit info --kernels` says why")
+        else:
+            _say_once(f"quipkit: no compiled kernel serves the '{codebook.name}' codebook yet; its layers run the "
+                      "eager reference (decoding the weight every call)")
     return REFERENCE
 
 
