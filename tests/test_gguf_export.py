@@ -41,7 +41,7 @@ def _checkpoint(folder, method="gguf-q4_0", tied=False, tokenizer=None):
 @pytest.mark.parametrize("method, tied", [("gguf-q4_0", True), ("gguf-q4_1", False)])
 def test_exported_tensors_are_the_weights_quipkit_computes_with(tmp_path, method, tied):
     model, out = _checkpoint(tmp_path / "q", method, tied)
-    path = export_gguf(out, tmp_path / "model.gguf", _source_gguf())
+    path = export_gguf(out, tmp_path / "model.gguf", _source_gguf(), embeddings="bf16")  # the same weights, exactly
     reader = GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     assert ("output.weight" in tensors) is not tied  # a tied head is token_embd, once
@@ -80,6 +80,11 @@ def test_cli_exports_and_refuses_what_llama_cpp_cannot_read(tmp_path, capsys):
     target = tmp_path / "m.gguf"
     assert main(["export", str(out), "--format", "gguf", "--out", str(target), "--tokenizer-from", _source_gguf()]) == 0
     assert target.is_file() and not (tmp_path / "m.gguf.partial").exists()
+    embedding = next(t for t in GGUFReader(str(target)).tensors if t.name == "token_embd.weight")
+    assert embedding.tensor_type.name == "Q8_0"  # by default, as llama-quantize writes a 4-bit file's
+    ours = quipkit.load(out)[0].get_input_embeddings().weight.detach().float().numpy()
+    theirs = quants.dequantize(np.asarray(embedding.data), embedding.tensor_type).reshape(ours.shape)
+    assert np.abs(theirs - ours).max() <= np.abs(ours).max() / 127
     assert main(["export", str(out), "--out", str(target)]) != 0
     assert "exists; pass --overwrite" in capsys.readouterr().err
     model = tiny_model(vocab_size=VOCAB)
@@ -88,6 +93,7 @@ def test_cli_exports_and_refuses_what_llama_cpp_cannot_read(tmp_path, capsys):
     other = quipkit.save(model, None, tmp_path / "e8p", config, CAL, {"layers": report.layers})
     assert main(["export", str(other), "--out", str(tmp_path / "x.gguf")]) != 0
     err = capsys.readouterr().err
-    assert "llama.cpp cannot read model.layers.0.self_attn.q_proj (e8p)" in err and "--method gguf-q4_0" in err
+    assert "llama.cpp cannot read model.layers.0.self_attn.q_proj (e8p) and others" in err
+    assert "GGUF takes gguf-q4_0, gguf-q4_1, gguf-q8_0, gguf-iq4_nl" in err
     assert len(err.strip().splitlines()) == 2  # the "exporting" line and the one-line refusal
     assert not (tmp_path / "x.gguf").exists()

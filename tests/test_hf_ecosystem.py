@@ -53,6 +53,28 @@ def test_save_pretrained_of_a_loaded_model_loads_again_with_identical_logits(tmp
     assert saved["layers"] == json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
 
 
+def test_push_to_hub_uploads_a_folder_that_loads_with_identical_logits(tmp_path, monkeypatch):
+    """push_to_hub with the hub replaced by a local folder (no network here): what it uploads loads back."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transformers.utils import hub
+
+    out = _checkpoint(tmp_path / "q")
+    uploaded = tmp_path / "hub" / "me" / "tiny-2bit"
+    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card",
+                        lambda *args, **kwargs: SimpleNamespace(save=lambda path: None))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files",
+                        lambda self, folder, repo_id, **kwargs: shutil.copytree(folder, uploaded))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded.push_to_hub("me/tiny-2bit")
+    tokens = _tokens(seed=8)[:2]
+    again = transformers.AutoModelForCausalLM.from_pretrained(uploaded).eval()
+    assert torch.equal(_logits(again, tokens), _logits(loaded, tokens))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_lower_precision_load_computes_in_it_and_keeps_the_stored_formats(tmp_path, dtype):
     out = _checkpoint(tmp_path / "q", head_bits=4)

@@ -509,7 +509,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise QuipkitError(f"{out} exists; pass --overwrite to replace it")
     log = lambda text: print(f"quipkit: {text}", file=sys.stderr)  # noqa: E731
     log(f"exporting {folder} to {out} (GGUF)")
-    export_gguf(folder, out, args.tokenizer_from, log)
+    export_gguf(folder, out, args.tokenizer_from, log, args.embeddings)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp, e.g. llama-cli -m {out}")
 
 
@@ -745,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--tokenizer-from", help="copy the tokenizer from this GGUF [the GGUF the model came from, "
                    "else the folder's tokenizer.json]")
+    p.add_argument("--embeddings", default="q8_0", choices=("q8_0", "bf16"),
+                   help="bf16 embeddings and head: rounded to Q8_0 as llama-quantize does for 4-bit files, or kept [q8_0]")
 
     p = command("report", cmd_report, "turn bench/eval JSON results into a Markdown table and PNG plots")
     p.add_argument("results", nargs="+", help="files from bench/quality.py (JSON lines) or quipkit eval --json")

@@ -60,12 +60,17 @@ def rotary_rows(rows: Tensor, heads: int) -> Tensor:
     return rows.reshape(heads, 2, m // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
+EMBEDDINGS = ("q8_0", "bf16")  # how bf16 embeddings and head are written: llama.cpp's choice for 4-bit files, or as held
+
+
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
-                log: Callable[[str], None] = print) -> Path:
-    """Write `out` (a .gguf file) from the quipkit checkpoint in `folder`; returns its path."""
+                log: Callable[[str], None] = print, embeddings: str = "q8_0") -> Path:
+    """Write `out` (a .gguf file) from the quipkit checkpoint in `folder`; returns its path. `embeddings`:
+    "q8_0" rounds the bf16 embeddings and head to llama.cpp's Q8_0 (as llama-quantize does for a 4-bit
+    file; 8.5 bits), "bf16" writes them as quipkit holds them."""
     import gguf
 
-    from quipkit.codebooks.ggml_blocks import GgmlBlocks
+    from quipkit.codebooks.ggml_blocks import FORMATS, GgmlBlocks
     from quipkit.formats.checkpoint import load, read_quantization_config
     from quipkit.layers.quantized_embedding import QuantizedEmbedding
     from quipkit.layers.quantized_linear import QuantizedLinear
@@ -73,6 +78,8 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
     folder, out = Path(folder), Path(out)
     config, _ = read_quantization_config(folder)
     model_type = config.get("model_type")
+    if embeddings not in EMBEDDINGS:
+        raise QuipkitError(f"embeddings must be one of {', '.join(EMBEDDINGS)}, got '{embeddings}'")
     if model_type not in ARCHITECTURES:
         raise QuipkitError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; {folder} is '{model_type}'")
     arch, reorder = ARCHITECTURES[model_type]
@@ -82,8 +89,10 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
     unreadable = [f"{name} ({m.codebook.name})" for name, m in blocks.items()
                   if not isinstance(m.codebook, GgmlBlocks) and not (m.codebook.name == "dense" and name == "lm_head")]
     if unreadable:
+        fix = ("keep the head in bf16 (--head-bits 16)" if unreadable[0].startswith("lm_head ") else
+               f"GGUF takes {', '.join('gguf-' + kind for kind in FORMATS)}: quantize with one of them")
         raise QuipkitError(f"llama.cpp cannot read {unreadable[0]}{' and others' if len(unreadable) > 1 else ''}; "
-                           "quantize with a gguf-* method (e.g. --method gguf-q4_0) to export to GGUF")
+                           f"{fix} to export to GGUF")
     formats = {m.codebook.type for m in blocks.values() if isinstance(m.codebook, GgmlBlocks)}
     main = max(formats, key=lambda t: sum(1 for m in blocks.values() if getattr(m.codebook, "type", None) == t))
 
@@ -108,12 +117,12 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
                 writer.add_tensor(gguf_name(name + ".weight"), data.contiguous().numpy(),
                                   raw_dtype=types[module.codebook.type][0])
             else:
-                _add_float(writer, gguf_name(name + ".weight"), module.effective_weight().to(torch.bfloat16))
+                _add_embedding(writer, gguf_name(name + ".weight"), module.effective_weight(), embeddings)
             if module.bias is not None:
                 _add_float(writer, gguf_name(name + ".bias"), _rows(module.bias.detach(), name, reorder, heads, kv_heads))
         elif isinstance(module, QuantizedEmbedding):
-            weight = module(torch.arange(module.num_embeddings)).to(torch.bfloat16)
-            _add_float(writer, gguf_name(name + ".weight"), weight)
+            weight = module(torch.arange(module.num_embeddings)).float()
+            _add_embedding(writer, gguf_name(name + ".weight"), weight, embeddings)
         elif isinstance(module, (nn.Embedding, nn.Linear)) or "norm" in name.rpartition(".")[2]:
             for key, tensor in module.named_parameters(recurse=False):
                 tensor = _rows(tensor.detach(), name, reorder, heads, kv_heads) if key == "weight" else tensor.detach()
@@ -134,6 +143,18 @@ def _rows(tensor: Tensor, name: str, reorder: bool, heads: int, kv_heads: int) -
     if reorder and name.endswith(("q_proj", "k_proj")):
         return rotary_rows(tensor, heads if name.endswith("q_proj") else kv_heads)
     return tensor
+
+
+def _add_embedding(writer, name: str, weight: Tensor, embeddings: str) -> None:
+    """Embeddings or head [rows, cols] (float32 values of bf16 ones): llama.cpp's Q8_0 of them (its own
+    rounding) when asked and the rows allow, else BF16."""
+    from gguf import GGMLQuantizationType, quants
+
+    if embeddings == "q8_0" and weight.shape[1] % 32 == 0:
+        blocks = quants.quantize(weight.detach().cpu().float().numpy(), GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType.Q8_0)
+    else:
+        _add_float(writer, name, weight.to(torch.bfloat16))
 
 
 def _add_float(writer, name: str, tensor: Tensor) -> None:
