@@ -5,7 +5,7 @@ same run, llama.cpp's own quantizer for the same type (llama-quantize on the sou
 quipkit's own evaluation of the same checkpoint (exported again with its bf16 embeddings as they are,
 so that both engines see the same weights and should agree).
 
-    python bench/gguf_export.py --types q4_0,iq4_nl [--work runs/gguf]
+    python bench/gguf_export.py --types q4_0,iq4_nl [--work runs/gguf] [--nsamples 32]
 
 One JSON line per type.
 """
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--types", default="q4_0,iq4_nl", help="comma-separated: q4_0, q4_1, q8_0, iq4_nl")
     parser.add_argument("--work", default="runs/gguf")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows of quipkit's rounding [128]")
     args = parser.parse_args()
 
     import torch
@@ -91,7 +92,8 @@ def main() -> None:
         start = time.perf_counter()
         if not (folder / "config.json").is_file():  # kept between runs (an interrupted one resumes)
             subprocess.run([sys.executable, "-m", "quipkit.cli", "quantize", str(source_file), "--method",
-                            f"gguf-{kind}", "--out", str(folder), "--no-check"], check=True)
+                            f"gguf-{kind}", "--out", str(folder), "--no-check", "--nsamples", str(args.nsamples)],
+                           check=True)
         quantize_seconds = time.perf_counter() - start
         for path, embeddings in ((exported, "q8_0"), (held, "bf16")):
             subprocess.run([sys.executable, "-m", "quipkit.cli", "export", str(folder), "--out", str(path),
@@ -103,7 +105,7 @@ def main() -> None:
         same_weights_in_llama = llama_cpp_perplexity(held, windows, args.threads)
         theirs = make_gguf(source_file, kind.upper(), work, None)
         theirs_in_llama = llama_cpp_perplexity(theirs, windows, args.threads)
-        print(json.dumps({"bench": "gguf_export", "type": kind, "protocol": proto.name,
+        print(json.dumps({"bench": "gguf_export", "type": kind, "protocol": proto.name, "nsamples": args.nsamples,
                           "quipkit_ldlq_in_llama_cpp": ours_in_llama,
                           "quipkit_ldlq_bf16_embeddings_in_llama_cpp": same_weights_in_llama,
                           "quipkit_ldlq_bf16_embeddings_in_quipkit": ours_in_quipkit,
