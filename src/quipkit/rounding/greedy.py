@@ -12,7 +12,7 @@ from torch import Tensor
 
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.rounding.hessian import proxy_loss
-from quipkit.rounding.ldlq import row_step, rows_of
+from quipkit.rounding.ldlq import row_blocks, rows_of
 
 
 def greedy_refine(
@@ -27,7 +27,7 @@ def greedy_refine(
 ) -> tuple[Tensor, Tensor, int]:
     """Refine (codes, Ŵ [m, n]) of W [m, n] under H [n, n] in place. Returns (codes, Ŵ, sweeps kept).
 
-    Rows are independent, so a sweep runs `row_step()` rows at a time and only the previous codes are
+    Rows are independent, so a sweep runs a block of rows at a time (`row_blocks`) and only the previous codes are
     kept for a sweep that does not help: Ŵ is restored by decoding them (decode gives exactly the values
     rounding gave), not from a second float copy of the matrix.
     """
@@ -37,19 +37,17 @@ def greedy_refine(
     blocks = h.reshape(nb, codebook.dim, nb, codebook.dim).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, g, g]
     inv_blocks = torch.linalg.inv(blocks.double()).float()
     best = proxy_loss(w, values, h)
-    step = row_step(codebook, w.shape[1])
+    blocks_of_rows = row_blocks(codebook, *w.shape)
     kept = 0
     for _ in range(sweeps):
         before = codes.clone()
-        for r0 in range(0, w.shape[0], step):
-            rows, code_rows = slice(r0, r0 + step), slice(r0 // codebook.row_block, (r0 + step) // codebook.row_block)
+        for rows, code_rows in blocks_of_rows:
             _sweep_rows(w[rows], h, inv_blocks, codebook, rows_of(params, rows), codes[code_rows], values[rows],
                         lazy_batch)
         loss = proxy_loss(w, values, h)
         if loss >= best:
             codes.copy_(before)
-            for r0 in range(0, w.shape[0], step):
-                rows, code_rows = slice(r0, r0 + step), slice(r0 // codebook.row_block, (r0 + step) // codebook.row_block)
+            for rows, code_rows in blocks_of_rows:
                 values[rows] = codebook.decode(before[code_rows], rows_of(params, rows))
             break
         best = loss

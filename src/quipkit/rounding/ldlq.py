@@ -58,7 +58,8 @@ def ldlq(
 
     `order` [n] is a column permutation (act-order; scalar codebooks only). Updates to columns
     beyond the current `lazy_batch` are applied once per batch, as one matrix product. Rows are
-    independent, so they are rounded `row_step()` at a time: the working copy of W stays that small.
+    independent, so they are rounded a block of rows at a time (`row_blocks`): the working copy of W
+    stays that small.
     """
     m, n = weight.shape
     g = codebook.dim
@@ -68,22 +69,23 @@ def ldlq(
     feedback = ldl_feedback(hessian, g, None if order is None else cols).to(weight.device)
     values = torch.empty(m, n, device=weight.device)
     codes: Tensor | None = None
-    step = row_step(codebook, n)
-    for r0 in range(0, m, step):
-        rows = slice(r0, r0 + step)
+    for rows, code_rows in row_blocks(codebook, m, n):
         part = _ldlq_rows(weight[rows], feedback, codebook, rows_of(params, rows), cols, order is not None, lazy_batch,
                           values[rows])
         if codes is None:
             codes = part.new_empty((m // codebook.row_block, *part.shape[1:]))
-        codes[r0 // codebook.row_block : r0 // codebook.row_block + part.shape[0]] = part
+        codes[code_rows] = part
     return codes, values
 
 
-def row_step(codebook: Codebook, cols: int) -> int:
-    """Rows rounded together: at most ROW_BYTES of float32 `cols` wide, in whole row blocks of the codebook
-    (fewer, larger blocks would save Python steps; smaller ones, memory)."""
-    rows = ROW_BYTES // (4 * cols)
-    return max(codebook.row_block, rows - rows % codebook.row_block)
+def row_blocks(codebook: Codebook, rows: int, cols: int) -> list[tuple[slice, slice]]:
+    """(rows of W, rows of its codes) of the blocks rounded together: at most ROW_BYTES of float32 `cols`
+    wide, in whole row blocks of the codebook (fewer, larger blocks would save Python steps; smaller
+    ones, memory)."""
+    step = ROW_BYTES // (4 * cols)
+    step = max(codebook.row_block, step - step % codebook.row_block)
+    unit = codebook.row_block
+    return [(slice(r, r + step), slice(r // unit, (r + step) // unit)) for r in range(0, rows, step)]
 
 
 def rows_of(params: Params, rows: slice) -> Params:
