@@ -68,6 +68,9 @@ def quantized_lora_linear() -> type:
             return base_layer.qweight.device, None  # on the layer's device; float32, as PEFT keeps low-precision bases' adapters
 
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if kwargs.get("adapter_names") is not None:
+                raise ValueError("LoRA on quipkit's quantized layers applies the active adapters to the whole batch; "
+                                 "call set_adapter instead of passing adapter_names")
             result = self.base_layer(x)
             if self.disable_adapters:
                 return result
