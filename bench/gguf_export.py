@@ -34,7 +34,7 @@ def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int = 2) -> f
     from ik_llama_cpp import IkLlama
     from ik_llama_cpp import _ctypes_api as api
 
-    count, length = windows.shape
+    length = windows.shape[1]
     llm = IkLlama(str(path), n_ctx=length, n_threads=threads, verbose=False)
     ctx, vocab, step = llm.ctx, llm._model.n_vocab, min(SAFE_BATCH, llm._context._n_ubatch)
     total, scored = 0.0, 0

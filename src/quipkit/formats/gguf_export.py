@@ -94,11 +94,14 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
         raise QuipkitError(f"llama.cpp cannot read {unreadable[0]}{' and others' if len(unreadable) > 1 else ''}; "
                            f"{fix} to export to GGUF")
     formats = {m.codebook.type for m in blocks.values() if isinstance(m.codebook, GgmlBlocks)}
+    if not formats:
+        raise QuipkitError(f"{folder} has no layer in a llama.cpp format; quantize with one of "
+                           f"{', '.join('gguf-' + kind for kind in FORMATS)} to export to GGUF")
     main = max(formats, key=lambda t: sum(1 for m in blocks.values() if getattr(m.codebook, "type", None) == t))
 
     tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch)
-    _hyperparameters(writer, config, model)
+    _hyperparameters(writer, config)
     writer.add_file_type(types[main][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(writer, folder, config, tokenizer_from, log)
@@ -111,9 +114,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
             continue  # llama.cpp reads token_embd for a missing output
         if isinstance(module, QuantizedLinear):
             if isinstance(module.codebook, GgmlBlocks):
-                data = module.codebook_tensors()["blocks"]
-                if reorder and name.endswith(("q_proj", "k_proj")):
-                    data = rotary_rows(data, heads if name.endswith("q_proj") else kv_heads)
+                data = _rows(module.codebook_tensors()["blocks"], name, reorder, heads, kv_heads)  # whole block rows
                 writer.add_tensor(gguf_name(name + ".weight"), data.contiguous().numpy(),
                                   raw_dtype=types[module.codebook.type][0])
             else:
@@ -139,7 +140,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
 
 
 def _rows(tensor: Tensor, name: str, reorder: bool, heads: int, kv_heads: int) -> Tensor:
-    """A float q/k projection's rows (or bias) in llama.cpp's rotary order; any other tensor as it is."""
+    """A q/k projection's rows (float, bias or stored blocks) in llama.cpp's rotary order; any other as it is."""
     if reorder and name.endswith(("q_proj", "k_proj")):
         return rotary_rows(tensor, heads if name.endswith("q_proj") else kv_heads)
     return tensor
@@ -150,7 +151,9 @@ def _add_embedding(writer, name: str, weight: Tensor, embeddings: str) -> None:
     rounding) when asked and the rows allow, else BF16."""
     from gguf import GGMLQuantizationType, quants
 
-    if embeddings == "q8_0" and weight.shape[1] % 32 == 0:
+    from quipkit.codebooks.ggml_blocks import BLOCK
+
+    if embeddings == "q8_0" and weight.shape[1] % BLOCK == 0:
         blocks = quants.quantize(weight.detach().cpu().float().numpy(), GGMLQuantizationType.Q8_0)
         writer.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType.Q8_0)
     else:
@@ -168,7 +171,7 @@ def _add_float(writer, name: str, tensor: Tensor) -> None:
         writer.add_tensor(name, tensor.float().numpy())
 
 
-def _hyperparameters(writer, config: dict[str, Any], model: nn.Module) -> None:
+def _hyperparameters(writer, config: dict[str, Any]) -> None:
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
