@@ -30,6 +30,9 @@ class BlockFormat:
     bits: int  # bits per code
     levels: tuple[int, ...]  # the integer level each code decodes to, ascending
     minimum: bool  # an fp16 minimum per block (the levels then start at 0)
+    # llama.cpp's scale: the block's largest magnitude onto the top level (Q8_0), or else its signed
+    # extreme onto the end level of larger magnitude (Q4_0: -8, IQ4_NL: -127), so its sign is kept
+    magnitude: bool = False
 
     @property
     def block_bytes(self) -> int:
@@ -39,7 +42,7 @@ class BlockFormat:
 FORMATS = {
     "q4_0": BlockFormat(4, tuple(range(-8, 8)), False),
     "q4_1": BlockFormat(4, tuple(range(16)), True),
-    "q8_0": BlockFormat(8, tuple(range(-128, 128)), False),
+    "q8_0": BlockFormat(8, tuple(range(-128, 128)), False, magnitude=True),
     "iq4_nl": BlockFormat(4, (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), False),
 }
 
@@ -75,13 +78,11 @@ class GgmlBlocks(Codebook):
         if self.format.minimum:
             top, bottom = blocks.amax(-1), blocks.amin(-1)
             base = {"scale": (top - bottom) / (high - low), "min": bottom}
+        elif self.format.magnitude:
+            base = {"scale": blocks.abs().amax(-1) / high}
         else:
             extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
-            # the signed extreme lands on the end level with the larger magnitude (q4_0: -8, q8_0: -128 -> 127)
-            end = low if abs(low) >= abs(high) else high
-            if self.type == "q8_0":
-                extreme, end = extreme.abs(), high
-            base = {"scale": extreme / end}
+            base = {"scale": extreme / (low if abs(low) >= abs(high) else high)}
         best, best_err = None, None
         for shrink in CLIP_SHRINKS if self.clip else [1.0]:
             params = {key: (value * shrink).half().float() for key, value in base.items()}
