@@ -130,4 +130,26 @@ def test_large_rotations_go_by_blocks_of_rows_with_the_same_bits(monkeypatch):
         monkeypatch.setattr(rht, "ROTATE_STEP", 7 * n)  # blocks of 7 rows, the last one short
         assert torch.equal(rht.rotate_rows(matrix, signs), whole)
         assert torch.equal(rht.rotate_rows(matrix.t().contiguous().t(), signs), whole)  # a transposed view too
+        in_place = matrix.clone()
+        assert rht.rotate_rows(in_place, signs, out=in_place) is in_place and torch.equal(in_place, whole)
+        monkeypatch.undo()
+
+
+def test_a_consumed_hessian_is_rotated_in_its_own_memory_to_the_same_bits(monkeypatch):
+    from quipkit.transforms import rht
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(700, 576, generator=gen, dtype=torch.float64)
+    hessian = x.t() @ x / 700
+    transform = rht.RandomHadamard()
+    params = transform.fit_input(hessian, [], 3)
+    for step in (rht.ROTATE_STEP, 7 * 576):  # whole, then blocks of 7 rows (the last one short)
+        monkeypatch.setattr(rht, "ROTATE_STEP", step)
+        kept = hessian.clone()
+        fresh = transform.hessian(kept, params)
+        consumed = hessian.clone()
+        pointer = consumed.data_ptr()
+        result = transform.hessian(consumed, params, consume=True)
+        assert torch.equal(kept, hessian)  # not consumed: untouched
+        assert torch.equal(result, fresh) and result.data_ptr() == pointer  # same bits, no second matrix
         monkeypatch.undo()

@@ -43,12 +43,22 @@ def definite_hessian(hessian: Tensor, damping: float, names: list[str], consume:
     used = damping
     while True:
         torch.diagonal(h).copy_(undamped + used)  # what prepare_hessian(hessian, used) gives
-        if int(torch.linalg.cholesky_ex(h.float())[1]) == 0 or int(torch.linalg.cholesky_ex(h)[1]) == 0:
+        if _factors_in_float32(h) or int(torch.linalg.cholesky_ex(h)[1]) == 0:
             return h, used, dead
         if used >= MAX_DAMPING:
             raise QuipkitError(f"the Hessian of {', '.join(names)} is not positive definite even with damping "
                                f"{used:g}; the calibration statistics are corrupt (delete the --hessian-cache entry)")
         used = min(MAX_DAMPING, max(used, 1e-6) * 10)
+
+
+def _factors_in_float32(h: Tensor) -> bool:
+    """Whether the Cholesky factorisation of H [n, n] succeeds in float32. It runs in place on one
+    column-major float32 copy (LAPACK's layout: no further copy), so the check costs one float32 matrix
+    next to H, not two."""
+    work = torch.empty_strided(h.shape, (1, h.shape[0]), dtype=torch.float32, device=h.device).copy_(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
+    return int(info) == 0
 
 
 def expected_proxy(bits: float) -> float:

@@ -124,10 +124,14 @@ def _quantize_stack(
             row += w.shape[0]
         del w_t
     cb_params = codebook.fit(target)
+    order = torch.argsort(torch.diagonal(h_t), descending=True) if cfg.act_order and h_t is not None else None
+    if h_t is not None:
+        # from here on H is read in float32 (LDLQ factors it so first, greedy and the proxy record multiply
+        # in it): half the memory for the rounding's widest matrix (a 7B MLP's is 0.5 GB instead of 1)
+        h_t = h_t.float()
     if cfg.rounding == "nearest":
         codes, values = round_nearest(target, codebook, cb_params)
     else:
-        order = torch.argsort(torch.diagonal(h_t), descending=True) if cfg.act_order else None
         codes, values = ldlq(target, h_t, codebook, cb_params, order)
     kept = 0
     if cfg.greedy_sweeps:

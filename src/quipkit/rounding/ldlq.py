@@ -19,8 +19,9 @@ ROW_BYTES = 32 << 20  # a row block's float32 working copy: rounding in such blo
 
 def ldl_feedback(hessian: Tensor, block: int, order: Tensor | None = None) -> Tensor:
     """A [n, n] (float32): the unit block-upper-triangular feedback matrix of H for g = `block`, with
-    H's rows and columns taken in `order` [n] when given. Intermediates are freed as soon as they are
-    used: for a 7B MLP each is 0.5 GB."""
+    H's rows and columns taken in `order` [n] when given. The factorisation runs in float32 and again in
+    float64 (from H's own values: the pipeline hands over a float32 H) only where float32 fails.
+    Intermediates are freed as soon as they are used: for a 7B MLP each is 0.5 GB."""
     n = hessian.shape[0]
     nb = n // block
     for dtype in (torch.float32, torch.float64):

@@ -18,14 +18,16 @@ def random_signs(size: int, seed: int) -> Tensor:
 ROTATE_STEP = 1 << 21  # elements per step of a large rotation: the transform's copies stay this small
 
 
-def rotate_rows(matrix: Tensor, signs: Tensor) -> Tensor:
-    """Each row r of `matrix` [k, n] -> Had_n^T (signs ⊙ r). A large matrix goes a block of rows at a
-    time into one output (the same bits: rows are independent), where the whole at once took five
-    copies of it (1.3 GB for a 5632-wide float64 Hessian)."""
+def rotate_rows(matrix: Tensor, signs: Tensor, out: Tensor | None = None) -> Tensor:
+    """Each row r of `matrix` [k, n] -> Had_n^T (signs ⊙ r), written into `out` [k, n] when given (which
+    may be `matrix` itself, or a view of it laid out the same way). A large matrix goes a block of rows at
+    a time (the same bits: rows are independent), where the whole at once took five copies of it (1.3 GB
+    for a 5632-wide float64 Hessian)."""
     op, s = orthogonal_op(matrix.shape[-1]), signs.to(matrix)
     if matrix.dim() != 2 or matrix.numel() <= ROTATE_STEP:
-        return op.apply(matrix * s, transpose=True)
-    out = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
+        rotated = op.apply(matrix * s, transpose=True)
+        return rotated if out is None else out.copy_(rotated)
+    out = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device) if out is None else out
     step = max(1, ROTATE_STEP // matrix.shape[1])
     for start in range(0, matrix.shape[0], step):
         out[start:start + step] = op.apply(matrix[start:start + step] * s, transpose=True)
@@ -47,10 +49,10 @@ class RandomHadamard(Transform):
         return rotate_rows(w.t(), params["sv"].sign()).t()  # Had_m^T S_m (.)
 
     def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
-        h = rotate_rows(hessian, params["su"])
-        if consume:
-            hessian.set_()  # three n x n matrices at once were 3 GB for a 7B MLP's float64 Hessian
-        return rotate_rows(h.t(), params["su"]).t()
+        # consumed: both rotations in H's own memory (a block of rows, then of columns, at a time): a
+        # second n x n float64 matrix was the rounding's peak for a wide layer (254 MB for TinyLlama's MLP)
+        h = rotate_rows(hessian, params["su"], out=hessian if consume else None)
+        return rotate_rows(h.t(), params["su"], out=h.t()).t()
 
     # The online transforms run as the quipkit::hadamard kernel op; imported on first use because
     # the kernels' reference path imports this package.
