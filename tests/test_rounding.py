@@ -140,15 +140,18 @@ def test_a_sweep_that_does_not_help_is_undone_exactly():
     assert torch.equal(stopped[0], exact[0]) and torch.equal(stopped[1], exact[1])
 
 
-def test_a_consumed_hessian_is_released_once_transformed_and_kept_when_it_is_the_rounding_one():
+def test_a_consumed_hessian_is_released_once_the_rounding_holds_it_in_float32():
     from quipkit.config import make_config
     from quipkit.pipeline.layer_group import quantize_group
 
     torch.manual_seed(0)
     x = torch.randn(512, 64)
-    for method, bits, released in (("quip#", 2, True), ("gptq", 4, False)):
+    for method, bits in (("quip#", 2), ("gptq", 4)):  # transformed, and rounded as it is
         linears = {"a": torch.nn.Linear(64, 32, bias=False)}
         hessian = (x.t() @ x / 512).double()
-        quantize_group(linears, hessian, make_config(method, bits, group_size=32) if method == "gptq"
-                       else make_config(method, bits), torch.device("cpu"), consume=True)
-        assert (hessian.numel() == 0) == released
+        kept = hessian.clone()
+        cfg = make_config(method, bits, group_size=32) if method == "gptq" else make_config(method, bits)
+        quantize_group(linears, kept, cfg, torch.device("cpu"))
+        assert torch.equal(kept, hessian)  # not consumed: untouched
+        quantize_group(linears, hessian, cfg, torch.device("cpu"), consume=True)
+        assert hessian.numel() == 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from quipkit.errors import QuipkitError
+from quipkit.numerics import count_nonfinite
 from quipkit.rounding.hessian import prepare_hessian
 
 MAX_DAMPING = 1.0  # relative to the mean diagonal: beyond this the Hessian says little about the inputs
@@ -24,7 +25,7 @@ UNUSABLE_FACTOR = 10.0  # a model is called unusable when its perplexity exceeds
 
 def check_finite(tensor: Tensor, what: str, fix: str) -> None:
     """Raise one line naming `what` when `tensor` holds NaN or Inf."""
-    bad = int((~torch.isfinite(tensor)).sum())
+    bad = count_nonfinite(tensor)
     if bad:
         raise QuipkitError(f"{what} has {bad} NaN/Inf values of {tensor.numel()}; {fix}")
 

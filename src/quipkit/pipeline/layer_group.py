@@ -128,7 +128,10 @@ def _quantize_stack(
     if h_t is not None:
         # from here on H is read in float32 (LDLQ factors it so first, greedy and the proxy record multiply
         # in it): half the memory for the rounding's widest matrix (a 7B MLP's is 0.5 GB instead of 1)
-        h_t = h_t.float()
+        h_single = h_t.float()
+        for held in (h, h_t):  # the float64 H, transformed or not: this function's copy, or the caller's to consume
+            held.set_()
+        h_t = h_single
     if cfg.rounding == "nearest":
         codes, values = round_nearest(target, codebook, cb_params)
     else:

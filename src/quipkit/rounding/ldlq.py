@@ -13,8 +13,10 @@ from torch import Tensor
 
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.errors import QuipkitError
+from quipkit.numerics import count_nonfinite
 
 ROW_BYTES = 32 << 20  # a row block's float32 working copy: rounding in such blocks bounds the extra memory
+SOLVE_BYTES = 8 << 20  # a band of the feedback matrix solved at once
 
 
 def ldl_feedback(hessian: Tensor, block: int, order: Tensor | None = None) -> Tensor:
@@ -36,14 +38,18 @@ def ldl_feedback(hessian: Tensor, block: int, order: Tensor | None = None) -> Te
         del chol
         g, info = torch.linalg.cholesky_ex(inverse, upper=True)
         del inverse
-        if info.item() != 0 or not torch.isfinite(g).all():
+        if info.item() != 0 or count_nonfinite(g):
             continue
-        rows = g.reshape(nb, block, n)
-        diag = g.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [nb, g, g]
-        a = torch.linalg.solve_triangular(diag, rows, upper=True).reshape(n, n)
-        del g, rows, diag
-        if torch.isfinite(a).all():
-            return a.float()
+        # A = blockdiag(G)^-1 G, solved in G's own memory a band of block rows at a time (a band's
+        # diagonal blocks lie in the band): the whole at once took two more n x n matrices
+        rows = g.view(nb, block, n)
+        band = max(1, SOLVE_BYTES // (block * n * g.element_size()))
+        for start in range(0, nb, band):
+            part = rows[start : start + band]  # [b, g, n]
+            diag = part.view(-1, block, nb, block).diagonal(offset=start, dim1=0, dim2=2).permute(2, 0, 1)
+            rows[start : start + band] = torch.linalg.solve_triangular(diag, part, upper=True)
+        if not count_nonfinite(g):
+            return g.to(torch.float32, memory_format=torch.contiguous_format)
     raise QuipkitError("the Hessian is not positive definite even in float64; raise --damping")
 
 

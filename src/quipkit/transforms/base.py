@@ -67,7 +67,7 @@ class Transform(ABC):
 
     @abstractmethod
     def hessian(self, hessian: Tensor, params: Params, consume: bool = False) -> Tensor:
-        """H [n, n] -> H~ = V H V^T; with `consume`, H's memory is released as soon as it is read."""
+        """H [n, n] -> H~ = V H V^T; with `consume`, H's memory is reused or released as soon as it is read."""
 
     @abstractmethod
     def input(self, x: Tensor, params: Params) -> Tensor:
