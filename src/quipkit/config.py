@@ -295,6 +295,22 @@ def _quip(
     )
 
 
+@register_method("icquant", (2, 3, 4), "ICQuant: each row's largest weights (`ratio`) on a grid of their own, "
+                 "their positions index-coded (~0.3 bits at 5%), LDLQ through the Hessian")
+def _icquant(bits: int, ratio: float = 0.05, clip: bool = True, sequential: bool = True, **options: Any) -> QuantConfig:
+    """No transform: an incoherence transform spreads the outliers out, which is the opposite of what
+    the split grid is for."""
+    return QuantConfig(
+        method="icquant",
+        bits=bits,
+        codebook={"name": "icquant", "bits": bits, "ratio": ratio, "clip": clip},
+        transform={"name": "identity"},
+        rounding="ldlq",
+        sequential=sequential,
+        **_common(options),
+    )
+
+
 def _gguf_preset(block_type: str, bits: int) -> None:
     """`gguf-<type>`: llama.cpp's block format `type`, no transform (llama.cpp could not undo one),
     rounded by LDLQ with the real Hessian and act-order, layer after layer like GPTQ."""

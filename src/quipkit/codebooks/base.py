@@ -70,6 +70,11 @@ class Codebook(ABC):
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every tensor `pack` returns for a rows x cols weight."""
 
+    def packed_spec(self, stored: dict[str, Tensor]) -> dict[str, Any]:
+        """The spec of the layer that holds `stored` (what `pack` gave): `spec()`, plus whatever sizes
+        depend on the weight itself (an index code's length) for a codebook whose storage varies."""
+        return self.spec()
+
     def upgrade(self, stored: dict[str, Tensor], version: int) -> dict[str, Tensor]:
         """Stored tensors written by checkpoint format `version` -> the current layout (default: unchanged)."""
         return stored

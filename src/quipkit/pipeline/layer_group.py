@@ -152,7 +152,7 @@ def _quantize_stack(
         spec = {
             "in_features": linear.in_features,
             "out_features": linear.out_features,
-            "codebook": codebook.spec(),
+            "codebook": codebook.packed_spec(tensors),
             "transform": transform.spec(),
             "bias": linear.bias is not None,
         }

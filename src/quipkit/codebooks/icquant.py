@@ -1,0 +1,120 @@
+"""ICQuant: each row's largest weights get a grid of their own, and their positions an index code.
+
+In a weight row the few largest magnitudes (the outliers, a `ratio` of the row: 5% by default) span
+about half its range, so one grid over the whole row spends a bit on them. Here the inliers get a
+b-bit grid over their own, narrower range (the scalar grid, one group per row, its range searched
+with `clip`), and the outliers a b-bit sign-and-magnitude grid over theirs: a sign bit and 2^(b-1)
+magnitudes evenly from the row's smallest outlier magnitude to its largest. Every weight keeps one
+b-bit code; which grid it reads is the outlier mask, stored as the gap code of `outlier_positions`
+(its first byte the symbol width, chosen per matrix). The mask is fixed by `fit`, before rounding, so
+LDLQ rounds each weight on its class's grid through the Hessian as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks import outlier_positions
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.codebooks.registry import register_codebook
+from quipkit.codebooks.scalar import GroupGrid
+from quipkit.errors import QuipkitError
+
+WHOLE_ROW = 1 << 30  # the inlier grid's group size: one group per row
+
+
+@register_codebook("icquant")
+class OutlierSplitGrid(Codebook):
+    """b-bit inlier and outlier grids per row, with the outliers' positions index-coded (ICQuant)."""
+
+    dim = 1
+
+    def __init__(self, bits: int, ratio: float = 0.05, clip: bool = True, index_bytes: int | None = None) -> None:
+        if not 2 <= bits <= 8:
+            raise QuipkitError(f"icquant needs 2 to 8 bits (a sign bit and magnitude bits for outliers), got {bits}")
+        if not 0.0 <= ratio < 1.0:
+            raise QuipkitError(f"the outlier ratio must be in [0, 1), got {ratio}; 0.05 is typical")
+        super().__init__(bits)
+        self.ratio, self.clip, self.index_bytes = float(ratio), clip, index_bytes
+        self.inliers = GroupGrid(bits, group_size=WHOLE_ROW, clip=clip)
+        self.magnitudes = 1 << (bits - 1)
+
+    def spec(self) -> dict[str, Any]:
+        spec = {"name": self.name, "bits": self.bits, "ratio": self.ratio, "clip": self.clip}
+        return spec if self.index_bytes is None else {**spec, "index_bytes": self.index_bytes}
+
+    def packed_spec(self, stored: dict[str, Tensor]) -> dict[str, Any]:
+        return {**self.spec(), "index_bytes": stored["positions"].numel()}
+
+    def outliers(self, cols: int) -> int:
+        """Outliers in each row of `cols` weights."""
+        return round(self.ratio * cols)
+
+    def fit(self, weight: Tensor) -> Params:
+        """The outlier mask (each row's largest magnitudes) and both grids of every row."""
+        w = weight.float()
+        rows, cols = w.shape
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+        mask.scatter_(1, w.abs().topk(self.outliers(cols), dim=1).indices, True)
+        # zero lies inside every inlier grid's range and rounds to itself: outliers set to 0 leave the
+        # inliers' range and clipping error as they are
+        params = self.inliers.fit(torch.where(mask, 0.0, w))
+        magnitude = w.abs()
+        low = torch.where(mask, magnitude, torch.inf).amin(1)
+        high = torch.where(mask, magnitude, 0.0).amax(1)
+        low = torch.where(torch.isfinite(low), low, 0.0).half().float()  # a row without outliers: 0
+        step = ((high - low) / max(self.magnitudes - 1, 1)).half().float()
+        return {**params, "mask": mask, "outlier_low": low, "outlier_step": step}
+
+    def _outlier_grid(self, x: Tensor, low: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes and values of x on the sign-and-magnitude grid (`low`, `step` broadcast to x)."""
+        level = torch.where(step > 0, (x.abs() - low) / torch.where(step > 0, step, 1.0), 0.0)
+        level = level.round().clamp(0, self.magnitudes - 1)
+        negative = x < 0
+        value = low + step * level
+        return (level + self.magnitudes * negative).to(torch.int32), torch.where(negative, -value, value)
+
+    def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
+        codes, values = self.inliers.quantize(block, params, cols)
+        out_codes, out_values = self._outlier_grid(block, params["outlier_low"][:, None], params["outlier_step"][:, None])
+        outlier = params["mask"][:, cols]
+        return torch.where(outlier, out_codes, codes), torch.where(outlier, out_values, values)
+
+    def decode(self, codes: Tensor, params: Params) -> Tensor:
+        values = self.inliers.decode(codes, params)
+        level = (codes % self.magnitudes).float()
+        magnitude = params["outlier_low"][:, None] + params["outlier_step"][:, None] * level
+        outlier_values = torch.where(codes >= self.magnitudes, -magnitude, magnitude)
+        return torch.where(params["mask"], outlier_values, values)
+
+    def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
+        width = outlier_positions.best_width(params["mask"])
+        stream, _ = outlier_positions.encode(params["mask"], width)
+        return {
+            **self.inliers.pack(codes, params),
+            "outlier_low": params["outlier_low"].half(),
+            "outlier_step": params["outlier_step"].half(),
+            "positions": torch.cat([stream.new_tensor([width]), stream]),
+        }
+
+    def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
+        codes, params = self.inliers.unpack(stored, rows, cols)
+        positions = stored["positions"]
+        counts = torch.full((rows,), self.outliers(cols), dtype=torch.int32, device=positions.device)
+        mask = outlier_positions.decode(positions[1:], counts, int(positions[0]), cols)
+        return codes, {**params, "mask": mask, "outlier_low": stored["outlier_low"].float(),
+                       "outlier_step": stored["outlier_step"].float()}
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if self.index_bytes is None:
+            raise QuipkitError("an icquant layer's spec lacks 'index_bytes' (the size of its outlier index); "
+                               "the checkpoint is damaged or was written by another tool")
+        return {
+            **self.inliers.storage(rows, cols),
+            "outlier_low": ((rows,), torch.float16),
+            "outlier_step": ((rows,), torch.float16),
+            "positions": ((self.index_bytes,), torch.uint8),
+        }

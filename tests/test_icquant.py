@@ -1,0 +1,99 @@
+"""ICQuant's split grid: outliers by magnitude, both grids exact through pack/unpack, the index code
+counted in the bits, rounding through the Hessian, and checkpoints that load back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quipkit
+from quipkit.codebooks import make_codebook
+from quipkit.config import make_config
+from quipkit.errors import QuipkitError
+from quipkit.pipeline.blockwise import quantize_blockwise
+from quipkit.pipeline.layer_group import quantize_group
+
+from conftest import tiny_model
+from test_pipeline import CAL, _tokens
+
+
+def _heavy_tailed(rows=48, cols=320, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    return torch.where(torch.rand(rows, cols, generator=gen) < 0.04, w * 8, w)  # 4% outliers, both signs
+
+
+def _hessian(cols, seed=1):
+    x = torch.randn(4 * cols, cols, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.3, 2.0, cols)
+    return (x.t() @ x / x.shape[0]).double()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_outliers_are_each_rows_largest_and_every_weight_round_trips_through_storage(bits):
+    w = _heavy_tailed()
+    codebook = make_codebook({"name": "icquant", "bits": bits, "ratio": 0.05})
+    params = codebook.fit(w)
+    k = round(0.05 * w.shape[1])
+    mask = params["mask"]
+    assert (mask.sum(1) == k).all()
+    smallest_outlier = torch.where(mask, w.abs(), torch.inf).amin(1)
+    largest_inlier = torch.where(mask, 0.0, w.abs()).amax(1)
+    assert (smallest_outlier >= largest_inlier).all()
+    codes, values = codebook.quantize(w, params, torch.arange(w.shape[1]))
+    assert torch.equal(codebook.decode(codes, params), values)
+    inliers = codebook.inliers.quantize(w, params, torch.arange(w.shape[1]))[1]
+    assert torch.equal(values[~mask], inliers[~mask])  # inliers read the inlier grid
+    low, step = params["outlier_low"][:, None], params["outlier_step"][:, None]
+    levels = ((values.abs() - low) / step).expand_as(w)[mask]
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and (values[mask].sign() == w[mask].sign()).all()
+    # outliers near the grid: within half a step, and nothing else could be closer
+    assert ((values - w).abs()[mask] <= (step / 2 + 1e-6).expand_as(w)[mask]).all()
+    stored = codebook.pack(codes, params)
+    layer_codebook = make_codebook(codebook.packed_spec(stored))
+    assert {name: (tuple(t.shape), t.dtype) for name, t in stored.items()} == layer_codebook.storage(*w.shape)
+    back_codes, back_params = layer_codebook.unpack(stored, *w.shape)
+    assert torch.equal(back_codes, codes) and torch.equal(back_params["mask"], mask)
+    assert torch.equal(layer_codebook.dequantize(stored, *w.shape), values)
+
+
+def test_no_outliers_is_the_plain_grid_and_bad_settings_are_refused_in_one_line():
+    w = _heavy_tailed(rows=8, cols=64)
+    codebook = make_codebook({"name": "icquant", "bits": 2, "ratio": 0.0})
+    params = codebook.fit(w)
+    assert not params["mask"].any()
+    plain = codebook.inliers.quantize(w, params, torch.arange(64))
+    assert torch.equal(codebook.quantize(w, params, torch.arange(64))[1], plain[1])
+    for spec, message in (({"bits": 1}, "2 to 8 bits"), ({"bits": 2, "ratio": 1.0}, r"in \[0, 1\)")):
+        with pytest.raises(QuipkitError, match=message):
+            make_codebook({"name": "icquant", **spec})
+    with pytest.raises(QuipkitError, match="index_bytes"):
+        make_codebook({"name": "icquant", "bits": 2}).storage(8, 64)
+
+
+def test_split_grids_beat_one_grid_at_the_same_code_width_and_the_index_is_counted():
+    w = _heavy_tailed()
+    h = _hessian(w.shape[1])
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = w
+    proxies, bits = {}, {}
+    for method, options in (("gptq", {"clip": True, "group_size": 320}), ("icquant", {})):
+        [(layer, record)] = quantize_group({"l": linear}, h.clone(), make_config(method, 2, **options), torch.device("cpu"))
+        proxies[method], bits[method] = record.proxy, record.bits
+        x = torch.randn(5, w.shape[1])
+        assert torch.allclose(layer(x), x @ layer.effective_weight().t(), atol=1e-5)
+    assert proxies["icquant"] < 0.6 * proxies["gptq"]
+    index_bits = layer.positions.numel() * 8 / w.numel()
+    assert 0.25 < index_bits < 0.4  # 5% outliers: about 0.3 bits per weight for their positions
+    assert bits["icquant"] == pytest.approx(layer.stored_bits() / w.numel())
+    assert bits["icquant"] > 2 + index_bits
+
+
+def test_an_icquant_model_saves_and_loads_with_identical_logits(tmp_path):
+    tokens = _tokens()
+    model = tiny_model()
+    config = make_config("icquant", 2, ratio=0.05)
+    report = quantize_blockwise(model, tokens, config, CAL, torch.device("cpu"))
+    out = quipkit.save(model, None, tmp_path / "q", config, CAL, {"layers": report.layers})
+    loaded, _ = quipkit.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens[:2]).logits, model(tokens[:2]).logits)
