@@ -70,28 +70,39 @@ def test_no_outliers_is_the_plain_grid_and_bad_settings_are_refused_in_one_line(
         make_codebook({"name": "icquant", "bits": 2}).storage(8, 64)
 
 
-def test_split_grids_beat_one_grid_at_the_same_code_width_and_the_index_is_counted():
+def _round(weight, hessian, method, **options):
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight
+    [(layer, record)] = quantize_group({"l": linear}, hessian.clone(), make_config(method, 2, **options),
+                                       torch.device("cpu"))
+    x = torch.randn(5, weight.shape[1])
+    assert torch.allclose(layer(x), x @ layer.effective_weight().t(), atol=1e-5)
+    return layer, record
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_split_grids_beat_one_grid_at_the_same_code_width_and_the_index_is_counted(group_size):
     w = _heavy_tailed()
     h = _hessian(w.shape[1])
-    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    linear.weight.data = w
-    proxies, bits = {}, {}
-    for method, options in (("gptq", {"clip": True, "group_size": 320}), ("icquant", {})):
-        [(layer, record)] = quantize_group({"l": linear}, h.clone(), make_config(method, 2, **options), torch.device("cpu"))
-        proxies[method], bits[method] = record.proxy, record.bits
-        x = torch.randn(5, w.shape[1])
-        assert torch.allclose(layer(x), x @ layer.effective_weight().t(), atol=1e-5)
-    assert proxies["icquant"] < 0.6 * proxies["gptq"]
+    if group_size is None:  # icquant: one inlier group per row, against GPTQ's grid over the whole row
+        _, one = _round(w, h, "gptq", clip=True, group_size=w.shape[1])
+        layer, split = _round(w, h, "icquant")
+    else:  # GPTQ's grouped grid, with and without the split
+        _, one = _round(w, h, "gptq", clip=True, group_size=group_size)
+        layer, split = _round(w, h, "gptq", clip=True, group_size=group_size, outlier_ratio=0.05)
+        assert layer.scales.shape == (w.shape[0], w.shape[1] // group_size)
+    assert split.proxy < 0.75 * one.proxy
     index_bits = layer.positions.numel() * 8 / w.numel()
     assert 0.25 < index_bits < 0.4  # 5% outliers: about 0.3 bits per weight for their positions
-    assert bits["icquant"] == pytest.approx(layer.stored_bits() / w.numel())
-    assert bits["icquant"] > 2 + index_bits
+    assert split.bits == pytest.approx(layer.stored_bits() / w.numel()) and split.bits > 2 + index_bits
+    with pytest.raises(QuipkitError, match="neither incoherence nor symmetric"):
+        make_config("gptq", 2, outlier_ratio=0.05, incoherence=True)
 
 
 def test_an_icquant_model_saves_and_loads_with_identical_logits(tmp_path):
     tokens = _tokens()
     model = tiny_model()
-    config = make_config("icquant", 2, ratio=0.05)
+    config = make_config("icquant", 2, outlier_ratio=0.05)
     report = quantize_blockwise(model, tokens, config, CAL, torch.device("cpu"))
     out = quipkit.save(model, None, tmp_path / "q", config, CAL, {"layers": report.layers})
     loaded, _ = quipkit.load(out)

@@ -227,16 +227,24 @@ def _gptq(
     incoherence: bool = False,
     sequential: bool = True,
     clip: bool | None = None,
+    outlier_ratio: float | None = None,
     **options: Any,
 ) -> QuantConfig:
     """`clip` (default: on with `incoherence`) searches each group's range instead of min-max:
-    incoherence processing leaves Gaussian-like weights, whose min-max 2-bit grid is far too wide."""
+    incoherence processing leaves Gaussian-like weights, whose min-max 2-bit grid is far too wide.
+    `outlier_ratio` puts each row's largest weights on a grid of their own (ICQuant's split)."""
     transform = {"name": "kronecker", "rescale": True} if incoherence else {"name": "identity"}
     clip = incoherence if clip is None else clip
+    if outlier_ratio is None:
+        codebook = {"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric, "clip": clip}
+    elif incoherence or symmetric:
+        raise TypeError("outlier_ratio splits the raw weights' own outliers: it takes neither incoherence nor symmetric")
+    else:
+        codebook = {"name": "icquant", "bits": bits, "ratio": outlier_ratio, "clip": clip, "group_size": group_size}
     return QuantConfig(
         method="gptq",
         bits=bits,
-        codebook={"name": "scalar", "bits": bits, "group_size": group_size, "symmetric": symmetric, "clip": clip},
+        codebook=codebook,
         transform=transform,
         rounding="ldlq",
         act_order=act_order,
@@ -295,15 +303,16 @@ def _quip(
     )
 
 
-@register_method("icquant", (2, 3, 4), "ICQuant: each row's largest weights (`ratio`) on a grid of their own, "
-                 "their positions index-coded (~0.3 bits at 5%), LDLQ through the Hessian")
-def _icquant(bits: int, ratio: float = 0.05, clip: bool = True, sequential: bool = True, **options: Any) -> QuantConfig:
+@register_method("icquant", (2, 3, 4), "ICQuant: each row's largest weights (`outlier_ratio`) on a grid of their "
+                 "own, their positions index-coded (~0.3 bits at 5%), LDLQ through the Hessian")
+def _icquant(bits: int, outlier_ratio: float = 0.05, clip: bool = True, sequential: bool = True,
+             **options: Any) -> QuantConfig:
     """No transform: an incoherence transform spreads the outliers out, which is the opposite of what
-    the split grid is for."""
+    the split grid is for. `gptq --outlier-ratio R` is the same split on GPTQ's grouped grid."""
     return QuantConfig(
         method="icquant",
         bits=bits,
-        codebook={"name": "icquant", "bits": bits, "ratio": ratio, "clip": clip},
+        codebook={"name": "icquant", "bits": bits, "ratio": outlier_ratio, "clip": clip},
         transform={"name": "identity"},
         rounding="ldlq",
         sequential=sequential,

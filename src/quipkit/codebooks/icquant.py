@@ -2,8 +2,9 @@
 
 In a weight row the few largest magnitudes (the outliers, a `ratio` of the row: 5% by default) span
 about half its range, so one grid over the whole row spends a bit on them. Here the inliers get a
-b-bit grid over their own, narrower range (the scalar grid, one group per row, its range searched
-with `clip`), and the outliers a b-bit sign-and-magnitude grid over theirs: a sign bit and 2^(b-1)
+b-bit grid over their own, narrower range (the scalar grid: one group per row, or `group_size`
+columns as GPTQ's; its range searched with `clip`), and the outliers a b-bit sign-and-magnitude grid
+over theirs, one per row: a sign bit and 2^(b-1)
 magnitudes evenly from the row's smallest outlier magnitude to its largest. Every weight keeps one
 b-bit code; which grid it reads is the outlier mask, stored as the gap code of `outlier_positions`
 (its first byte the symbol width, chosen per matrix). The mask is fixed by `fit`, before rounding, so
@@ -23,7 +24,7 @@ from quipkit.codebooks.registry import register_codebook
 from quipkit.codebooks.scalar import GroupGrid
 from quipkit.errors import QuipkitError
 
-WHOLE_ROW = 1 << 30  # the inlier grid's group size: one group per row
+WHOLE_ROW = 1 << 30  # the inlier grid's group size by default: one group per row
 
 
 @register_codebook("icquant")
@@ -32,18 +33,19 @@ class OutlierSplitGrid(Codebook):
 
     dim = 1
 
-    def __init__(self, bits: int, ratio: float = 0.05, clip: bool = True, index_bytes: int | None = None) -> None:
+    def __init__(self, bits: int, ratio: float = 0.05, clip: bool = True, group_size: int | None = None,
+                 index_bytes: int | None = None) -> None:
         if not 2 <= bits <= 8:
             raise QuipkitError(f"icquant needs 2 to 8 bits (a sign bit and magnitude bits for outliers), got {bits}")
         if not 0.0 <= ratio < 1.0:
             raise QuipkitError(f"the outlier ratio must be in [0, 1), got {ratio}; 0.05 is typical")
         super().__init__(bits)
-        self.ratio, self.clip, self.index_bytes = float(ratio), clip, index_bytes
-        self.inliers = GroupGrid(bits, group_size=WHOLE_ROW, clip=clip)
+        self.ratio, self.clip, self.group_size, self.index_bytes = float(ratio), clip, group_size, index_bytes
+        self.inliers = GroupGrid(bits, group_size=group_size or WHOLE_ROW, clip=clip)
         self.magnitudes = 1 << (bits - 1)
 
     def spec(self) -> dict[str, Any]:
-        spec = {"name": self.name, "bits": self.bits, "ratio": self.ratio, "clip": self.clip}
+        spec = {"name": self.name, "bits": self.bits, "ratio": self.ratio, "clip": self.clip, "group_size": self.group_size}
         return spec if self.index_bytes is None else {**spec, "index_bytes": self.index_bytes}
 
     def packed_spec(self, stored: dict[str, Tensor]) -> dict[str, Any]:
