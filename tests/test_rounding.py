@@ -68,6 +68,19 @@ def test_feedback_matrix_is_block_ldl():
         assert torch.allclose(d[~same], torch.zeros_like(d[~same]), atol=1e-4)
 
 
+def test_the_feedback_matrix_solved_in_bands_has_the_same_bits(monkeypatch):
+    import sys
+
+    module = sys.modules["quipkit.rounding.ldlq"]
+
+    _, h = _random_problem(n=48)
+    for g in (1, 8, 16):
+        whole = ldl_feedback(h, g)
+        monkeypatch.setattr(module, "SOLVE_BYTES", g * 48 * 4 * 2)  # two block rows a band: several bands
+        assert torch.equal(ldl_feedback(h, g), whole) and whole.is_contiguous()
+        monkeypatch.undo()
+
+
 def test_ldlq_proxy_is_sum_of_blockwise_errors_and_beats_nearest():
     wins = 0
     for seed in range(6):

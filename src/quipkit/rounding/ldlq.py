@@ -49,7 +49,7 @@ def ldl_feedback(hessian: Tensor, block: int, order: Tensor | None = None) -> Te
             diag = part.view(-1, block, nb, block).diagonal(offset=start, dim1=0, dim2=2).permute(2, 0, 1)
             rows[start : start + band] = torch.linalg.solve_triangular(diag, part, upper=True)
         if not count_nonfinite(g):
-            return g.to(torch.float32, memory_format=torch.contiguous_format)
+            return g.float().contiguous()  # row-major, as the rounding loop reads it
     raise QuipkitError("the Hessian is not positive definite even in float64; raise --damping")
 
 
