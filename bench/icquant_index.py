@@ -4,8 +4,8 @@ entropy floor h(ratio), and how much of each row's range the outliers take.
     python bench/icquant_index.py [--ratios 0.02,0.05,0.08] [--model NAME]
 
 For every linear layer of the decoder blocks, each row's `ratio` largest magnitudes are the outliers
-(as the icquant codebook picks them); the positions are index-coded at the width that codes the whole
-matrix in the fewest bits. Prints one JSON line per ratio: index bits per weight over all layers (and
+(the icquant codebook's own choice); the positions are index-coded at the width that codes the whole
+matrix in the fewest bits, counted as stored. Prints one JSON line per ratio: index bits per weight over all layers (and
 the widths chosen), h(ratio), and the outliers' share of the row range, i.e. 1 - (inlier range /
 whole range), averaged over rows: what a grid that covers only the inliers saves.
 """
@@ -20,6 +20,7 @@ import torch
 
 from common import machine
 from quipkit.codebooks import outlier_positions
+from quipkit.codebooks.icquant import OutlierSplitGrid
 from quipkit.models.loading import load_model
 
 
@@ -35,12 +36,13 @@ def main() -> None:
         bits = weights_total = 0
         widths: Counter = Counter()
         shares = []
+        codebook = OutlierSplitGrid(2, ratio)
         for w in weights.values():
-            k = round(ratio * w.shape[1])
-            mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, w.abs().topk(k, dim=1).indices, True)
+            mask = codebook.outlier_mask(w)
             width = outlier_positions.best_width(mask)
             widths[width] += 1
-            bits += width * outlier_positions.symbol_count(outlier_positions.gaps(mask), width) + 8  # + width byte
+            stream, _ = outlier_positions.encode(mask, width)
+            bits += (1 + stream.numel()) * 8  # as stored: the width byte, then the symbols
             weights_total += w.numel()
             whole = w.amax(1) - w.amin(1)
             inliers = torch.where(mask, -torch.inf, w).amax(1) - torch.where(mask, torch.inf, w).amin(1)

@@ -55,12 +55,15 @@ class OutlierSplitGrid(Codebook):
         """Outliers in each row of `cols` weights."""
         return round(self.ratio * cols)
 
+    def outlier_mask(self, weight: Tensor) -> Tensor:
+        """bool [rows, cols]: each row's `outliers(cols)` largest magnitudes of `weight` [rows, cols]."""
+        mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        return mask.scatter_(1, weight.abs().topk(self.outliers(weight.shape[1]), dim=1).indices, True)
+
     def fit(self, weight: Tensor) -> Params:
         """The outlier mask (each row's largest magnitudes) and both grids of every row."""
         w = weight.float()
-        rows, cols = w.shape
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-        mask.scatter_(1, w.abs().topk(self.outliers(cols), dim=1).indices, True)
+        mask = self.outlier_mask(w)
         # zero lies inside every inlier grid's range and rounds to itself: outliers set to 0 leave the
         # inliers' range and clipping error as they are
         params = self.inliers.fit(torch.where(mask, 0.0, w))
