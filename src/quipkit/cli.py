@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "outlier_ratio", "damping", "propagate", "seed", "head_bits", "blocks"):
+                "trellis_code", "L", "outlier_ratio", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -640,6 +640,10 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--L", type=int, help="qtip: trellis state bits, 8-16; 12 is faster, 16 better [16]")
     g.add_argument("--outlier-ratio", type=float,
                    help="icquant, gptq: share of each row's weights put on a grid of their own [icquant: 0.05; gptq: off]")
+    g.add_argument("--rank", type=int, help="caldera: rank of the low-rank term L R [64]")
+    g.add_argument("--lr-bits", type=int, help="caldera: bits of L and R's grid (groups of 64), 16 = bf16 [4]")
+    g.add_argument("--outer-iters", type=int, help="caldera: rounds of Q <- LDLQ(W - L R), L R <- fit(W - Q) [3]")
+    g.add_argument("--base", choices=("quip#", "qtip"), help="caldera: the codebook of Q, QuIP#'s E8P or QTIP's trellis [quip#]")
     g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
     g.add_argument("--propagate", choices=("original", "quantized"),
                    help="next block's inputs come from the original or the quantized block")

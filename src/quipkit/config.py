@@ -17,7 +17,6 @@ from quipkit.errors import QuipkitError
 
 CONFIG_VERSION = 1
 
-ROUNDINGS = ("nearest", "ldlq")
 HEAD_BITS = (32, 16, 8, 6, 4)
 PROPAGATIONS = ("original", "quantized")
 
@@ -43,18 +42,32 @@ class QuantConfig:
     # bits of the output head (and a tied embedding): 16 bf16, 32 float32, 8/6/4 an integer grid
     head_bits: int = 16
     blocks: str | None = None  # the decoder blocks' ModuleList (e.g. model.language_model.layers); None: found
+    # CALDERA's low-rank term: {"rank", "codebook" (the factors' spec), "outer_iters", "inner_iters"}
+    low_rank: dict[str, Any] | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         # Imported here: the registries import this module.
         from quipkit.codebooks import make_codebook
+        from quipkit.codebooks.low_rank import LowRank
+        from quipkit.rounding import SOLVERS
         from quipkit.transforms import make_transform
 
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", tuple((p, dict(o)) for p, o in self.overrides))
-        if self.rounding not in ROUNDINGS:
-            raise QuipkitError(f"unknown rounding '{self.rounding}'; choose one of {', '.join(ROUNDINGS)}")
+        if self.rounding not in SOLVERS:
+            raise QuipkitError(f"unknown rounding '{self.rounding}'; choose one of {', '.join(SOLVERS)}")
+        if (self.low_rank is not None) != (self.rounding == "caldera"):
+            raise QuipkitError("a low-rank term needs the caldera rounding and the caldera rounding needs one")
+        if self.low_rank is not None:
+            object.__setattr__(self, "low_rank", dict(self.low_rank))
+            if set(self.low_rank) != {"rank", "codebook", "outer_iters", "inner_iters"}:
+                raise QuipkitError(f"low_rank takes rank, codebook, outer_iters and inner_iters; got {sorted(self.low_rank)}")
+            LowRank(self.low_rank["rank"], self.low_rank["codebook"])
+            for key in ("outer_iters", "inner_iters"):
+                if not isinstance(self.low_rank[key], int) or self.low_rank[key] < 1:
+                    raise QuipkitError(f"{key} must be an integer >= 1, got {self.low_rank[key]!r}")
         if self.propagate not in PROPAGATIONS:
             raise QuipkitError(f"unknown propagate '{self.propagate}'; choose one of {', '.join(PROPAGATIONS)}")
         if self.greedy_sweeps < 0:
@@ -299,6 +312,36 @@ def _quip(
         greedy_sweeps=greedy_sweeps,
         act_order=order == "rg",
         sequential=sequential,
+        **_common(options),
+    )
+
+
+@register_method("caldera", (2, 3, 4), "CALDERA: QuIP#'s codes plus a low-rank term L R with quantized factors "
+                 "(`rank`, `lr_bits`), fitted by alternating with LDLQ")
+def _caldera(bits: int, rank: int = 64, lr_bits: int = 4, lr_group_size: int = 64, outer_iters: int = 3,
+             inner_iters: int = 3, base: str = "quip#", L: int = 16, greedy_sweeps: int | None = None,
+             **options: Any) -> QuantConfig:
+    """Q is the `base` method's codebook after the RHT (QuIP#'s E8P by default, or QTIP's trellis with
+    `L`); L and R use a `lr_bits` grid with groups of `lr_group_size` (16: bf16). The factors' storage
+    counts in the bits per weight: rank k costs k (m + n) lr_bits / (m n)."""
+    if base == "quip#":
+        codebook = {"name": "e8p", "bits": 2} if bits == 2 else {"name": "rvq", "bits": bits}
+        sweeps = 2
+    elif base == "qtip":
+        codebook, sweeps = {"name": "trellis", "bits": bits, "L": L, "code": "1mad"}, 0
+    else:
+        raise TypeError(f"base must be 'quip#' or 'qtip', got {base!r}")
+    factors = ({"name": "dense", "bits": 16} if lr_bits == 16 else
+               {"name": "scalar", "bits": lr_bits, "group_size": lr_group_size, "clip": True})
+    options.setdefault("propagate", "original")
+    return QuantConfig(
+        method="caldera",
+        bits=bits,
+        codebook=codebook,
+        transform={"name": "rht"},
+        rounding="caldera",
+        greedy_sweeps=sweeps if greedy_sweeps is None else greedy_sweeps,
+        low_rank={"rank": rank, "codebook": factors, "outer_iters": outer_iters, "inner_iters": inner_iters},
         **_common(options),
     )
 

@@ -202,6 +202,7 @@ def _tied_output(model) -> set[str]:
 def _check_specs(folder: Path, quant: dict[str, Any]) -> None:
     """Every layer and embedding spec names known codebooks and transforms with valid parameters."""
     from quipkit.codebooks import make_codebook
+    from quipkit.codebooks.low_rank import LowRank
     from quipkit.transforms import make_transform
 
     path = folder / "config.json"
@@ -221,6 +222,11 @@ def _check_specs(folder: Path, quant: dict[str, Any]) -> None:
                     built.check_shape(spec["out_features"], spec["in_features"])
                 except QuipkitError as err:
                     raise QuipkitError(f"{path}: layer '{name}': {err}") from None
+        if "low_rank" in spec:
+            try:
+                LowRank(**spec["low_rank"]).check_shape(spec["out_features"], spec["in_features"])
+            except (QuipkitError, TypeError) as err:
+                raise QuipkitError(f"{path}: layer '{name}' has a bad low-rank term ({err}); {_FIX}") from None
     experts = quant.get("experts") or []
     if not isinstance(experts, list) or not all(isinstance(name, str) for name in experts):
         raise QuipkitError(f"{path}: 'experts' is not a list of module names; {_FIX}")

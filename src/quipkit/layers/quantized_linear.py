@@ -1,7 +1,8 @@
 """QuantizedLinear: a linear layer held as packed codes plus the transform that makes them incoherent.
 
-forward(x) = transform.output(decode_matmul(transform.input(x))) + bias, where decode_matmul is the
-kernel op (quipkit.kernels.ops) that takes the layer's stored tensors and its codebook spec. The
+forward(x) = transform.output(decode_matmul(x_t) + x_t R^T L^T) + bias with x_t = transform.input(x),
+where decode_matmul is the kernel op (quipkit.kernels.ops) that takes the layer's stored tensors and
+its codebook spec, and L R an optional low-rank term in a format of its own (CALDERA). The
 module holds buffers only (codes, scales, sign vectors), named exactly as in the checkpoint, and its
 constructor is the loading contract: `QuantizedLinear(**spec)` builds empty buffers of the right
 shapes and dtypes.
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
+from quipkit.codebooks.low_rank import LowRank
 from quipkit.kernels.dispatch import spec_of
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, eager_call
@@ -33,18 +35,24 @@ class QuantizedLinear(KeepsStoredFormats):
         codebook: dict[str, Any],
         transform: dict[str, Any],
         bias: bool = False,
+        low_rank: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.codebook = make_codebook(codebook)
         self.transform = make_transform(transform)
+        self.low_rank = None if low_rank is None else LowRank(**low_rank)
         self.codebook.check_shape(out_features, in_features)
-        self._codebook_names = tuple(self.codebook.storage(out_features, in_features))
-        self._transform_names = tuple(self.transform.storage(out_features, in_features))
-        layout = {**self.codebook.storage(out_features, in_features), **self.transform.storage(out_features, in_features)}
-        if len(layout) != len(self._codebook_names) + len(self._transform_names):
-            raise ValueError("codebook and transform tensor names collide")
+        parts = [self.codebook.storage(out_features, in_features), self.transform.storage(out_features, in_features)]
+        if self.low_rank is not None:
+            self.low_rank.check_shape(out_features, in_features)
+            parts.append(self.low_rank.storage(out_features, in_features))
+        self._codebook_names, self._transform_names = tuple(parts[0]), tuple(parts[1])
+        self._low_rank_names = tuple(parts[2]) if self.low_rank is not None else ()
+        layout = {name: kind for part in parts for name, kind in part.items()}
+        if len(layout) != sum(len(part) for part in parts):
+            raise ValueError("codebook, transform and low-rank tensor names collide")
         for name, (shape, dtype) in layout.items():  # filled by from_tensors or a state dict: untouched till then
             self.register_buffer(name, torch.empty(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -53,8 +61,11 @@ class QuantizedLinear(KeepsStoredFormats):
         self._one_call: cpu.OneCallLinear | None | bool = False  # built on first use, see _fast_path
 
     def _fast_path(self) -> cpu.OneCallLinear | None:
-        """The one-call CPU path for this layer as it is now placed, built once (moves reset it)."""
-        if self._one_call is False:
+        """The one-call CPU path for this layer as it is now placed, built once (moves reset it); none
+        for a layer with a low-rank term, which the one call does not add."""
+        if self._one_call is False and self.low_rank is not None:
+            self._one_call = None
+        elif self._one_call is False:
             vectors = (self._buffers.get("su"), self._buffers.get("sv"), self.bias) if self.transform.name == "rht" \
                 else (None, None, self.bias)
             self._one_call = cpu.one_call_linear(self.codebook, self.out_features, self.in_features,
@@ -86,7 +97,7 @@ class QuantizedLinear(KeepsStoredFormats):
     ) -> "QuantizedLinear":
         """Build a layer from `spec` and fill its buffers from `tensors` (shapes and dtypes must match)."""
         layer = cls(**spec)
-        for name in layer._codebook_names + layer._transform_names:
+        for name in layer.stored_names():
             buf, value = getattr(layer, name), tensors[name]
             if value.shape != buf.shape:
                 raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
@@ -99,13 +110,23 @@ class QuantizedLinear(KeepsStoredFormats):
 
     def spec(self) -> dict[str, Any]:
         """The constructor arguments: what the checkpoint records for this layer."""
-        return {
+        spec = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "codebook": self.codebook.spec(),
             "transform": self.transform.spec(),
             "bias": self.bias is not None,
         }
+        if self.low_rank is not None:
+            spec["low_rank"] = self.low_rank.spec()
+        return spec
+
+    def stored_names(self) -> tuple[str, ...]:
+        """The names of every stored tensor (buffer): codes, low-rank factors, transform vectors."""
+        return self._codebook_names + self._low_rank_names + self._transform_names
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.stored_names()}
 
     def codebook_tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self._codebook_names}
@@ -119,10 +140,14 @@ class QuantizedLinear(KeepsStoredFormats):
     def transform_params(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self._transform_names}
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """(L [out, k], R [k, in]) of the low-rank term, decoded (float32); the layer must have one."""
+        stored = {name: getattr(self, name) for name in self._low_rank_names}
+        return self.low_rank.factors(stored, self.out_features, self.in_features)
+
     def stored_bits(self) -> int:
-        """Bits this layer stores: codes, scales and transform vectors (bias excluded)."""
-        stored = {**self.codebook_tensors(), **self.transform_params()}.values()
-        return sum(buf.numel() * buf.element_size() * 8 for buf in stored)
+        """Bits this layer stores: codes, scales, low-rank factors and transform vectors (bias excluded)."""
+        return sum(buf.numel() * buf.element_size() * 8 for buf in self.stored_tensors().values())
 
     @torch.no_grad()
     def keep_decoded(self, keep: bool = True) -> None:
@@ -131,8 +156,12 @@ class QuantizedLinear(KeepsStoredFormats):
         Evaluation runs thousands of forwards, and decoding every time (trellis walks, codebook
         lookups) costs more than the matmul; generation on a small device wants the codes only.
         """
-        codes = self.codebook_tensors()
-        self.decoded = self.codebook.dequantize(codes, self.out_features, self.in_features) if keep else None
+        self.decoded = None
+        if keep:
+            self.decoded = self.codebook.dequantize(self.codebook_tensors(), self.out_features, self.in_features)
+            if self.low_rank is not None:
+                left, right = self.low_rank_factors()
+                self.decoded.addmm_(left, right)
 
     def forward(self, x: Tensor) -> Tensor:
         fast = self._one_call if self._one_call is not False else self._fast_path()
@@ -143,6 +172,9 @@ class QuantizedLinear(KeepsStoredFormats):
         x = self.transform.input(x, params)
         tensors, spec = self.kernel_inputs()
         y = decode_matmul(x, tensors, spec, self.out_features, self.in_features)
+        if self.low_rank is not None and self.decoded is None:  # a held weight has it added already
+            left, right = self.low_rank_factors()
+            y = y + (x @ right.t().to(x.dtype)) @ left.t().to(x.dtype)
         y = self.transform.output(y, params)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -159,9 +191,10 @@ class QuantizedLinear(KeepsStoredFormats):
 
     def extra_repr(self) -> str:
         cb = self.codebook.spec()
+        low_rank = "" if self.low_rank is None else f", rank={self.low_rank.rank}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, codebook={cb['name']}, "
-            f"bits={cb['bits']}, transform={self.transform.name}, bias={self.bias is not None}"
+            f"bits={cb['bits']}, transform={self.transform.name}{low_rank}, bias={self.bias is not None}"
         )
 
 

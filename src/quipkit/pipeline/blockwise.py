@@ -526,7 +526,7 @@ def _exchange(mine: dict[int, list[tuple[QuantizedLinear, LayerRecord]]], ranks:
     """Every process's quantized groups {group index: [(layer, record)]}, on every process."""
     if not ranks.active:
         return mine
-    portable = {index: [(layer.spec(), {**layer.codebook_tensors(), **layer.transform_params()}, record) for layer, record in results]
+    portable = {index: [(layer.spec(), layer.stored_tensors(), record) for layer, record in results]
                 for index, results in mine.items()}
     merged: dict[int, list[tuple[QuantizedLinear, LayerRecord]]] = {}
     for part in ranks.gather([portable]):

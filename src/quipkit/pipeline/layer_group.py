@@ -16,11 +16,12 @@ from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
 from quipkit.codebooks.base import split_rows
+from quipkit.codebooks.low_rank import LowRank
 from quipkit.config import QuantConfig
 from quipkit.errors import QuipkitError
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.pipeline.guards import check_finite, definite_hessian, proxy_warning
-from quipkit.rounding import greedy_refine, ldlq, relative_proxy_loss, round_nearest
+from quipkit.rounding import Problem, relative_proxy_loss, solve
 from quipkit.transforms import make_transform
 
 
@@ -37,6 +38,7 @@ class LayerRecord:
     damping: float = 0.0  # the damping that made its Hessian positive definite (more than asked: recorded)
     dead_inputs: int = 0  # input columns no calibration token excited
     warnings: tuple[str, ...] = ()
+    iterations: tuple[float, ...] = ()  # an iterative solver's (CALDERA's) relative proxy after each outer iteration
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +51,7 @@ class LayerRecord:
             "damping": self.damping,
             "dead_inputs": self.dead_inputs,
             "warnings": list(self.warnings),
+            "iterations": list(self.iterations),
         }
 
 
@@ -89,9 +92,12 @@ def _quantize_stack(
     if codebook.target_rms is not None and not transform.scaled:
         raise QuipkitError(f"codebook '{codebook.name}' needs a transform (rht or kronecker), not identity")
     weights = [linears[n].weight.detach().to(device, torch.float32) for n in names]
+    low_rank = LowRank(cfg.low_rank["rank"], cfg.low_rank["codebook"]) if cfg.low_rank else None
     for name, w in zip(names, weights):
         try:
             codebook.check_shape(*w.shape)
+            if low_rank is not None:
+                low_rank.check_shape(*w.shape)
         except QuipkitError as err:
             raise QuipkitError(f"{name}: {err}") from None
         check_finite(w, f"the weight of {name}", "the float model is corrupt; restore its files")
@@ -132,22 +138,18 @@ def _quantize_stack(
         for held in (h, h_t):  # the float64 H, transformed or not: this function's copy, or the caller's to consume
             held.set_()
         h_t = h_single
-    if cfg.rounding == "nearest":
-        codes, values = round_nearest(target, codebook, cb_params)
-    else:
-        codes, values = ldlq(target, h_t, codebook, cb_params, order)
-    kept = 0
-    if cfg.greedy_sweeps:
-        codes, values, kept = greedy_refine(target, h_t, codebook, cb_params, codes, values, cfg.greedy_sweeps)
-    code_parts = split_rows({"codes": codes}, sizes, codebook.row_block)
-    param_parts = split_rows(cb_params, sizes, 1)
-    value_parts = torch.split(values, sizes)
+    solution = solve(cfg.rounding, Problem(target, h_t, codebook, cb_params, order, sizes, cfg.greedy_sweeps,
+                                           dict(cfg.low_rank or {})))
+    code_parts = split_rows({"codes": solution.codes}, sizes, codebook.row_block)
+    param_parts = split_rows(solution.params, sizes, 1)
+    value_parts = torch.split(solution.values, sizes)
     target_parts = torch.split(target, sizes)
     elapsed = (time.perf_counter() - start) / len(names)
     results = []
     for i, name in enumerate(names):
         linear = linears[name]
-        params = transform.fold_scale(out_params[i], scales[i]) if transform.scaled else out_params[i]
+        scale = scales[i] * (solution.scales[i] if solution.scales else 1.0)
+        params = transform.fold_scale(out_params[i], scale) if transform.scaled else out_params[i]
         tensors = {**codebook.pack(code_parts[i]["codes"], param_parts[i]), **params}
         spec = {
             "in_features": linear.in_features,
@@ -156,6 +158,9 @@ def _quantize_stack(
             "transform": transform.spec(),
             "bias": linear.bias is not None,
         }
+        if solution.low_rank:
+            tensors.update(solution.low_rank[i])
+            spec["low_rank"] = low_rank.spec()
         layer = QuantizedLinear.from_tensors(spec, {k: v.cpu() for k, v in tensors.items()}, linear.bias)
         proxy = relative_proxy_loss(target_parts[i], value_parts[i], h_t)  # h_t None: H = I
         notes = [f"{name}: Hessian damping raised from {cfg.damping:g} to {damping:g} to make it positive definite"
@@ -167,10 +172,11 @@ def _quantize_stack(
             proxy=proxy,
             bits=layer.stored_bits() / (linear.out_features * linear.in_features),
             seconds=elapsed,
-            greedy_sweeps=kept,
+            greedy_sweeps=solution.greedy_sweeps,
             damping=damping,
             dead_inputs=dead,
             warnings=tuple(notes),
+            iterations=tuple(solution.history[i]) if solution.history else (),
         )
         results.append((layer, record))
     return results

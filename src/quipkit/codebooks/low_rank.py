@@ -1,0 +1,59 @@
+"""A low-rank term L R of a layer's weight, each factor stored in a number format of its own (CALDERA).
+
+The term lives where the layer's codes do (after the incoherence transform, in the codes' scale), so
+the layer computes transform.output((decode(codes) + L R) x_t). L [m, k] is stored as an m x k
+matrix of the factor codebook, R [k, n] as a k x n one; their tensors are the layer's, prefixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks.base import Params
+from quipkit.codebooks.registry import make_codebook
+from quipkit.errors import QuipkitError
+
+LEFT, RIGHT = "lr_left_", "lr_right_"
+
+
+class LowRank:
+    """Rank-`rank` factors L [m, k] and R [k, n] in the factor codebook `codebook` (a spec)."""
+
+    def __init__(self, rank: int, codebook: dict[str, Any]) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise QuipkitError(f"the low-rank term needs a rank >= 1, got {rank!r}")
+        self.rank = rank
+        self.codebook = make_codebook(codebook)
+        if self.codebook.dim != 1 or self.codebook.row_block != 1 or self.codebook.target_rms is not None:
+            raise QuipkitError(f"low-rank factors need a scalar codebook that scales itself (scalar, dense), "
+                               f"not '{self.codebook.name}'")
+
+    def spec(self) -> dict[str, Any]:
+        return {"rank": self.rank, "codebook": self.codebook.spec()}
+
+    def check_shape(self, rows: int, cols: int) -> None:
+        if self.rank > min(rows, cols):
+            raise QuipkitError(f"rank {self.rank} is larger than a {rows}x{cols} weight allows (at most "
+                               f"{min(rows, cols)}); lower --rank")
+        self.codebook.check_shape(rows, self.rank)
+        self.codebook.check_shape(self.rank, cols)
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of the stored tensors of both factors, under their prefixed names."""
+        left = self.codebook.storage(rows, self.rank)
+        right = self.codebook.storage(self.rank, cols)
+        return {**{LEFT + k: v for k, v in left.items()}, **{RIGHT + k: v for k, v in right.items()}}
+
+    def pack(self, left: tuple[Tensor, Params], right: tuple[Tensor, Params]) -> dict[str, Tensor]:
+        """(codes, params) of L and of R -> the stored tensors."""
+        packed_left, packed_right = self.codebook.pack(*left), self.codebook.pack(*right)
+        return {**{LEFT + k: v for k, v in packed_left.items()}, **{RIGHT + k: v for k, v in packed_right.items()}}
+
+    def factors(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Tensor]:
+        """The stored tensors -> (L [rows, k], R [k, cols]), float32."""
+        left = {k[len(LEFT):]: v for k, v in stored.items() if k.startswith(LEFT)}
+        right = {k[len(RIGHT):]: v for k, v in stored.items() if k.startswith(RIGHT)}
+        return (self.codebook.dequantize(left, rows, self.rank), self.codebook.dequantize(right, self.rank, cols))

@@ -1,0 +1,129 @@
+"""CALDERA: W ≈ Q + L R, a low-precision Q plus low-rank factors that are themselves quantized.
+
+Minimises ||(W - Q - L R) H^(1/2)||_F^2 by alternating, `outer_iters` times:
+  Q <- LDLQ(W - L R), the residual first scaled to the codebook's RMS (the low-rank term takes the
+       weights' largest directions, so what is left is smaller than W and would waste the grid);
+  L R <- the Hessian-weighted rank-k fit of W - Q: the SVD of (W - Q) C (H = C C^T) gives L and R
+       with the singular values split evenly, then `inner_iters` rounds of least squares, each factor
+       rounded by LDLQ through its own Hessian (R H R^T for L's rows; H for R's rows, exact when L's
+       columns are orthogonal, which the SVD start makes them).
+Each layer of the stack keeps its own L R and its best iterate; the proxy losses after every outer
+iteration are reported. Rows of different layers never mix: LDLQ is row-independent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quipkit.codebooks.base import Codebook
+from quipkit.codebooks.low_rank import LowRank
+from quipkit.rounding.ldlq import ldlq
+from quipkit.rounding.solvers import Problem, Solution, register_solver, round_main
+
+FACTOR_DAMPING = 0.01  # of the mean diagonal, added to the factors' Hessians (R H R^T can be singular)
+
+
+def _damped(hessian: Tensor) -> Tensor:
+    """H [k, k] + 1% of its mean diagonal: positive definite even where a factor row is zero."""
+    shift = FACTOR_DAMPING * float(torch.diagonal(hessian).mean().clamp_min(1e-12))
+    return hessian + shift * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+
+
+def _round_factor(factor: Tensor, hessian: Tensor, codebook: Codebook) -> tuple[tuple[Tensor, dict], Tensor]:
+    """Rows of `factor` [r, c] rounded by LDLQ under `hessian` [c, c] -> ((codes, params), values [r, c])."""
+    params = codebook.fit(factor)
+    codes, values = ldlq(factor, _damped(hessian), codebook, params)
+    return (codes, params), values
+
+
+def _quadratic(error: Tensor, hessian: Tensor) -> float:
+    """tr(E H E^T) for E [r, n], H [n, n]."""
+    return float(((error @ hessian) * error).sum())
+
+
+def fit_low_rank(residual: Tensor, hessian: Tensor, chol: Tensor, low_rank: LowRank, inner_iters: int,
+                 left: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, float]:
+    """The quantized rank-k fit of `residual` [m, n] under `hessian` [n, n] (= chol chol^T, chol lower),
+    from the SVD or, given `left` [m, k] (a stored L, decoded), from there -> (the stored tensors,
+    L R [m, n] as stored, tr(E H E^T) of what is left)."""
+    if left is None:
+        left, right = _svd_factors(residual, chol, low_rank.rank)
+        left = _round_factor(left, right @ hessian @ right.t(), low_rank.codebook)[1]
+    weighted = residual @ hessian  # [m, n], for L's least squares
+    best = None
+    for _ in range(inner_iters):
+        right = torch.linalg.solve(_damped(left.t() @ left), left.t() @ residual)  # [k, n]
+        right_stored, right = _round_factor(right, hessian, low_rank.codebook)
+        right_gram = right @ hessian @ right.t()  # [k, k]
+        left = torch.linalg.solve(_damped(right_gram), (weighted @ right.t()).t()).t()  # [m, k]
+        left_stored, left = _round_factor(left, right_gram, low_rank.codebook)
+        product = left @ right
+        loss = _quadratic(residual - product, hessian)
+        if best is None or loss < best[2]:
+            best = (low_rank.pack(left_stored, right_stored), product, loss)
+    return best
+
+
+def _svd_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The best rank-k (L [m, k], R [k, n]) of `weight` [m, n] under H = chol chol^T, float, with the
+    singular values split evenly between them (so both quantize alike)."""
+    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    # R C = S^1/2 V^T  ->  C^T R^T = V S^1/2
+    right = torch.linalg.solve_triangular(chol.t(), vh[:rank].t() * root, upper=True).t()
+    return u[:, :rank] * root, right
+
+
+def _solve_layer(problem: Problem, target: Tensor, hessian: Tensor, chol: Tensor, low_rank: LowRank) -> dict:
+    """One layer's rows `target` [m, n]: the best (codes, L R) and the proxy after each outer iteration.
+
+    The codes' scale is set once, from what the float rank-k fit leaves of W (the low-rank term takes
+    W's largest directions, so the rest is smaller than W and would waste the codebook's grid); L R
+    lives in that scale, so its factors need no scale of their own. Each step is kept only if it
+    lowers the loss: LDLQ's new codes against the old ones under the current L R, and the fresh and
+    the warm-started fits of the factors against the current ones."""
+    codebook, options = problem.codebook, problem.options
+    left, right = _svd_factors(target, chol, low_rank.rank)
+    scale = 1.0
+    if codebook.target_rms is not None:
+        scale = float((target - left @ right).square().mean().sqrt().clamp_min(1e-12)) / codebook.target_rms
+    weight = target / scale
+    stored, product, _ = fit_low_rank(weight, hessian, chol, low_rank, options["inner_iters"])
+    total = max(_quadratic(target, hessian), 1e-30)
+    best, history = None, []
+    for _ in range(options["outer_iters"]):
+        params = codebook.fit(weight - product)
+        codes, values, kept = round_main(problem, weight - product, params)
+        if best is None or _quadratic(weight - values - product, hessian) < _quadratic(weight - best["values"] - product, hessian):
+            best = {"codes": codes, "values": values, "params": params, "kept": kept}
+        rest = weight - best["values"]
+        loss = _quadratic(rest - product, hessian)
+        current = low_rank.factors(stored, *target.shape)[0]
+        for fitted in (fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"]),
+                       fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"], left=current)):
+            if fitted[2] < loss:
+                stored, product, loss = fitted
+        history.append(loss * scale**2 / total)
+    return {**best, "values": (best["values"] + product) * scale, "scale": scale, "stored": stored, "history": history}
+
+
+@register_solver("caldera")
+def caldera(problem: Problem) -> Solution:
+    """Options: rank, codebook (the factors'), outer_iters, inner_iters (QuantConfig.low_rank). Each layer
+    of the stack gets its own L R and scale."""
+    low_rank = LowRank(problem.options["rank"], problem.options["codebook"])
+    hessian = problem.hessian
+    if hessian is None:
+        hessian = torch.eye(problem.target.shape[1], device=problem.target.device)
+    chol = torch.linalg.cholesky(hessian)
+    layers = [_solve_layer(problem, part, hessian, chol, low_rank) for part in torch.split(problem.target, problem.sizes)]
+    return Solution(
+        codes=torch.cat([layer["codes"] for layer in layers]),
+        values=torch.cat([layer["values"] for layer in layers]),
+        params={key: torch.cat([layer["params"][key] for layer in layers]) for key in layers[0]["params"]},
+        greedy_sweeps=min(layer["kept"] for layer in layers),
+        scales=[layer["scale"] for layer in layers],
+        low_rank=[layer["stored"] for layer in layers],
+        history=[layer["history"] for layer in layers],
+    )

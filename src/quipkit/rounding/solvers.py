@@ -1,0 +1,88 @@
+"""Per-layer solvers by name: what `QuantConfig.rounding` chooses (nearest, ldlq, caldera).
+
+A solver takes the stacked, transformed weights of the layers that share an input and their
+Hessian, and returns the main codebook's codes, the weights the layers will compute, and anything
+else a layer stores (a low-rank term). A new method adds a solver here, not a branch in the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor
+
+from quipkit.codebooks.base import Codebook, Params
+from quipkit.errors import QuipkitError
+from quipkit.rounding.greedy import greedy_refine
+from quipkit.rounding.ldlq import ldlq
+from quipkit.rounding.nearest import round_nearest
+
+
+@dataclass
+class Problem:
+    """The stacked layers of one group, as the rounding sees them."""
+
+    target: Tensor  # [m, n] the layers' transformed weights, stacked by rows
+    hessian: Tensor | None  # [n, n] float32, the transformed damped Hessian; None: H = I
+    codebook: Codebook
+    params: Params  # the codebook's fit to `target`
+    order: Tensor | None  # [n] a column order (act-order), or None
+    sizes: list[int]  # the rows of each layer in the stack
+    greedy_sweeps: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the solver's own settings (QuantConfig.low_rank)
+
+
+@dataclass
+class Solution:
+    codes: Tensor  # [m / row_block, n / dim, ...] the main codebook's codes
+    values: Tensor  # [m, n] what the layers compute, in the target's scale
+    params: Params  # the main codebook's parameters the codes decode with
+    greedy_sweeps: int = 0  # greedy sweeps kept
+    # per layer: the factor its codes decode to a `target` row's scale, the low-rank term's stored
+    # tensors, and the relative proxy loss after each outer iteration of an iterative solver
+    scales: list[float] | None = None
+    low_rank: list[dict[str, Tensor]] | None = None
+    history: list[list[float]] | None = None
+
+
+Solver = Callable[[Problem], Solution]
+SOLVERS: dict[str, Solver] = {}
+
+
+def register_solver(name: str) -> Callable[[Solver], Solver]:
+    def decorate(fn: Solver) -> Solver:
+        SOLVERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def solve(name: str, problem: Problem) -> Solution:
+    if name not in SOLVERS:
+        raise QuipkitError(f"unknown rounding '{name}'; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[name](problem)
+
+
+def round_main(problem: Problem, target: Tensor, params: Params, nearest: bool = False) -> tuple[Tensor, Tensor, int]:
+    """`target` [m, n] rounded with the problem's codebook and `params`: LDLQ through the Hessian (or
+    to nearest), then the greedy sweeps -> (codes, values [m, n], sweeps kept)."""
+    if nearest:
+        codes, values = round_nearest(target, problem.codebook, params)
+    else:
+        codes, values = ldlq(target, problem.hessian, problem.codebook, params, problem.order)
+    if not problem.greedy_sweeps:
+        return codes, values, 0
+    return greedy_refine(target, problem.hessian, problem.codebook, params, codes, values, problem.greedy_sweeps)
+
+
+@register_solver("nearest")
+def _nearest(problem: Problem) -> Solution:
+    codes, values, kept = round_main(problem, problem.target, problem.params, nearest=True)
+    return Solution(codes, values, problem.params, kept)
+
+
+@register_solver("ldlq")
+def _ldlq(problem: Problem) -> Solution:
+    codes, values, kept = round_main(problem, problem.target, problem.params)
+    return Solution(codes, values, problem.params, kept)
