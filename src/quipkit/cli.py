@@ -500,6 +500,7 @@ def cmd_kernels(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from quipkit.formats.compressed_tensors_export import export_compressed_tensors
     from quipkit.formats.gguf_export import export_gguf
 
     folder, out = Path(args.model), Path(args.out)
@@ -508,7 +509,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise QuipkitError(f"{out} exists; pass --overwrite to replace it")
     log = lambda text: print(f"quipkit: {text}", file=sys.stderr)  # noqa: E731
-    log(f"exporting {folder} to {out} (GGUF)")
+    log(f"exporting {folder} to {out} ({args.format})")
+    if args.format == "compressed-tensors":
+        export_compressed_tensors(folder, out, args.overwrite, log)
+        log(f"wrote {out} ({_dir_size(out) / 1e6:.1f} MB); serve it with vLLM (vllm serve {out}) or load it with "
+            "transformers (pip install compressed-tensors)")
+        return
     export_gguf(folder, out, args.tokenizer_from, log, args.embeddings)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp, e.g. llama-cli -m {out}")
 
@@ -744,11 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=16, help="--incoherence: calibration sequences [16]")
     p.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="--incoherence: bits of the bound [2]")
 
-    p = command("export", cmd_export, "write a gguf-* checkpoint as a GGUF file that llama.cpp runs")
-    p.add_argument("model", help="quantized folder (made with --method gguf-q4_0, gguf-q4_1, gguf-q8_0 or gguf-iq4_nl)")
-    p.add_argument("--format", default="gguf", choices=("gguf",), help="output format [gguf]")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p = command("export", cmd_export, "write a gguf-* checkpoint as a GGUF file that llama.cpp runs, or an rtn/gptq "
+                "one as a compressed-tensors folder that vLLM serves")
+    p.add_argument("model", help="quantized folder (GGUF: made with --method gguf-q4_0, gguf-q4_1, gguf-q8_0 or "
+                   "gguf-iq4_nl; compressed-tensors: rtn or gptq at 4 or 8 bits, no --incoherence)")
+    p.add_argument("--format", default="gguf", choices=("gguf", "compressed-tensors"), help="output format [gguf]")
+    p.add_argument("--out", required=True, help="the .gguf file, or the folder, to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file or folder")
     p.add_argument("--tokenizer-from", help="copy the tokenizer from this GGUF [the GGUF the model came from, "
                    "else the folder's tokenizer.json]")
     p.add_argument("--embeddings", default="q8_0", choices=("q8_0", "bf16"),
