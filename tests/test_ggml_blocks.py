@@ -62,6 +62,19 @@ def test_round_to_nearest_is_llama_cpps_quantizer_or_closer(block_type):
     assert (clipped.quantize(w, p, torch.arange(w.shape[1]))[1] - w).square().sum() <= (values - w).square().sum()
 
 
+@pytest.mark.parametrize("block_type", ["q4_0", "iq4_nl", "q4_1"])
+def test_the_scale_search_spends_precision_where_the_importance_is(block_type):
+    w = _weights(rows=64, cols=256, seed=1)
+    importance = torch.ones(256)
+    importance[5::32] = 1000.0  # one column of every block costs a thousand times more
+    codebook = make_codebook({"name": "ggml", "type": block_type})
+    cols = torch.arange(256)
+    plain = codebook.quantize(w, codebook.fit(w), cols)[1] - w
+    weighted = codebook.quantize(w, codebook.fit(w, importance), cols)[1] - w
+    assert weighted[:, 5::32].abs().mean() < 0.5 * plain[:, 5::32].abs().mean()
+    assert (importance * weighted.square()).sum() < (importance * plain.square()).sum()
+
+
 def test_a_row_not_in_blocks_of_32_is_refused_in_one_line():
     with pytest.raises(QuipkitError, match="Q4_0 needs in_features divisible by 32"):
         make_codebook({"name": "ggml", "type": "q4_0"}).check_shape(64, 48)

@@ -46,8 +46,10 @@ class Codebook(ABC):
                 f"divisible by {self.row_block}; got a {rows}x{cols} weight (exclude the layer or pick another method)"
             )
 
-    def fit(self, weight: Tensor) -> Params:
-        """Per-matrix parameters for `weight` [m, n]; every tensor's first dim is m (rows split cleanly)."""
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
+        """Per-matrix parameters for `weight` [m, n]; every tensor's first dim is m (rows split cleanly).
+        `importance` [n]: what an error in each column costs (the Hessian's diagonal; None: all alike),
+        for codebooks whose parameters are searched."""
         return {}
 
     @abstractmethod

@@ -4,9 +4,10 @@ Each row is cut into blocks of 32 weights; a block holds an fp16 scale d (Q4_1 a
 m) and one code per weight, and decodes to d * level[code] (+ m). The stored tensor is the blocks'
 bytes exactly as GGML lays them out (scale first, then 4-bit codes with weight j in the low nibble of
 byte j and weight j + 16 in its high nibble, or 8-bit codes), so a GGUF export copies it and stock
-llama.cpp reads it. The scales are fit before rounding (llama.cpp's own formula, or with `clip` the
-shrink of it with the least squared error per block); LDLQ then rounds against the real Hessian,
-which is what llama.cpp's own quantizers cannot do.
+llama.cpp reads it. The scales are fit before rounding (llama.cpp's own formula, or with `clip` a
+search around it under llama.cpp's importance weighting, with the Hessian's diagonal as the
+importance matrix); LDLQ then rounds against the real Hessian, which is what llama.cpp's own
+quantizers cannot do.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from quipkit.codebooks.scalar import CLIP_SHRINKS
 from quipkit.errors import QuipkitError
 
 BLOCK = 32  # weights per block, along a row
+STRETCHES = [1.1, 1.05]  # scales above llama.cpp's tried too: its extreme level need not hold the extreme weight
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,16 @@ class GgmlBlocks(Codebook):
             raise QuipkitError(f"llama.cpp's {self.type.upper()} needs in_features divisible by {BLOCK}; got a "
                                f"{rows}x{cols} weight (exclude the layer or pick another method)")
 
-    def fit(self, weight: Tensor) -> Params:
-        """Per (row, block): llama.cpp's scale (and minimum), or with `clip` its shrink of least squared error."""
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
+        """Per (row, block): llama.cpp's scale (and minimum), or with `clip` the best of its shrinks (and
+        slight stretches), each also refit by weighted least squares to the codes it rounds to (scale
+        formats), under llama.cpp's importance weights: `importance` x sqrt(2 mean(x^2) + x^2) per
+        weight, so the columns the Hessian weighs most and the block's large weights count most."""
         rows, cols = weight.shape
         blocks = weight.float().reshape(rows, cols // BLOCK, BLOCK)
+        weights = torch.sqrt(2 * blocks.square().mean(-1, keepdim=True) + blocks.square())  # [rows, blocks, BLOCK]
+        if importance is not None:
+            weights = weights * importance.float().to(weights.device).reshape(1, -1, BLOCK)
         low, high = self._levels[0].item(), self._levels[-1].item()
         if self.format.minimum:
             top, bottom = blocks.amax(-1), blocks.amin(-1)
@@ -84,9 +92,9 @@ class GgmlBlocks(Codebook):
             extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
             base = {"scale": extreme / (low if abs(low) >= abs(high) else high)}
         best, best_err = None, None
-        for shrink in CLIP_SHRINKS if self.clip else [1.0]:
-            params = {key: (value * shrink).half().float() for key, value in base.items()}
-            err = (self._nearest(blocks, *self._broadcast(params, lambda v: v.unsqueeze(-1)))[1] - blocks).square().sum(-1)
+        for params in self._candidates(blocks, weights, base):
+            err = (weights * (self._nearest(blocks, *self._broadcast(params, lambda v: v.unsqueeze(-1)))[1]
+                              - blocks).square()).sum(-1)
             if best is None:
                 best, best_err = params, err
                 continue
@@ -94,6 +102,19 @@ class GgmlBlocks(Codebook):
             best_err = torch.where(better, err, best_err)
             best = {key: torch.where(better, params[key], best[key]) for key in best}
         return best
+
+    def _candidates(self, blocks: Tensor, weights: Tensor, base: Params):
+        """The parameters tried per block: llama.cpp's, and with `clip` its shrinks and stretches, each
+        (scale formats) followed by the scale that fits its codes best by weighted least squares."""
+        for shrink in STRETCHES + CLIP_SHRINKS if self.clip else [1.0]:
+            params = {key: (value * shrink).half().float() for key, value in base.items()}
+            yield params
+            if self.clip and not self.format.minimum:
+                codes = self._nearest(blocks, params["scale"].unsqueeze(-1), 0.0)[0]
+                levels = self._levels.to(blocks.device)[codes]
+                norm = (weights * levels.square()).sum(-1)
+                fitted = (weights * blocks * levels).sum(-1) / norm.clamp_min(1e-30)
+                yield {"scale": torch.where(norm > 0, fitted, params["scale"]).half().float()}
 
     def _broadcast(self, params: Params, spread) -> tuple[Tensor, Tensor | float]:
         """(scale, minimum or 0) of `params` per block, each passed through `spread` to line up with the weights."""

@@ -60,7 +60,7 @@ class OutlierSplitGrid(Codebook):
         mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         return mask.scatter_(1, weight.abs().topk(self.outliers(weight.shape[1]), dim=1).indices, True)
 
-    def fit(self, weight: Tensor) -> Params:
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
         """The outlier mask (each row's largest magnitudes) and both grids of every row."""
         w = weight.float()
         mask = self.outlier_mask(w)

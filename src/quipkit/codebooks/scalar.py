@@ -49,7 +49,7 @@ class GroupGrid(Codebook):
     def groups(self, cols: int) -> int:
         return -(-cols // self.group_size)
 
-    def fit(self, weight: Tensor) -> Params:
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
         """Per (row, group): the min-max range, or with `clip` the shrunk range of least squared error."""
         rows, cols = weight.shape
         group = torch.arange(cols, device=weight.device) // self.group_size

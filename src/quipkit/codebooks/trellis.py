@@ -237,7 +237,7 @@ class BitshiftTrellis(Codebook):
         values = self.table(codes.device, params.get("hyb"))[states].reshape(-1, T)
         return self._untile(values, tiles_m * TILE, tiles_n * TILE)
 
-    def fit(self, weight: Tensor) -> Params:
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
         return {}
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:

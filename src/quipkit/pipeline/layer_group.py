@@ -129,7 +129,7 @@ def _quantize_stack(
             target[row : row + w.shape[0]] = w_t
             row += w.shape[0]
         del w_t
-    cb_params = codebook.fit(target)
+    cb_params = codebook.fit(target, None if h_t is None else torch.diagonal(h_t))
     order = torch.argsort(torch.diagonal(h_t), descending=True) if cfg.act_order and h_t is not None else None
     if h_t is not None:
         # from here on H is read in float32 (LDLQ factors it so first, greedy and the proxy record multiply
