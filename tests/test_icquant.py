@@ -108,3 +108,39 @@ def test_an_icquant_model_saves_and_loads_with_identical_logits(tmp_path):
     loaded, _ = quipkit.load(out)
     with torch.no_grad():
         assert torch.equal(loaded(tokens[:2]).logits, model(tokens[:2]).logits)
+
+
+def test_the_row_table_finds_each_rows_clusters_and_rounds_to_the_nearest_level():
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.tensor([[-0.3, -0.1, 0.05, 0.4], [-1.0, 0.0, 0.5, 2.0]])
+    w = centers.gather(1, torch.randint(0, 4, (2, 400), generator=gen)) + 0.001 * torch.randn(2, 400, generator=gen)
+    table = make_codebook({"name": "table", "bits": 2})
+    params = table.fit(w)
+    assert torch.allclose(params["levels"], centers, atol=0.01)
+    x = torch.randn(2, 50, generator=gen)
+    codes, values = table.quantize(x, params, torch.arange(50))
+    brute = (x[:, :, None] - params["levels"][:, None, :]).abs().argmin(-1)
+    assert torch.equal(codes.long(), brute) and torch.equal(values, params["levels"].gather(1, brute))
+    stored = table.pack(codes, params)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == table.storage(2, 50)
+    assert torch.equal(table.dequantize(stored, 2, 50), values)
+    # a column that costs more pulls its level onto itself
+    importance = torch.ones(400)
+    row = torch.linspace(-1, 1, 400)[None]
+    importance[10] = 1e4
+    assert (table.fit(row, importance)["levels"] - row[0, 10]).abs().min() < 1e-3
+    assert (table.fit(row)["levels"] - row[0, 10]).abs().min() > 0.05
+
+
+def test_icquant_with_table_inliers_round_trips_and_beats_its_grid():
+    # Laplace-like rows, as real weights' are (sharper at zero than a Gaussian: an even grid fits them worse)
+    gen = torch.Generator().manual_seed(4)
+    u = torch.rand(48, 320, generator=gen) - 0.5
+    w = -0.02 * u.sign() * torch.log1p(-2 * u.abs()) * torch.rand(48, 1, generator=gen).add(0.5)
+    h = _hessian(w.shape[1])
+    _, grid = _round(w, h, "icquant")
+    layer, table = _round(w, h, "icquant", inliers="table")
+    assert table.proxy < 0.85 * grid.proxy, (table.proxy, grid.proxy)
+    assert layer.levels.shape == (w.shape[0], 4) and table.bits == pytest.approx(layer.stored_bits() / w.numel())
+    with pytest.raises(QuipkitError, match="has no groups"):
+        make_codebook({"name": "icquant", "bits": 2, "inliers": "table", "group_size": 64})

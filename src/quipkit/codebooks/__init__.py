@@ -2,6 +2,6 @@
 
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.codebooks.registry import CODEBOOKS, make_codebook, register_codebook
-from quipkit.codebooks import dense, e8p, ggml_blocks, icquant, rvq, scalar, trellis  # noqa: F401  (registers)
+from quipkit.codebooks import dense, e8p, ggml_blocks, icquant, row_table, rvq, scalar, trellis  # noqa: F401  (registers)
 
 __all__ = ["Codebook", "Params", "CODEBOOKS", "make_codebook", "register_codebook"]

@@ -21,6 +21,7 @@ from torch import Tensor
 from quipkit.codebooks import outlier_positions
 from quipkit.codebooks.base import Codebook, Params
 from quipkit.codebooks.registry import register_codebook
+from quipkit.codebooks.row_table import RowTable
 from quipkit.codebooks.scalar import GroupGrid
 from quipkit.errors import QuipkitError
 
@@ -34,18 +35,26 @@ class OutlierSplitGrid(Codebook):
     dim = 1
 
     def __init__(self, bits: int, ratio: float = 0.05, clip: bool = True, group_size: int | None = None,
-                 index_bytes: int | None = None) -> None:
+                 index_bytes: int | None = None, inliers: str = "grid") -> None:
         if not 2 <= bits <= 8:
             raise QuipkitError(f"icquant needs 2 to 8 bits (a sign bit and magnitude bits for outliers), got {bits}")
         if not 0.0 <= ratio < 1.0:
             raise QuipkitError(f"the outlier ratio must be in [0, 1), got {ratio}; 0.05 is typical")
         super().__init__(bits)
         self.ratio, self.clip, self.group_size, self.index_bytes = float(ratio), clip, group_size, index_bytes
-        self.inliers = GroupGrid(bits, group_size=group_size or WHOLE_ROW, clip=clip)
+        if inliers not in ("grid", "table"):
+            raise QuipkitError(f"icquant's inliers are on a 'grid' or a 'table', not {inliers!r}")
+        if inliers == "table" and group_size is not None:
+            raise QuipkitError("icquant's per-row table has no groups; drop group_size or use inliers='grid'")
+        self.inlier_kind = inliers
+        self.inliers = GroupGrid(bits, group_size=group_size or WHOLE_ROW, clip=clip) if inliers == "grid" \
+            else RowTable(bits)
         self.magnitudes = 1 << (bits - 1)
 
     def spec(self) -> dict[str, Any]:
         spec = {"name": self.name, "bits": self.bits, "ratio": self.ratio, "clip": self.clip, "group_size": self.group_size}
+        if self.inlier_kind != "grid":
+            spec["inliers"] = self.inlier_kind
         return spec if self.index_bytes is None else {**spec, "index_bytes": self.index_bytes}
 
     def packed_spec(self, stored: dict[str, Tensor]) -> dict[str, Any]:
@@ -64,9 +73,10 @@ class OutlierSplitGrid(Codebook):
         """The outlier mask (each row's largest magnitudes) and both grids of every row."""
         w = weight.float()
         mask = self.outlier_mask(w)
-        # zero lies inside every inlier grid's range and rounds to itself: outliers set to 0 leave the
-        # inliers' range and clipping error as they are
-        params = self.inliers.fit(torch.where(mask, 0.0, w))
+        if self.inlier_kind == "table":  # k-means over the inliers only, each counted by its column's importance
+            params = self.inliers.fit(w, importance, counted=~mask)
+        else:  # zero lies inside every grid's range and rounds to itself: outliers set to 0 change nothing
+            params = self.inliers.fit(torch.where(mask, 0.0, w))
         magnitude = w.abs()
         low = torch.where(mask, magnitude, torch.inf).amin(1)
         high = torch.where(mask, magnitude, 0.0).amax(1)
