@@ -127,6 +127,13 @@ def test_method_options_reach_the_config():
     assert _build_configs(args)[0].codebook["clip"] is False
     args = build_parser().parse_args(["quantize", "--method", "qtip", "--bits", "2", "--L", "12", "--out", "x"])
     assert _build_configs(args)[0].codebook["L"] == 12
+    args = build_parser().parse_args(["quantize", "--method", "caldera", "--rank", "16", "--lr-bits", "16",
+                                      "--outer-iters", "2", "--base", "qtip", "--out", "x"])
+    config = _build_configs(args)[0]
+    assert config.low_rank["rank"] == 16 and config.low_rank["outer_iters"] == 2
+    assert config.low_rank["codebook"] == {"name": "dense", "bits": 16} and config.codebook["name"] == "trellis"
+    args = build_parser().parse_args(["quantize", "--method", "icquant", "--inliers", "table", "--out", "x"])
+    assert _build_configs(args)[0].codebook["inliers"] == "table"
 
 
 def test_overrides_and_blocks_reach_the_config(capsys):
@@ -142,3 +149,15 @@ def test_overrides_and_blocks_reach_the_config(capsys):
     assert config.for_layer("model.layers.0.mlp.experts.gate_up.1").bits == 2
     code, _, err = _run(capsys, "quantize", "--override", "self_attn", "--out", "x")
     _assert_one_line_error(code, err, "must look like REGEX=METHOD:BITS")
+
+
+def test_every_commands_help_prints(capsys):
+    from quipkit.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([name, "--help"])
+        assert done.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "outlier_ratio", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
+                "trellis_code", "L", "outlier_ratio", "inliers", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -624,6 +624,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     from quipkit.config import METHOD_BITS, METHOD_HELP
 
     methods = "; ".join(f"{m} ({'/'.join(map(str, METHOD_BITS[m]))} bits): {METHOD_HELP[m]}" for m in METHOD_HELP)
+    methods = methods.replace("%", "%%")  # argparse formats help with %
     p.add_argument("--method", default=method, help=f"quantization method [{method}]. {methods}")
     p.add_argument("--bits", type=int, default=None,
                    help=f"bits per weight of the codes [{bits}; a method with one width (gguf-q8_0: 8): that]")
@@ -646,6 +647,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--L", type=int, help="qtip: trellis state bits, 8-16; 12 is faster, 16 better [16]")
     g.add_argument("--outlier-ratio", type=float,
                    help="icquant, gptq: share of each row's weights put on a grid of their own [icquant: 0.05; gptq: off]")
+    g.add_argument("--inliers", choices=("grid", "table"),
+                   help="icquant: inliers on an even grid per row, or on a per-row table of levels fit by k-means "
+                   "weighted by the Hessian's diagonal (ICQuant^SK) [grid]")
     g.add_argument("--rank", type=int, help="caldera: rank of the low-rank term L R [64]")
     g.add_argument("--lr-bits", type=int, help="caldera: bits of L and R's grid (groups of 64), 16 = bf16 [4]")
     g.add_argument("--outer-iters", type=int, help="caldera: rounds of Q <- LDLQ(W - L R), L R <- fit(W - Q) [3]")
