@@ -127,12 +127,12 @@ def test_method_options_reach_the_config():
     assert _build_configs(args)[0].codebook["clip"] is False
     args = build_parser().parse_args(["quantize", "--method", "qtip", "--bits", "2", "--L", "12", "--out", "x"])
     assert _build_configs(args)[0].codebook["L"] == 12
-    args = build_parser().parse_args(["quantize", "--method", "caldera", "--rank", "16", "--lr-bits", "16",
+    args = build_parser().parse_args(["quantize", "--method", "caldera", "--bits", "2", "--rank", "16", "--lr-bits", "16",
                                       "--outer-iters", "2", "--base", "qtip", "--out", "x"])
     config = _build_configs(args)[0]
     assert config.low_rank["rank"] == 16 and config.low_rank["outer_iters"] == 2
     assert config.low_rank["codebook"] == {"name": "dense", "bits": 16} and config.codebook["name"] == "trellis"
-    args = build_parser().parse_args(["quantize", "--method", "icquant", "--inliers", "table", "--out", "x"])
+    args = build_parser().parse_args(["quantize", "--method", "icquant", "--bits", "2", "--inliers", "table", "--out", "x"])
     assert _build_configs(args)[0].codebook["inliers"] == "table"
 
 
