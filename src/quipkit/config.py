@@ -324,25 +324,19 @@ def _caldera(bits: int, rank: int = 64, lr_bits: int = 4, lr_group_size: int = 6
     """Q is the `base` method's codebook after the RHT (QuIP#'s E8P by default, or QTIP's trellis with
     `L`); L and R use a `lr_bits` grid with groups of `lr_group_size` (16: bf16). The factors' storage
     counts in the bits per weight: rank k costs k (m + n) lr_bits / (m n)."""
-    if base == "quip#":
-        codebook = {"name": "e8p", "bits": 2} if bits == 2 else {"name": "rvq", "bits": bits}
-        sweeps = 2
-    elif base == "qtip":
-        codebook, sweeps = {"name": "trellis", "bits": bits, "L": L, "code": "1mad"}, 0
-    else:
+    if base not in ("quip#", "qtip"):
         raise TypeError(f"base must be 'quip#' or 'qtip', got {base!r}")
+    if base == "qtip":
+        options["L"] = L
+    if greedy_sweeps is not None:
+        options["greedy_sweeps"] = greedy_sweeps
     factors = ({"name": "dense", "bits": 16} if lr_bits == 16 else
                {"name": "scalar", "bits": lr_bits, "group_size": lr_group_size, "clip": True})
-    options.setdefault("propagate", "original")
-    return QuantConfig(
+    return dataclasses.replace(
+        METHODS[base](bits, **options),
         method="caldera",
-        bits=bits,
-        codebook=codebook,
-        transform={"name": "rht"},
         rounding="caldera",
-        greedy_sweeps=sweeps if greedy_sweeps is None else greedy_sweeps,
         low_rank={"rank": rank, "codebook": factors, "outer_iters": outer_iters, "inner_iters": inner_iters},
-        **_common(options),
     )
 
 
