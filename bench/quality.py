@@ -65,7 +65,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
                  "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
-                 "layers": [{"name": r["name"], "proxy": r["proxy"]} for r in result.layers]}
+                 "layers": [{"name": r["name"], "proxy": r["proxy"], **({"iterations": r["iterations"]} if r.get("iterations") else {})}
+                            for r in result.layers]}
         if args.save_dir:
             from quipkit.formats.checkpoint import save
 
