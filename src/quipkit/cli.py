@@ -573,7 +573,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows = []
     for name, spec in quant["layers"].items():
         rec = records.get(name, {})
-        rows.append([name, f"{spec['out_features']}x{spec['in_features']}", spec["codebook"]["name"],
+        low_rank = f" + rank {spec['low_rank']['rank']}" if spec.get("low_rank") else ""
+        rows.append([name, f"{spec['out_features']}x{spec['in_features']}", spec["codebook"]["name"] + low_rank,
                      spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
     _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
     if account.float_weights:
