@@ -52,7 +52,8 @@ def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
     canonical: dict[str, torch.dtype] = {}
     for name, layer in quantized_layers(model).items():
         layout = {**layer.codebook.storage(layer.out_features, layer.in_features),
-                  **layer.transform.storage(layer.out_features, layer.in_features)}
+                  **layer.transform.storage(layer.out_features, layer.in_features),
+                  **(layer.low_rank.storage(layer.out_features, layer.in_features) if layer.low_rank else {})}
         canonical.update({f"{name}.{key}": dtype for key, (_, dtype) in layout.items()})
     for name, embedding in quantized_embeddings(model).items():
         if not embedding.tied:
