@@ -1,14 +1,18 @@
 """CALDERA: W ≈ Q + L R, a low-precision Q plus low-rank factors that are themselves quantized.
 
-Minimises ||(W - Q - L R) H^(1/2)||_F^2 by alternating, `outer_iters` times:
-  Q <- LDLQ(W - L R), the residual first scaled to the codebook's RMS (the low-rank term takes the
-       weights' largest directions, so what is left is smaller than W and would waste the grid);
-  L R <- the Hessian-weighted rank-k fit of W - Q: the SVD of (W - Q) C (H = C C^T) gives L and R
-       with the singular values split evenly, then `inner_iters` rounds of least squares, each factor
-       rounded by LDLQ through its own Hessian (R H R^T for L's rows; H for R's rows, exact when L's
-       columns are orthogonal, which the SVD start makes them).
-Each layer of the stack keeps its own L R and its best iterate; the proxy losses after every outer
-iteration are reported. Rows of different layers never mix: LDLQ is row-independent.
+Minimises ||(W - Q - L R) H^(1/2)||_F^2 per layer. L R starts as the quantized rank-k fit of W, and
+the codes' scale is set once, from what W's float rank-k fit leaves (the term takes W's largest
+directions, so the rest is smaller than W and would waste the codebook's grid). Then, `outer_iters`
+times:
+  Q <- LDLQ(W - L R), kept if it lowers the loss under the current L R;
+  L R <- the better of a fresh and a warm-started fit of W - Q, kept if it lowers the loss. A fit is
+       the SVD of (W - Q) C (H = C C^T), singular values split evenly between L and R, or the current
+       L, then `inner_iters` rounds of least squares with each factor rounded by LDLQ through its own
+       Hessian (R H R^T for L's rows, exact; H for R's rows, exact when L's columns are orthogonal,
+       as the SVD start makes them).
+So the proxy never rises; the paper's plain alternation (from L R = 0, everything refit each round)
+rose after its first round on real layers. The proxy after every outer iteration is reported. Rows
+of different layers never mix: LDLQ is row-independent.
 """
 
 from __future__ import annotations
