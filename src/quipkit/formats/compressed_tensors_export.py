@@ -67,9 +67,13 @@ def _check(name: str, layer) -> None:
     if codebook.bits not in BITS:
         raise QuipkitError(f"{name} has {codebook.bits}-bit codes; vLLM serves {' and '.join(map(str, BITS))}-bit "
                            "integer weights: quantize with --bits 4 or 8")
-    if layer.in_features % codebook.group_size or layer.out_features % (32 // codebook.bits):
+    if layer.in_features % codebook.group_size:
         raise QuipkitError(f"{name} ({layer.out_features}x{layer.in_features}) is not a whole number of groups of "
                            f"{codebook.group_size}; quantize with a --group-size that divides {layer.in_features}")
+    per = 32 // codebook.bits
+    if layer.in_features % per or layer.out_features % per:
+        raise QuipkitError(f"{name} ({layer.out_features}x{layer.in_features}) does not pack into int32 words of "
+                           f"{per} {codebook.bits}-bit values; exclude it (--exclude) to export the rest")
 
 
 def export_compressed_tensors(folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
