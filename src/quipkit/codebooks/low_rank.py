@@ -43,17 +43,18 @@ class LowRank:
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of the stored tensors of both factors, under their prefixed names."""
-        left = self.codebook.storage(rows, self.rank)
-        right = self.codebook.storage(self.rank, cols)
-        return {**{LEFT + k: v for k, v in left.items()}, **{RIGHT + k: v for k, v in right.items()}}
+        return _joined(self.codebook.storage(rows, self.rank), self.codebook.storage(self.rank, cols))
 
     def pack(self, left: tuple[Tensor, Params], right: tuple[Tensor, Params]) -> dict[str, Tensor]:
         """(codes, params) of L and of R -> the stored tensors."""
-        packed_left, packed_right = self.codebook.pack(*left), self.codebook.pack(*right)
-        return {**{LEFT + k: v for k, v in packed_left.items()}, **{RIGHT + k: v for k, v in packed_right.items()}}
+        return _joined(self.codebook.pack(*left), self.codebook.pack(*right))
 
     def factors(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Tensor]:
         """The stored tensors -> (L [rows, k], R [k, cols]), float32."""
-        left = {k[len(LEFT):]: v for k, v in stored.items() if k.startswith(LEFT)}
-        right = {k[len(RIGHT):]: v for k, v in stored.items() if k.startswith(RIGHT)}
+        left, right = ({k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)} for prefix in (LEFT, RIGHT))
         return (self.codebook.dequantize(left, rows, self.rank), self.codebook.dequantize(right, self.rank, cols))
+
+
+def _joined(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    """L's entries and R's under their prefixed names."""
+    return {**{LEFT + k: v for k, v in left.items()}, **{RIGHT + k: v for k, v in right.items()}}

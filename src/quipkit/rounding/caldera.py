@@ -95,14 +95,15 @@ def _solve_layer(problem: Problem, target: Tensor, hessian: Tensor, chol: Tensor
     weight = target / scale
     stored, product, _ = fit_low_rank(weight, hessian, chol, low_rank, options["inner_iters"])
     total = max(_quadratic(target, hessian), 1e-30)
-    best, history = None, []
+    best, history, loss = None, [], None  # loss: of the kept codes under the kept L R
     for _ in range(options["outer_iters"]):
-        params = codebook.fit(weight - product)
-        codes, values, kept = round_main(problem, weight - product, params)
-        if best is None or _quadratic(weight - values - product, hessian) < _quadratic(weight - best["values"] - product, hessian):
-            best = {"codes": codes, "values": values, "params": params, "kept": kept}
+        residual = weight - product
+        params = codebook.fit(residual)
+        codes, values, kept = round_main(problem, residual, params)
+        trial = _quadratic(weight - values - product, hessian)
+        if best is None or trial < loss:
+            best, loss = {"codes": codes, "values": values, "params": params, "kept": kept}, trial
         rest = weight - best["values"]
-        loss = _quadratic(rest - product, hessian)
         current = low_rank.factors(stored, *target.shape)[0]
         for fitted in (fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"]),
                        fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"], left=current)):
