@@ -5,8 +5,8 @@ Our grid is compressed-tensors' integer grid shifted by 2^(b-1): w = scale (code
 and zero in [0, 2^b) is w = scale (q - zp) with q = code - 2^(b-1), zp = zero - 2^(b-1), and their
 packing stores q + 2^(b-1) = code. So the codes, fp16 scales and zero points are written as they are
 (no re-rounding; the fp16 scales in float32): the export computes exactly what quipkit computes.
-Codes are packed along rows,
-32 / b to an int32 from the low bits up; zero points the same way along the output dimension.
+Codes are packed along rows, 32 / b to an int32 from the low bits up (quipkit's own bit stream read
+as little-endian words); zero points the same way along the output dimension.
 The output head, embeddings and norms are written dense, as held.
 """
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from quipkit.errors import QuipkitError
+from quipkit.layers.packing import pack_bits
 
 BITS = (4, 8)  # the integer widths vLLM's kernels serve
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -30,11 +31,8 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 
 def pack_int32(values: Tensor, bits: int) -> Tensor:
     """Unsigned `bits`-bit values [r, c] (c a multiple of 32 / bits) -> int32 [r, c * bits / 32], value j
-    of each word in bits j*b .. j*b + b - 1."""
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = (values.to(torch.int64).reshape(values.shape[0], -1, per) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    of each word in bits j*b .. j*b + b - 1: quipkit's own little-endian bit stream, read as words."""
+    return pack_bits(values, bits).view(torch.int32)
 
 
 def _scheme(codebook) -> dict[str, Any]:
