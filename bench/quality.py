@@ -1,10 +1,12 @@
 """Perplexity of quantized models on the reference model, side by side with the fp reference.
 
     python bench/quality.py --methods rtn:4,gptq:4,quip#:2 [--ppl wt2-512x40,c4-512x40] [--model M]
-                            [--nsamples 128] [--save-dir runs/bench]
+                            [--nsamples 128] [--save-dir runs/bench] [--finetune e2e]
 
 Loads the model once, evaluates the float reference, then for each METHOD:BITS quantizes a fresh
-copy with default calibration, evaluates it, and prints one JSON object per (model, protocol).
+copy with default calibration (and fine-tunes it with --finetune), evaluates it (perplexity, and the
+KL divergence from the float model on the same windows), and prints one JSON object per (model,
+protocol).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import torch
 from common import machine
 from quipkit.api import quantize
 from quipkit.config import CalibrationConfig, make_config
+from quipkit.eval.divergence import kl_to_reference
 from quipkit.eval.perplexity import perplexity, protocol
+from quipkit.layers.quantized_linear import keep_decoded
+from quipkit.pipeline.calibration import calibration_tokens
+from quipkit.pipeline.finetune import FinetuneOptions, finetune_e2e, teacher_targets
 from quipkit.models.loading import load_model, pick_device
 
 
@@ -36,6 +42,9 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON lines to this file too")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="preset option for every method, e.g. L=12 or incoherence=true")
+    parser.add_argument("--finetune", choices=("e2e",), help="fine-tune each quantized model (see quipkit quantize --help)")
+    parser.add_argument("--ft-epochs", type=int, default=3)
+    parser.add_argument("--ft-lr", type=float, default=2e-3)
     args = parser.parse_args()
     device = pick_device(args.device)
     protocols = [protocol(p) for p in args.ppl.split(",")]
@@ -44,12 +53,19 @@ def main() -> None:
     configs = [make_config(method, int(bits), **options) for method, bits in specs]  # fail fast on a typo
     reference, tokenizer, source = load_model(args.model)
     calibration = CalibrationConfig(nsamples=args.nsamples)
+    tokens = calibration_tokens(tokenizer, calibration) if args.finetune else None
+    targets = None  # the float model's, computed once for every method that fine-tunes
 
     def report(label: dict, model) -> None:
+        held = keep_decoded(model)  # evaluation decodes each weight once (identical logits)
         for proto in protocols:
-            result = perplexity(model.to(device), tokenizer, proto, device)
+            if model is reference:
+                result, kl = perplexity(model.to(device), tokenizer, proto, device), {}
+            else:  # the perplexity from the same forward passes
+                result = kl_to_reference(model.to(device), reference, tokenizer, proto, device)
+                kl = {"kl_to_fp": result["kl"]}
             line = json.dumps({"bench": "quality", "model": source.describe(), **label, "metric": f"{proto.name} perplexity",
-                               "value": result["perplexity"], "eval_seconds": result["seconds"], "machine": machine()})
+                               "value": result["perplexity"], **kl, "eval_seconds": result["seconds"], "machine": machine()})
             print(line, flush=True)
             if args.out:
                 with open(args.out, "a") as handle:
@@ -63,15 +79,23 @@ def main() -> None:
         result = quantize(model, tokenizer, config, calibration, device, model_id=source.describe(),
                           hessian_cache=args.hessian_cache)
         seconds = time.perf_counter() - start
+        finetuned = {}
+        if args.finetune:
+            options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
+            if targets is None:
+                targets = teacher_targets(reference, tokens, options.top_k)
+            finetuned = {"finetune": finetune_e2e(model, tokens, targets, options)}
         label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
                  "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
                  "layers": [{"name": r["name"], "proxy": r["proxy"], **({"iterations": r["iterations"]} if r.get("iterations") else {})}
-                            for r in result.layers]}
+                            for r in result.layers], **finetuned}
         if args.save_dir:
             from quipkit.formats.checkpoint import save
 
             suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()) if k not in ("propagate", "sequential"))
-            save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}{suffix}", config, calibration, overwrite=True)
+            suffix += f"-ft{args.finetune}" if args.finetune else ""
+            save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}{suffix}", config, calibration,
+                 finetuned or None, overwrite=True)
         report(label, model)
         del model
 

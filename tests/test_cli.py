@@ -161,3 +161,26 @@ def test_every_commands_help_prints(capsys):
             parser.parse_args([name, "--help"])
         assert done.value.code == 0, name
         assert "usage:" in capsys.readouterr().out
+
+
+def test_quantize_with_e2e_fine_tuning_records_it_and_info_shows_it(capsys, tmp_path, tiny_folder):
+    out = tmp_path / "ft"
+    code, _, err = _run(capsys, "quantize", str(tiny_folder), "--method", "quip#", "--bits", "2", "--out", str(out),
+                        "--nsamples", "8", "--seqlen", "32", "--finetune", "e2e", "--ft-epochs", "1",
+                        "--json", str(tmp_path / "s.json"))
+    assert code == 0, err
+    assert not (tmp_path / "ft.finetune").exists() and not (tmp_path / "ft.partial").exists()
+    record = json.loads((tmp_path / "s.json").read_text())["finetune"][0]
+    assert record["stage"] == "e2e" and record["steps"] >= 1 and record["trained_layers"] == 14
+    assert record["held_out_kl_after"] <= record["held_out_kl_before"]
+    code, out_text, _ = _run(capsys, "info", str(out), "--json")
+    assert code == 0 and json.loads(out_text)["finetune"][0]["held_out_kl_after"] == record["held_out_kl_after"]
+
+
+def test_fine_tuning_without_calibration_is_refused(capsys, tmp_path, tiny_folder):
+    code, _, err = _run(capsys, "quantize", str(tiny_folder), "--method", "rtn", "--bits", "4",
+                        "--out", str(tmp_path / "x"), "--finetune", "e2e")
+    _assert_one_line_error(code, err, "--finetune", "rtn")
+    code, _, err = _run(capsys, "quantize", str(tiny_folder), "--method", "quip#", "--bits", "2",
+                        "--out", str(tmp_path / "x"), "--finetune", "e2e", "--ft-lr", "-1")
+    _assert_one_line_error(code, err, "lr > 0")

@@ -101,6 +101,10 @@ def _preflight(args: argparse.Namespace):
     if out.exists() and not args.overwrite:
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     config, calibration = _build_configs(args)
+    if args.finetune and not config.needs_calibration:
+        raise QuipkitError(f"--finetune needs calibration text; method {config.method} reads none (use gptq or an "
+                           "incoherent method)")
+    _finetune_options(args)
     if getattr(args, "offload_activations", None):
         from quipkit.pipeline.activations import usable_folder
 
@@ -117,6 +121,12 @@ def _preflight(args: argparse.Namespace):
         raise QuipkitError(f"--hessian-cache {args.hessian_cache} is a file; pass a folder")
     check_hub_access(source)
     return config, calibration, source
+
+
+def _finetune_options(args: argparse.Namespace):
+    from quipkit.pipeline.finetune import FinetuneOptions
+
+    return FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs, seed=args.seed or 0)
 
 
 def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model: bool = True
@@ -136,7 +146,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
 
     from quipkit.formats.account import checkpoint_account
     from quipkit.formats.atomic import atomic_write_text
-    from quipkit.formats.checkpoint import REPORT, load, save_from_blocks
+    from quipkit.formats.checkpoint import REPORT, load, save, save_from_blocks
     from quipkit.models.loading import load_float_model, load_tokenizer, local_folder, pick_device
     from quipkit.models.streaming import open_streamed
     from quipkit.models.structure import find_blocks
@@ -193,6 +203,13 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     save_from_blocks(model, tokenizer, out, report.block_files, prefix, report.specs, config, calibration, summary,
                      overwrite=args.overwrite)
     shutil.rmtree(work, ignore_errors=True)
+    if args.finetune:  # on the saved result: a crash in training leaves the quantized model in place
+        model = load(out)[0].to(device) if streamed is not None else model
+        summary["finetune"] = _finetune(model, tokenizer, source, tokens, args, reporter, out, check)
+        if summary["check"] is not None:
+            summary["check"]["finetuned"] = summary["finetune"][-1]["check_after"]
+        save(model, tokenizer, out, config, calibration, summary, overwrite=True)
+        streamed = None  # the model in memory is the result
     account = checkpoint_account(out)  # validates what was just written, too
     summary["account"] = account.to_dict()
     warnings += [w for w in [account.warning()] if w]
@@ -201,6 +218,22 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     if streamed is not None:  # its blocks were released as they were written: read the result back
         model = load(out)[0] if need_model else None
     return (model.to(device) if model is not None else None), tokenizer, summary, out
+
+
+def _finetune(model, tokenizer, source, tokens, args, reporter, out: Path, check) -> list[dict[str, Any]]:
+    """Fine-tune the quantized `model` in place (its state kept in OUT.finetune until done, so the same
+    command resumes); the run's records, with the quick check after it when there is one."""
+    import shutil
+
+    from quipkit.eval.perplexity import perplexity
+    from quipkit.pipeline.finetune import finetune_against_source
+
+    work = out.with_name(out.name + ".finetune")
+    record = finetune_against_source(model, source, tokens, _finetune_options(args), reporter, work)
+    if check is not None:
+        record["check_after"] = perplexity(model, tokenizer, check.protocol)["perplexity"]
+    shutil.rmtree(work, ignore_errors=True)
+    return [record]
 
 
 def _quick_check(model, tokenizer):
@@ -263,7 +296,7 @@ def cmd_quantize(args: argparse.Namespace) -> int | None:
         [[summary["method"], summary["bits"], summary["bits_per_weight"], f"{account['quantized_share']:.1%}",
           account["model_bits_per_parameter"], summary["size_bytes"] / 1e6,
           summary["seconds"], f"{worst['proxy']:.4f} ({worst['name']})"]
-         + ([f"{check['quantized']:.4g} ({check['float']:.4g} float)"] if check else [])
+         + ([f"{check.get('finetuned', check['quantized']):.4g} ({check['float']:.4g} float)"] if check else [])
          + [r["perplexity"] for r in results]],
     )
     if args.json:
@@ -558,6 +591,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "size_bytes": _dir_size(folder),
         "quipkit_version": quant.get("quipkit_version"),
         "calibration": quant.get("calibration"),
+        "finetune": [{k: v for k, v in r.items() if k != "history"} for r in report.get("finetune", [])],
     }
     warning = account.warning()
     if args.json:
@@ -577,6 +611,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         rows.append([name, f"{spec['out_features']}x{spec['in_features']}", spec["codebook"]["name"] + low_rank,
                      spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
     _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
+    if info["finetune"]:
+        _table("fine-tuning", ["stage", "held-out KL before", "after", "steps (best)", "trained", "seconds"],
+               [[r["stage"], r["held_out_kl_before"], r["held_out_kl_after"], f"{r['steps']} ({r['best_step']})",
+                 f"{r['trained_layers']} layers, {r['trained_norms']} norms", r["seconds"]] for r in info["finetune"]])
     if account.float_weights:
         _table("weights left in float (largest first)", ["tensor", "parameters"],
                [[name, f"{count:,}"] for name, count in account.float_weights[:10]])
@@ -668,6 +706,13 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
                    "'shared_experts=:4' (the last match wins)")
     g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
+    f = p.add_argument_group("fine-tuning (after rounding; codes stay fixed)")
+    f.add_argument("--finetune", choices=("e2e",), help="e2e: train the sign vectors (as real scales), layer scales "
+                   "and norms to match the float model's next-token distribution on the calibration text (KL), "
+                   "a tenth held out for early stopping; resumes when interrupted")
+    f.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning: passes over the calibration sequences [3]")
+    f.add_argument("--ft-lr", type=float, default=2e-3,
+                   help="fine-tuning: Adam step relative to each tensor's RMS [2e-3]")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration sequences [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence [512]")

@@ -1,0 +1,116 @@
+"""End-to-end fine-tuning on a tiny model: the training form of a layer, the loss, the KL it lowers,
+resuming, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import quipkit
+from quipkit.config import CalibrationConfig, make_config
+from quipkit.eval.divergence import kl_on_windows
+from quipkit.layers.quantized_linear import QuantizedLinear
+from quipkit.pipeline.blockwise import quantize_blockwise
+from quipkit.pipeline.finetune import DecodedLinear, FinetuneOptions, finetune_e2e, teacher_targets, topk_kl
+
+from conftest import tiny_model
+
+CAL = CalibrationConfig(nsamples=16, seqlen=32, batch_size=4)
+OPTIONS = FinetuneOptions(lr=1e-2, epochs=3, holdout=0.25, evals_per_epoch=1, patience=3, top_k=16)
+
+
+def _tokens(n=16, t=32, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def quantized_pair():
+    """(float model, its QuIP# 2-bit copy); weights large enough for peaked next-token distributions."""
+    reference = tiny_model(initializer_range=0.3)
+    model = copy.deepcopy(reference)
+    quantize_blockwise(model, _tokens(), make_config("quip#", 2), CAL, torch.device("cpu"))
+    return reference, model
+
+
+def test_the_training_form_of_a_layer_computes_what_the_layer_computes(quantized_pair):
+    _, model = quantized_pair
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantizedLinear)
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(DecodedLinear(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 7, 50, generator=gen) * 3, torch.randn(2, 7, 50, generator=gen) * 3
+    logp_full = teacher.log_softmax(-1)
+    exact = (logp_full.exp() * (logp_full - student.log_softmax(-1))).sum(-1).mean()
+    for k, close in ((50, True), (10, False)):
+        logp, indices = logp_full.topk(k, dim=-1)
+        rest = torch.log((1 - logp.exp().sum(-1)).clamp_min(1e-12))
+        value = topk_kl(student, indices, logp, rest)
+        if close:
+            torch.testing.assert_close(value, exact, rtol=1e-4, atol=1e-5)
+        else:  # coarsening the distributions can only lose divergence (the data processing inequality)
+            assert 0 < float(value) < float(exact)
+
+
+def _finetuned(quantized_pair, options=OPTIONS, work=None):
+    reference, model = quantized_pair
+    model = copy.deepcopy(model)
+    tokens = _tokens(seed=1)
+    record = finetune_e2e(model, tokens, teacher_targets(reference, tokens, options.top_k), options, work=work)
+    return model, record
+
+
+@pytest.fixture(scope="module")
+def finetuned(quantized_pair):
+    """(the QuIP# copy fine-tuned without interruption, its record)."""
+    return _finetuned(quantized_pair)
+
+
+def test_e2e_lowers_the_kl_on_held_out_text_and_keeps_the_codes(quantized_pair, finetuned):
+    reference, before = quantized_pair
+    after, record = finetuned
+    assert record["held_out_kl_after"] < 0.9 * record["held_out_kl_before"]
+    windows = _tokens(n=6, seed=7)  # text neither training nor early stopping saw
+    kl = {label: kl_on_windows(model, reference, windows)[0] for label, model in (("before", before), ("after", after))}
+    assert kl["after"] < 0.9 * kl["before"]
+    for (name, a), b in zip(after.named_modules(), before.modules()):
+        if isinstance(a, QuantizedLinear):
+            assert torch.equal(a.qweight, b.qweight), name
+    moved = [n for n, a in after.named_buffers() if n.endswith((".su", ".sv"))
+             and not torch.equal(a, dict(before.named_buffers())[n])]
+    assert moved, "no sign vector was trained"
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(quantized_pair, finetuned, tmp_path, monkeypatch):
+    straight, _ = finetuned
+    calls = {"n": 0}
+    real_step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # after the first epoch's evaluation was saved
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        _finetuned(quantized_pair, work=tmp_path)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    resumed, record = _finetuned(quantized_pair, work=tmp_path)
+    assert record == {**finetuned[1], "seconds": record["seconds"]}
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_fine_tuned_checkpoint_round_trips_with_identical_logits(finetuned, tmp_path, smol_tokenizer):
+    model, record = finetuned
+    out = quipkit.save(model, smol_tokenizer, tmp_path / "ft", make_config("quip#", 2), CAL, {"finetune": [record]})
+    tokens = _tokens(n=2, seed=5)
+    loaded, _ = quipkit.load(out)
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
