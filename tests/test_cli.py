@@ -163,18 +163,23 @@ def test_every_commands_help_prints(capsys):
         assert "usage:" in capsys.readouterr().out
 
 
-def test_quantize_with_e2e_fine_tuning_records_it_and_info_shows_it(capsys, tmp_path, tiny_folder):
+def test_quantize_with_both_fine_tuning_stages_records_them_and_info_shows_them(capsys, tmp_path, tiny_folder):
     out = tmp_path / "ft"
     code, _, err = _run(capsys, "quantize", str(tiny_folder), "--method", "quip#", "--bits", "2", "--out", str(out),
-                        "--nsamples", "8", "--seqlen", "32", "--finetune", "e2e", "--ft-epochs", "1",
-                        "--json", str(tmp_path / "s.json"))
+                        "--nsamples", "8", "--seqlen", "32", "--calib-batch", "2", "--finetune", "all",
+                        "--ft-epochs", "1", "--json", str(tmp_path / "s.json"))
     assert code == 0, err
     assert not (tmp_path / "ft.finetune").exists() and not (tmp_path / "ft.partial").exists()
-    record = json.loads((tmp_path / "s.json").read_text())["finetune"][0]
-    assert record["stage"] == "e2e" and record["steps"] >= 1 and record["trained_layers"] == 14
-    assert record["held_out_kl_after"] <= record["held_out_kl_before"]
+    block, e2e = json.loads((tmp_path / "s.json").read_text())["finetune"]
+    assert block["stage"] == "block" and [b["block"] for b in block["blocks"]] == [0, 1]
+    assert all(b["held_out_mse_after"] <= b["held_out_mse_before"] for b in block["blocks"])
+    assert e2e["stage"] == "e2e" and e2e["steps"] >= 1 and e2e["trained_layers"] == 14
+    assert e2e["held_out_kl_after"] <= e2e["held_out_kl_before"]
     code, out_text, _ = _run(capsys, "info", str(out), "--json")
-    assert code == 0 and json.loads(out_text)["finetune"][0]["held_out_kl_after"] == record["held_out_kl_after"]
+    shown = json.loads(out_text)["finetune"]
+    assert code == 0 and shown[1]["held_out_kl_after"] == e2e["held_out_kl_after"] and shown[0]["blocks"] == block["blocks"]
+    code, out_text, _ = _run(capsys, "info", str(out))
+    assert code == 0 and "block fine-tuning" in out_text
 
 
 def test_fine_tuning_without_calibration_is_refused(capsys, tmp_path, tiny_folder):

@@ -13,6 +13,7 @@ from quipkit.config import CalibrationConfig, make_config
 from quipkit.eval.divergence import kl_on_windows
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.pipeline.blockwise import quantize_blockwise
+from quipkit.pipeline import finetune
 from quipkit.pipeline.finetune import DecodedLinear, FinetuneOptions, finetune_e2e, teacher_targets, topk_kl
 
 from conftest import tiny_model
@@ -114,3 +115,46 @@ def test_a_fine_tuned_checkpoint_round_trips_with_identical_logits(finetuned, tm
     tokens = _tokens(n=2, seed=5)
     loaded, _ = quipkit.load(out)
     assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_block_fine_tuning_lowers_each_blocks_output_error_and_resumes(tmp_path):
+    """The loss it optimises falls in every block; an interrupted run resumes to the same bytes."""
+    from quipkit.pipeline.finetune import FinetuneOptions
+
+    options = FinetuneOptions(lr=1e-2, epochs=4, holdout=0.25, patience=4)
+    config = make_config("quip#", 2)
+    straight = tiny_model(initializer_range=0.3)
+    report = quantize_blockwise(straight, _tokens(), config, CAL, torch.device("cpu"), block_finetune=options)
+    assert [b["block"] for b in report.block_finetune] == [0, 1]
+    first, second = report.block_finetune
+    assert first["held_out_mse_after"] < 0.9 * first["held_out_mse_before"], first
+    assert second["held_out_mse_after"] <= second["held_out_mse_before"], second  # the best state, never worse
+    plain = tiny_model(initializer_range=0.3)
+    quantize_blockwise(plain, _tokens(), config, CAL, torch.device("cpu"))
+    assert not torch.equal(plain.model.layers[0].mlp.up_proj.su, straight.model.layers[0].mlp.up_proj.su)
+
+    calls = {"n": 0}
+    real = finetune.finetune_block
+
+    def second_block_dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    import quipkit.pipeline.blockwise as blockwise
+
+    blockwise.finetune_block = second_block_dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize_blockwise(tiny_model(initializer_range=0.3), _tokens(), config, CAL, torch.device("cpu"),
+                               work_folder=tmp_path / "w", block_finetune=options)
+    finally:
+        blockwise.finetune_block = real
+    resumed = tiny_model(initializer_range=0.3)
+    again = quantize_blockwise(resumed, _tokens(), config, CAL, torch.device("cpu"), work_folder=tmp_path / "w",
+                               block_finetune=options)
+    assert again.resumed_from_block == 1
+    assert [{**b, "seconds": 0} for b in again.block_finetune] == [{**b, "seconds": 0} for b in report.block_finetune]
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -153,6 +153,7 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     from quipkit.pipeline.blockwise import quantize_blockwise
     from quipkit.pipeline.calibration import calibration_tokens
     from quipkit.pipeline.distributed import Ranks
+    from quipkit.pipeline.finetune import block_record
     from quipkit.pipeline.memory import check_memory
 
     config, calibration, source = checked or _preflight(args)
@@ -172,8 +173,10 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     work = out.with_name(out.name + ".partial")
     start = time.perf_counter()
     tokens = calibration_tokens(tokenizer, calibration) if config.needs_calibration else torch.empty(0, 0)
+    by_block = _finetune_options(args) if args.finetune in ("block", "all") else None
     report = quantize_blockwise(model, tokens, config, calibration, device, reporter, work, source.describe(),
-                                Path(args.hessian_cache) if args.hessian_cache else None, streamed, check, offload)
+                                Path(args.hessian_cache) if args.hessian_cache else None, streamed, check, offload,
+                                by_block)
     seconds = time.perf_counter() - start
     if not Ranks().leader:
         return None
@@ -199,13 +202,14 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
         "config": config.to_dict(),
         "check": quick,
         "warnings": warnings,
+        "finetune": [block_record(report.block_finetune)] if report.block_finetune else [],
     }
     save_from_blocks(model, tokenizer, out, report.block_files, prefix, report.specs, config, calibration, summary,
                      overwrite=args.overwrite)
     shutil.rmtree(work, ignore_errors=True)
-    if args.finetune:  # on the saved result: a crash in training leaves the quantized model in place
+    if args.finetune in ("e2e", "all"):  # on the saved result: a crash in training leaves the quantized model
         model = load(out)[0].to(device) if streamed is not None else model
-        summary["finetune"] = _finetune(model, tokenizer, source, tokens, args, reporter, out, check)
+        summary["finetune"] += _finetune(model, tokenizer, source, tokens, args, reporter, out, check)
         if summary["check"] is not None:
             summary["check"]["finetuned"] = summary["finetune"][-1]["check_after"]
         save(model, tokenizer, out, config, calibration, summary, overwrite=True)
@@ -612,9 +616,15 @@ def cmd_info(args: argparse.Namespace) -> None:
                      spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
     _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
     if info["finetune"]:
-        _table("fine-tuning", ["stage", "held-out KL before", "after", "steps (best)", "trained", "seconds"],
-               [[r["stage"], r["held_out_kl_before"], r["held_out_kl_after"], f"{r['steps']} ({r['best_step']})",
-                 f"{r['trained_layers']} layers, {r['trained_norms']} norms", r["seconds"]] for r in info["finetune"]])
+        loss = {"block": "held_out_mse", "e2e": "held_out_kl"}
+        _table("fine-tuning", ["stage", "held-out loss", "before", "after", "steps", "seconds"],
+               [[r["stage"], loss[r["stage"]][9:].upper() + (" (mean over blocks)" if r["stage"] == "block" else ""),
+                 r[loss[r["stage"]] + "_before"], r[loss[r["stage"]] + "_after"], r["steps"], r["seconds"]]
+                for r in info["finetune"]])
+        for record in (r for r in info["finetune"] if r["stage"] == "block"):
+            _table("block fine-tuning (held-out MSE relative to the float block's outputs)",
+                   ["block", "before", "after", "steps"],
+                   [[b["block"], b["held_out_mse_before"], b["held_out_mse_after"], b["steps"]] for b in record["blocks"]])
     if account.float_weights:
         _table("weights left in float (largest first)", ["tensor", "parameters"],
                [[name, f"{count:,}"] for name, count in account.float_weights[:10]])
@@ -707,9 +717,12 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--include", action="append", metavar="REGEX", help="quantize only linears whose name matches")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
     f = p.add_argument_group("fine-tuning (after rounding; codes stay fixed)")
-    f.add_argument("--finetune", choices=("e2e",), help="e2e: train the sign vectors (as real scales), layer scales "
-                   "and norms to match the float model's next-token distribution on the calibration text (KL), "
-                   "a tenth held out for early stopping; resumes when interrupted")
+    f.add_argument("--finetune", choices=("block", "e2e", "all"),
+                   help="train the sign vectors (as real scales, the output one carrying the layer scale) and the "
+                   "norms, codes fixed, a tenth of the calibration held out for early stopping. block: each block "
+                   "right after its rounding, to reproduce the float block's outputs (MSE); e2e: the whole model "
+                   "afterwards, to match the float model's next-token distribution (KL), resuming when interrupted; "
+                   "all: both")
     f.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning: passes over the calibration sequences [3]")
     f.add_argument("--ft-lr", type=float, default=2e-3,
                    help="fine-tuning: Adam step relative to each tensor's RMS [2e-3]")

@@ -11,7 +11,7 @@ the calibration set. With a work folder, each finished block is saved so a rerun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from quipkit.pipeline.capture import capture_block_calls, compute_dtype, move, r
 from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.head import compress_head, stored_embedding_dtype
+from quipkit.pipeline.finetune import FinetuneOptions, finetune_block
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.formats.checkpoint import state_tensors
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
@@ -48,6 +49,7 @@ class QuantizeReport:
     head: dict[str, Any] | None = None  # the output head's record when it was quantized (head_bits 8/6/4)
     block_files: list[Path] = field(default_factory=list)  # with a work folder: each block's checkpoint tensors
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)  # with a work folder: the blocks' layer specs
+    block_finetune: list[dict[str, Any]] = field(default_factory=list)  # per block: held-out MSE before and after
 
     def bits_per_weight(self) -> float:
         weights = sum(r["shape"][0] * r["shape"][1] for r in self.layers)
@@ -206,6 +208,7 @@ def quantize_blockwise(
     streamed: StreamedModel | None = None,
     check: QuickCheck | None = None,
     offload: Path | None = None,
+    block_finetune: FinetuneOptions | None = None,
 ) -> QuantizeReport:
     """Quantize `model` in place on calibration `tokens` [N, T]; returns what was done.
 
@@ -217,6 +220,9 @@ def quantize_blockwise(
     block. Finished blocks of a resumed streamed run are not read at all. With `check`, the quick
     perplexity check's windows travel through each block, float before and quantized after. With
     `offload`, a folder, the calibration activations wait there between passes, one file per batch.
+    With `block_finetune`, each block's continuous parameters are trained after its rounding to
+    reproduce the float block's outputs (pipeline/finetune.py); the blocks are then run even when
+    cached Hessians would spare it, to have those outputs.
     """
     reporter = reporter or Reporter()
     report = QuantizeReport()
@@ -229,14 +235,18 @@ def quantize_blockwise(
             reporter.log(f"experts: {len(unfused)} fused modules unfused into one linear per expert matrix")
     elif work_folder is None:
         raise QuipkitError("a streamed model needs a work folder to write its blocks into")
+    if block_finetune is not None and (ranks.active or not config.needs_calibration):
+        raise QuipkitError("block fine-tuning runs in one process on a calibrated method; drop --nproc, or use "
+                           "--finetune e2e")
     # the model by its name and its weights' content: another file under the same name never resumes
     weights = None
     if work_folder is not None or hessian_cache is not None:
         weights = streamed.signature() if streamed is not None else weight_signature(model)
     state = None
     if work_folder is not None:
+        parts = {} if block_finetune is None else {"block_finetune": asdict(block_finetune)}
         fingerprint = fingerprint_of(config=config.to_dict(), calibration=calibration.to_dict(), model=model_id,
-                                     weights=weights, check=check is not None)
+                                     weights=weights, check=check is not None, **parts)
         if not ranks.leader:
             ranks.barrier()  # the leader opens (and cleans) the work folder first
         state = RunState.open(work_folder, fingerprint, writer=ranks.leader)
@@ -254,7 +264,7 @@ def quantize_blockwise(
     use_cache = cache is not None and cache.complete
     if use_cache:
         reporter.log(f"using cached Hessians from {cache.folder}")
-    calibrated = config.needs_calibration and not use_cache
+    calibrated = config.needs_calibration and (not use_cache or block_finetune is not None)
     first = state.next_block if state is not None else 0
     start = time.perf_counter()
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
@@ -276,6 +286,7 @@ def quantize_blockwise(
         if check is not None:
             check.restore(extra)
         report.layers.extend(state.records)
+        report.block_finetune.extend(state.block_finetune)
         report.resumed_from_block = first
         reporter.log(f"resuming from block {first} of {len(blocks)} ({work_folder})")
     with reporter.task("blocks", len(blocks)) as block_task:
@@ -293,10 +304,15 @@ def quantize_blockwise(
                 check.before(block, calls.kwargs[index][len(batches):], device)
             cached = cache.load(index) if use_cache else None
             previous = inputs
-            inputs, saved, records, groups = _quantize_block(
+            inputs, saved, records, groups, tuned = _quantize_block(
                 block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks,
-                keep_hessians=cache is not None and not use_cache, space=space,
+                keep_hessians=cache is not None and not use_cache, space=space, finetune=block_finetune,
             )
+            if tuned is not None:
+                tuned = {"block": index, **tuned}
+                report.block_finetune.append(tuned)
+                reporter.log(f"block {index} fine-tuned: held-out MSE {tuned['held_out_mse_before']:.5f} -> "
+                             f"{tuned['held_out_mse_after']:.5f}")
             if check is not None:
                 check.after(block, calls.kwargs[index][len(batches):], device)
             if cache is not None and not use_cache and ranks.leader:
@@ -306,7 +322,7 @@ def quantize_blockwise(
             if state is not None and ranks.leader:
                 specs = {layer: spec for layer, (spec, _) in saved.items()}
                 state.save_block(index, state_tensors(blocks[index], name), specs, [r.to_dict() for r in records],
-                                 inputs, check.state() if check is not None else {})
+                                 inputs, check.state() if check is not None else {}, tuned)
             if streamed is not None:
                 streamed.release(name)
             if previous is not inputs:
@@ -390,7 +406,8 @@ def _let_go(batches: Batches, ranks: Ranks) -> None:
 
 
 def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:
-    """Put the quantized layers of the first `count` finished blocks of `state` into `model`."""
+    """Put the first `count` finished blocks of `state` into `model`: their quantized layers and the rest of
+    their tensors."""
     for index in range(count):
         specs, tensors = state.load_block(index)
         for name, spec in specs.items():
@@ -402,6 +419,10 @@ def _restore_blocks(model: nn.Module, state: RunState, count: int) -> None:
                 raise QuipkitError(f"{state.block_file(index)} does not fit layer {name} ({err}); "
                                    f"delete {state.folder} to start over") from None
             set_module(model, name, layer)
+        held = dict(model.named_parameters()) | dict(model.named_buffers())
+        for key, value in tensors.items():  # the block's other tensors: norms that block fine-tuning trained
+            if not any(key.startswith(name + ".") for name in specs) and key in held:
+                held[key].data.copy_(value)
 
 
 def _quantize_block(
@@ -418,9 +439,11 @@ def _quantize_block(
     ranks: Ranks | None = None,
     keep_hessians: bool = False,
     space: ActivationFolder | None = None,
-) -> tuple[Batches, dict, list[LayerRecord], HessianGroups | None]:
+    finetune: FinetuneOptions | None = None,
+) -> tuple[Batches, dict, list[LayerRecord], HessianGroups | None, dict[str, Any] | None]:
     """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected
-    when `keep_hessians`, else None: each is let go, or overwritten, as soon as it is used).
+    when `keep_hessians`, else None: each is let go, or overwritten, as soon as it is used; and with
+    `finetune`, the block fine-tuning's record).
 
     Without calibration (round-to-nearest) each linear uses H = I; with `cached` Hessians the
     block is not run at all. Hessians are collected for `observed` (default: `linears`), a superset.
@@ -433,8 +456,9 @@ def _quantize_block(
     t0 = time.perf_counter()
     ranks = ranks or Ranks()
     notes: dict[str, str] = {}
-    if cached is not None:
-        outputs, groups = inputs, cached
+    if cached is not None:  # the float block's outputs only when fine-tuning needs them as targets
+        outputs = _shared_run(block, inputs, kwargs, device, ranks, space=space) if finetune is not None else inputs
+        groups = cached
     elif config.needs_calibration:
         later = not keep_hessians  # groups after the first collect their own when their turn comes
         outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later,
@@ -513,12 +537,17 @@ def _quantize_block(
                 install(results)
     t2 = time.perf_counter()
     report.seconds["rounding"] += t2 - t1
+    tuned = None
+    if finetune is not None:
+        tuned = finetune_block(block, inputs, outputs, kwargs, finetune, device)
+        report.seconds["finetune"] = report.seconds.get("finetune", 0.0) + time.perf_counter() - t2
+        t2 = time.perf_counter()
     if config.needs_calibration and config.propagate == "quantized":
         if outputs is not inputs:
             _let_go(outputs, ranks)  # the float block's outputs: the quantized block's replace them
         outputs = _shared_run(block, inputs, kwargs, device, ranks, space=space)
         report.seconds["propagate"] += time.perf_counter() - t2
-    return outputs, saved, records, groups
+    return outputs, saved, records, groups, tuned
 
 
 def _exchange(mine: dict[int, list[tuple[QuantizedLinear, LayerRecord]]], ranks: Ranks,

@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning of a quantized model's continuous parameters (QuIP#'s second stage).
+"""Fine-tuning of a quantized model's continuous parameters: end to end (QuIP#'s second stage) and
+block by block while quantizing (its first).
 
 The codes stay fixed. Every quantized layer with the random Hadamard transform trains its two
 diagonals (`su`, `sv`: the sign vectors relaxed to real scales, `sv` carrying the layer's scale) on
@@ -7,7 +8,8 @@ frozen. The loss is the KL divergence from the float model's next-token distribu
 position as its top-K log-probabilities plus the log of the rest's mass (a few MB where whole
 distributions would be GBs). A held-out slice of the calibration sequences stops training early and
 picks the best state. With a work folder, the state is saved at every evaluation and an interrupted
-run resumes from there, to the same result.
+run resumes from there, to the same result. A block, right after its layers are rounded, trains the
+same parameters (its own) to reproduce the float block's outputs on the calibration activations.
 """
 
 from __future__ import annotations
@@ -154,6 +156,78 @@ class _Trainable:
             p.requires_grad_(False)
 
 
+def _adam(params: dict[str, nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with each tensor's step size `lr` times its RMS now: relative steps for vectors of any scale."""
+    return torch.optim.Adam([{"params": [p], "lr": lr * max(float(p.detach().float().pow(2).mean().sqrt()), 1e-4)}
+                             for p in params.values()])
+
+
+def finetune_block(block: nn.Module, inputs, targets, kwargs: list[dict], options: FinetuneOptions,
+                   device: torch.device) -> dict[str, Any]:
+    """Train a quantized block's continuous parameters in place so it maps the calibration batches
+    `inputs` to `targets` (the float block's outputs on them; both [b, T, d] per batch, in memory or
+    offloaded) under the relative MSE sum((out - y)^2) / sum(y^2); the last tenth of the batches (at
+    least one) is held out to stop early and pick the best state. Returns the held-out loss before and
+    after, and the steps taken."""
+    from quipkit.pipeline.capture import block_output, compute_dtype, move
+
+    count = len(inputs)
+    if count < 2:
+        raise QuipkitError(f"block fine-tuning needs at least 2 calibration batches (one held out), got {count}; "
+                           "raise --nsamples or lower --calib-batch")
+    held = list(range(count - max(1, round(count * options.holdout)), count))
+    train = list(range(held[0]))
+    compute = compute_dtype(block)
+
+    def loss_of(i: int) -> Tensor:
+        out = block_output(block(inputs[i].to(device, compute), **move(kwargs[i], device)))
+        target = targets[i].to(device, out.dtype)
+        return (out - target).pow(2).sum() / target.pow(2).sum()
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(i)) for i in held) / len(held)
+
+    start = time.perf_counter()
+    trainable = _Trainable(block)
+    try:
+        with torch.enable_grad():
+            params = trainable.params
+            optimizer = _adam(params, options.lr)
+            before = best = held_out()
+            best_params = {n: p.detach().clone() for n, p in params.items()}
+            stale = steps = 0
+            for epoch in range(options.epochs):
+                for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(options.seed + epoch)).tolist():
+                    loss = loss_of(train[i])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                value = held_out()
+                if value < best:
+                    best, stale = value, 0
+                    best_params = {n: p.detach().clone() for n, p in params.items()}
+                else:
+                    stale += 1
+                    if stale >= options.patience:
+                        break
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(best_params[name])
+    finally:
+        trainable.restore()
+    return {"held_out_mse_before": before, "held_out_mse_after": best, "steps": steps,
+            "seconds": time.perf_counter() - start}
+
+
+def block_record(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The block stage's record for a run's report: means over the blocks, and each block's own."""
+    return {"stage": "block", "held_out_mse_before": sum(b["held_out_mse_before"] for b in blocks) / len(blocks),
+            "held_out_mse_after": sum(b["held_out_mse_after"] for b in blocks) / len(blocks),
+            "steps": sum(b["steps"] for b in blocks), "seconds": sum(b["seconds"] for b in blocks), "blocks": blocks}
+
+
 def _held_out_kl(model: nn.Module, tokens: Tensor, targets: TeacherTargets, rows: Tensor, device) -> float:
     with torch.no_grad():
         total = 0.0
@@ -198,9 +272,7 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
     trainable = _Trainable(model)
     try:
         params = trainable.params
-        groups = [{"params": [p], "lr": options.lr * max(float(p.detach().float().pow(2).mean().sqrt()), 1e-4)}
-                  for p in params.values()]
-        optimizer = torch.optim.Adam(groups)
+        optimizer = _adam(params, options.lr)
         model.train(False)  # no dropout: the quantized model should match the float one as used
         steps_per_epoch = math.ceil(len(train) / options.batch)
         eval_every = max(1, steps_per_epoch // options.evals_per_epoch)

@@ -37,6 +37,7 @@ class RunState:
         self.next_block = 0
         self.records: list[dict[str, Any]] = []
         self.specs: dict[str, dict[str, Any]] = {}  # {layer name: QuantizedLinear spec} of the finished blocks
+        self.block_finetune: list[dict[str, Any]] = []  # the finished blocks' fine-tuning records
 
     @classmethod
     def open(cls, folder: Path, fingerprint: dict[str, Any], writer: bool = True) -> "RunState":
@@ -57,6 +58,7 @@ class RunState:
             state.next_block = int(saved["next_block"])
             state.records = list(saved["records"])
             state.specs = dict(saved.get("specs") or {})
+            state.block_finetune = list(saved.get("block_finetune") or [])
             if not state.inputs_file(state.next_block).is_file():
                 raise QuipkitError(f"{folder} lacks {state.inputs_file(state.next_block).name}; delete {folder} to start over")
         elif writer:
@@ -96,9 +98,11 @@ class RunState:
         records: list[dict[str, Any]],
         next_inputs: list[Tensor] | OffloadedBatches,
         extra: dict[str, Tensor] | None = None,
+        finetune: dict[str, Any] | None = None,
     ) -> None:
         """Record block `index` as done: its checkpoint tensors {full name: tensor}, its quantized layers'
-        specs, their records, the next block's inputs and `extra` tensors that travel with them.
+        specs, their records, the next block's inputs, `extra` tensors that travel with them, and its
+        fine-tuning record.
         Offloaded inputs are linked into the folder one file per batch, never read into memory."""
         atomic_save_tensors(self.block_file(index), tensors, {"format": "pt"})
         reach("block-written")
@@ -111,13 +115,15 @@ class RunState:
             batches = {f"batch_{i}": x for i, x in enumerate(next_inputs)}
         atomic_save_tensors(self.inputs_file(index + 1), {**batches, **(extra or {})}, metadata)
         reach("inputs-written")
+        tuned = self.block_finetune + ([finetune] if finetune is not None else [])
         payload = {"fingerprint": self.fingerprint, "next_block": index + 1, "records": self.records + records,
-                   "specs": {**self.specs, **specs}}
+                   "specs": {**self.specs, **specs}, "block_finetune": tuned}
         atomic_write_text(self.folder / _STATE, json.dumps(payload, indent=1))
         reach("state-written")
         self.next_block = index + 1
         self.records.extend(records)
         self.specs.update(specs)
+        self.block_finetune = tuned
         self.inputs_file(index).unlink(missing_ok=True)
         for path in self.folder.glob(f"{_batch_prefix(index)}*.safetensors"):
             path.unlink(missing_ok=True)
