@@ -25,7 +25,7 @@ from quipkit.eval.divergence import kl_to_reference
 from quipkit.eval.perplexity import perplexity, protocol
 from quipkit.layers.quantized_linear import keep_decoded
 from quipkit.pipeline.calibration import calibration_tokens
-from quipkit.pipeline.finetune import FinetuneOptions, finetune_e2e, teacher_targets
+from quipkit.pipeline.finetune import FinetuneOptions, block_record, finetune_e2e, teacher_targets
 from quipkit.models.loading import load_model, pick_device
 
 
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON lines to this file too")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="preset option for every method, e.g. L=12 or incoherence=true")
-    parser.add_argument("--finetune", choices=("e2e",), help="fine-tune each quantized model (see quipkit quantize --help)")
+    parser.add_argument("--finetune", choices=("block", "e2e", "all"),
+                        help="fine-tune each quantized model (see quipkit quantize --help)")
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=2e-3)
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
     configs = [make_config(method, int(bits), **options) for method, bits in specs]  # fail fast on a typo
     reference, tokenizer, source = load_model(args.model)
     calibration = CalibrationConfig(nsamples=args.nsamples)
-    tokens = calibration_tokens(tokenizer, calibration) if args.finetune else None
+    tokens = calibration_tokens(tokenizer, calibration) if args.finetune in ("e2e", "all") else None
     targets = None  # the float model's, computed once for every method that fine-tunes
 
     def report(label: dict, model) -> None:
@@ -76,15 +77,16 @@ def main() -> None:
     for config in configs:
         model = copy.deepcopy(reference)
         start = time.perf_counter()
+        options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
         result = quantize(model, tokenizer, config, calibration, device, model_id=source.describe(),
-                          hessian_cache=args.hessian_cache)
+                          hessian_cache=args.hessian_cache,
+                          block_finetune=options if args.finetune in ("block", "all") else None)
         seconds = time.perf_counter() - start
-        finetuned = {}
-        if args.finetune:
-            options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
+        finetuned = {"finetune": [block_record(result.block_finetune)] if result.block_finetune else []}
+        if args.finetune in ("e2e", "all"):
             if targets is None:
                 targets = teacher_targets(reference, tokens, options.top_k)
-            finetuned = {"finetune": finetune_e2e(model, tokens, targets, options)}
+            finetuned["finetune"].append(finetune_e2e(model, tokens, targets, options))
         label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
                  "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
                  "layers": [{"name": r["name"], "proxy": r["proxy"], **({"iterations": r["iterations"]} if r.get("iterations") else {})}

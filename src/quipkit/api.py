@@ -12,6 +12,7 @@ from quipkit.console import Reporter
 from quipkit.formats.checkpoint import load, save
 from quipkit.pipeline.blockwise import QuantizeReport, quantize_blockwise
 from quipkit.pipeline.calibration import calibration_tokens
+from quipkit.pipeline.finetune import FinetuneOptions
 
 __all__ = ["quantize", "save", "load"]
 
@@ -26,12 +27,14 @@ def quantize(
     work_folder: str | Path | None = None,
     model_id: str = "",
     hessian_cache: str | Path | None = None,
+    block_finetune: FinetuneOptions | None = None,
 ) -> QuantizeReport:
     """Quantize `model` in place with `config`, calibrating on `calibration` text.
 
     With `work_folder`, every finished block is saved there and an interrupted call resumes when
     called again with the same arguments. With `hessian_cache`, a folder shared between calls,
-    methods whose Hessians come from the original model compute them once per model.
+    methods whose Hessians come from the original model compute them once per model. With
+    `block_finetune`, each block is fine-tuned after its rounding (pipeline/finetune.py).
     """
     from quipkit.models.loading import pick_device
 
@@ -47,4 +50,5 @@ def quantize(
         Path(work_folder) if work_folder is not None else None,
         model_id,
         Path(hessian_cache) if hessian_cache is not None else None,
+        block_finetune=block_finetune,
     )
