@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from common import machine
+from common import cached_targets, machine
 from quipkit.config import CalibrationConfig
 from quipkit.eval.divergence import kl_to_reference
 from quipkit.eval.perplexity import protocol
@@ -45,12 +44,7 @@ def main() -> None:
     tokens = calibration_tokens(tokenizer, CalibrationConfig(nsamples=args.nsamples))
     options = FinetuneOptions(lr=args.lr, epochs=args.epochs)
     start = time.perf_counter()
-    if args.targets and Path(args.targets).exists():
-        targets = torch.load(args.targets, weights_only=False)
-    else:
-        targets = teacher_targets(reference, tokens, options.top_k)
-        if args.targets:
-            torch.save(targets, args.targets)
+    targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, options.top_k))
     teacher_seconds = time.perf_counter() - start
 
     def measure(model) -> dict:

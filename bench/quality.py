@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import machine
+from common import cached_targets, machine
 from quipkit.api import quantize
 from quipkit.config import CalibrationConfig, make_config
 from quipkit.eval.divergence import kl_to_reference
@@ -46,6 +46,7 @@ def main() -> None:
                         help="fine-tune each quantized model (see quipkit quantize --help)")
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=2e-3)
+    parser.add_argument("--targets", help="a file caching the float model's fine-tuning targets between runs")
     args = parser.parse_args()
     device = pick_device(args.device)
     protocols = [protocol(p) for p in args.ppl.split(",")]
@@ -85,7 +86,7 @@ def main() -> None:
         finetuned = {"finetune": [block_record(result.block_finetune)] if result.block_finetune else []}
         if args.finetune in ("e2e", "all"):
             if targets is None:
-                targets = teacher_targets(reference, tokens, options.top_k)
+                targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, options.top_k))
             finetuned["finetune"].append(finetune_e2e(model, tokens, targets, options))
         label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
                  "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
