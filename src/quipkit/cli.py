@@ -85,7 +85,7 @@ def _build_configs(args: argparse.Namespace):
     sources = tuple(s for s in args.calibration.split(",") if s)
     calibration = CalibrationConfig(
         nsamples=args.nsamples, seqlen=args.seqlen, sources=sources, seed=args.seed or 0, batch_size=args.calib_batch,
-        activations=args.activations,
+        activations=args.activations, hessian=args.hessian, guided_groups=args.guided_groups,
     )
     return config, calibration
 
@@ -160,6 +160,8 @@ def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model:
     out = Path(args.out)
     device = pick_device(args.device)
     streamed, why = open_streamed(local_folder(source)) if source.kind == "hf" else (None, "it is a GGUF file")
+    if streamed is not None and calibration.hessian == "guided":
+        streamed, why = None, "guided Hessians need a backward pass through the whole float model"
     if streamed is not None:
         model, tokenizer = streamed.model, load_tokenizer(source)
     else:
@@ -738,6 +740,14 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     c.add_argument("--offload-activations", metavar="DIR",
                    help="keep the calibration activations in files under DIR between passes, one batch in memory "
                    "at a time (the same result; for models whose activations do not fit) [in memory]")
+    c.add_argument("--hessian", choices=("input", "guided"), default="input",
+                   help="input: H = E[x x^T] of each layer's input; guided: per group of a layer's output rows, each "
+                   "token weighted by the squared gradient of the model's loss (cross-entropy against its own "
+                   "predictions) with respect to those outputs (GuidedQuant; one backward pass of the whole float "
+                   "model per batch, one process, a model loaded whole) [input]")
+    c.add_argument("--guided-groups", type=int, default=4,
+                   help="guided Hessians: groups of output rows per layer (fewer where the rows do not split into "
+                   "multiples of 16) [4]")
     c.add_argument("--seed", type=int, help="seed for calibration sampling and random transforms [0]")
     c.add_argument("--no-check", action="store_true",
                    help="skip the quick perplexity check (4 windows of 256 tokens, float and quantized) [on]")

@@ -161,9 +161,17 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     activations: str = "float32"  # the dtype block inputs are held in between blocks: float32 or bfloat16
+    # "input": H = E[x x^T] per input; "guided": per group of a layer's output rows, each token's x x^T
+    # weighted by the squared gradient of the model's loss with respect to those outputs (GuidedQuant)
+    hessian: str = "input"
+    guided_groups: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
+        if self.hessian not in ("input", "guided"):
+            raise QuipkitError(f"unknown Hessian '{self.hessian}'; choose input or guided")
+        if self.guided_groups < 1:
+            raise QuipkitError(f"guided_groups must be >= 1, got {self.guided_groups}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise QuipkitError("calibration needs nsamples >= 1, seqlen >= 2 and batch_size >= 1")
         if self.activations not in ("float32", "bfloat16"):
@@ -174,6 +182,8 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["sources"] = list(self.sources)
+        if self.hessian == "input":  # what every run had before guided Hessians: fingerprints and caches stay valid
+            del out["hessian"], out["guided_groups"]
         return out
 
 

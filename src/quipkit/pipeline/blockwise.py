@@ -31,12 +31,14 @@ from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
 from quipkit.pipeline.head import compress_head, stored_embedding_dtype
 from quipkit.pipeline.finetune import FinetuneOptions, finetune_block
+from quipkit.pipeline.guided import output_gradient_weights
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
 from quipkit.formats.checkpoint import state_tensors
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.pipeline.quick_check import QuickCheck
 from quipkit.pipeline.run_state import RunState, fingerprint_of
 from quipkit.rounding import HessianAccumulator
+from quipkit.rounding.hessian import RowGroupAccumulator
 
 
 @dataclass
@@ -68,11 +70,14 @@ class _HessianHooks:
     """
 
     def __init__(self, linears: dict[str, nn.Linear], device: torch.device, stop_at: str | None = None,
-                 first_only: bool = False) -> None:
+                 first_only: bool = False, guide: dict[str, Tensor] | None = None) -> None:
         self.linears = linears
         self.device = device
         self.stop_at = stop_at
         self.first_only = first_only
+        self.guide = guide  # guided Hessians: {name: [N, T, G] token weights}; each linear is its own group
+        self._sequence = 0  # the first calibration sequence of the batch running now
+        self._batch_rows = 0
         self.groups: list[list[str]] = []  # names that read one input, found on the first batch
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: list[tuple[Tensor, str]] = []  # (input, first reader), alive during a batch
@@ -84,12 +89,12 @@ class _HessianHooks:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if self._first_batch:
-                owner = next((first for seen, first in self._seen if seen is x), None)
+                owner = next((first for seen, first in self._seen if seen is x), None) if self.guide is None else None
                 self._names.add(name)
                 if owner is None:
                     self._seen.append((x, name))
                     if self.wanted(len(self.groups), name):
-                        self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
+                        self.accumulators[name] = self._accumulator(name, x.shape[-1])
                     self.groups.append([name])
                 else:
                     next(g for g in self.groups if g[0] == owner).append(name)
@@ -97,13 +102,22 @@ class _HessianHooks:
             elif name not in self._names:  # first called on a later batch: an expert no token reached before
                 self._names.add(name)
                 self.groups.append([name])
-                self.accumulators[name] = HessianAccumulator(x.shape[-1], self.device)
-            if name in self.accumulators:
+                self.accumulators[name] = self._accumulator(name, x.shape[-1])
+            if name in self.accumulators and self.guide is None:
                 self.accumulators[name].add(x)
+            elif name in self.accumulators:
+                self._batch_rows = x.shape[0]
+                weights = self.guide[name][self._sequence:self._sequence + x.shape[0]]
+                self.accumulators[name].add(x, weights.reshape(-1, weights.shape[-1]))
             if name == self.stop_at:
                 raise _StopBlock
 
         return hook
+
+    def _accumulator(self, name: str, size: int) -> HessianAccumulator | RowGroupAccumulator:
+        if self.guide is None:
+            return HessianAccumulator(size, self.device)
+        return RowGroupAccumulator(size, self.guide[name].shape[-1], self.device)
 
     def wanted(self, index: int, name: str) -> bool:
         """Whether the group at `index` in forward order, first read by `name`, is summed."""
@@ -111,6 +125,7 @@ class _HessianHooks:
 
     def end_batch(self) -> None:
         self._first_batch = False
+        self._sequence += self._batch_rows
         self._seen.clear()
 
     def remove(self) -> None:
@@ -147,7 +162,7 @@ def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[
     for index, group in enumerate(groups):
         if not hooks.wanted(index, group[0]):
             continue
-        own = hooks.accumulators.get(group[0]) or HessianAccumulator(sizes[group[0]], hooks.device)
+        own = hooks.accumulators.get(group[0]) or hooks._accumulator(group[0], sizes[group[0]])
         accumulators[group[0]] = ranks.merge(own)
     return groups, accumulators
 
@@ -155,13 +170,15 @@ def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], inputs: Batches, kwargs: list[dict], device: torch.device,
     ranks: Ranks | None = None, first_only: bool = False, space: ActivationFolder | None = None,
+    guide: dict[str, Tensor] | None = None,
 ) -> tuple[Batches, list[tuple[list[str], Tensor | None]], dict[str, str]]:
     """Run the block on every batch: (outputs, [(names reading one input, E[x x^T] of it)] in forward
     order, {expert name: how its Hessian was completed} for experts that saw too few tokens). With
     `first_only`, groups after the first (experts excepted) come with None: each is collected when its
-    turn comes, as holding them all meanwhile cost a 7B block 2 GB."""
+    turn comes, as holding them all meanwhile cost a 7B block 2 GB. With `guide` (guided Hessians),
+    every linear is its own group and its Hessian is [G, n, n]."""
     ranks = ranks or Ranks()
-    hooks = _HessianHooks(linears, device, first_only=first_only)
+    hooks = _HessianHooks(linears, device, first_only=first_only, guide=guide)
     try:
         outputs = _shared_run(block, inputs, kwargs, device, ranks, after=hooks.end_batch, space=space)
     finally:
@@ -176,9 +193,9 @@ def collect_hessians(
 
 
 def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: Batches, kwargs: list[dict],
-                device: torch.device, ranks: Ranks) -> Tensor:
+                device: torch.device, ranks: Ranks, guide: dict[str, Tensor] | None = None) -> Tensor:
     """H of `linear`'s input in the block as it is now, running each batch only as far as that layer."""
-    hooks = _HessianHooks({name: linear}, device, stop_at=name)
+    hooks = _HessianHooks({name: linear}, device, stop_at=name, guide=guide)
     share = ranks.share(len(inputs))
     compute = compute_dtype(block)
     try:
@@ -190,7 +207,7 @@ def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: Batches,
             hooks.end_batch()
     finally:
         hooks.remove()
-    own = hooks.accumulators.get(name) or HessianAccumulator(linear.in_features, device)
+    own = hooks.accumulators.get(name) or hooks._accumulator(name, linear.in_features)
     return ranks.merge(own).pop_mean()
 
 
@@ -265,6 +282,9 @@ def quantize_blockwise(
     if use_cache:
         reporter.log(f"using cached Hessians from {cache.folder}")
     calibrated = config.needs_calibration and (not use_cache or block_finetune is not None)
+    guide = None
+    if config.needs_calibration and not use_cache and calibration.hessian == "guided":
+        guide = _guided_weights(model, blocks, prefix, tokens, calibration, device, streamed, ranks, reporter)
     first = state.next_block if state is not None else 0
     start = time.perf_counter()
     batches = list(torch.split(tokens, calibration.batch_size)) if calibrated else []
@@ -307,6 +327,7 @@ def quantize_blockwise(
             inputs, saved, records, groups, tuned = _quantize_block(
                 block, linears, inputs, kwargs, config, device, reporter, report, cached, observed, ranks,
                 keep_hessians=cache is not None and not use_cache, space=space, finetune=block_finetune,
+                guide=guide,
             )
             if tuned is not None:
                 tuned = {"block": index, **tuned}
@@ -399,6 +420,25 @@ def _outside_blocks(model: nn.Module, blocks: nn.ModuleList, prefix: str, config
     return head
 
 
+def _guided_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str, tokens: Tensor,
+                    calibration: CalibrationConfig, device: torch.device, streamed: StreamedModel | None,
+                    ranks: Ranks, reporter: Reporter) -> dict[str, Tensor]:
+    """The guided Hessians' token weights of every linear in the blocks (pipeline/guided.py), from the
+    whole float model: before any block is quantized."""
+    if streamed is not None or ranks.active:
+        raise QuipkitError("guided Hessians need the whole float model in one process (a backward pass through "
+                           "it); drop --nproc, or quantize a model that is loaded whole (a GGUF file)")
+    linears = {}
+    for index, block in enumerate(blocks):
+        linears.update(select_linears(block, f"{prefix}.{index}", (), ()))
+    model.to(device)
+    try:
+        return output_gradient_weights(model, linears, tokens, calibration.batch_size, calibration.guided_groups,
+                                       reporter)
+    finally:
+        model.to("cpu")
+
+
 def _let_go(batches: Batches, ranks: Ranks) -> None:
     """Delete offloaded batches no pass will read again (the leader, once every process is past them)."""
     if isinstance(batches, OffloadedBatches) and ranks.leader:
@@ -440,6 +480,7 @@ def _quantize_block(
     keep_hessians: bool = False,
     space: ActivationFolder | None = None,
     finetune: FinetuneOptions | None = None,
+    guide: dict[str, Tensor] | None = None,
 ) -> tuple[Batches, dict, list[LayerRecord], HessianGroups | None, dict[str, Any] | None]:
     """Quantize `linears` of one block: (next inputs, saved layers, records, the Hessians it collected
     when `keep_hessians`, else None: each is let go, or overwritten, as soon as it is used; and with
@@ -462,7 +503,7 @@ def _quantize_block(
     elif config.needs_calibration:
         later = not keep_hessians  # groups after the first collect their own when their turn comes
         outputs, groups, notes = collect_hessians(block, observed or linears, inputs, kwargs, device, ranks, later,
-                                                  space)
+                                                  space, guide)
     else:
         outputs = inputs
         groups = [([name], None) for name in linears]  # uncalibrated: H = I, built only if a transform needs it
@@ -500,7 +541,7 @@ def _quantize_block(
             nonlocal t1
             start = time.perf_counter()
             first = next(iter(members))
-            hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks)
+            hessian = _hessian_at(block, first, members[first], inputs, kwargs, device, ranks, guide)
             report.seconds["hessian"] += time.perf_counter() - start
             t1 += time.perf_counter() - start
             return hessian

@@ -106,10 +106,17 @@ def _quantize_stack(
     else:
         if hessian is None:
             hessian = torch.eye(weights[0].shape[1], dtype=torch.float64)
-        h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
-        in_params = transform.fit_input(h, weights, stable_seed(cfg.seed, names[0] + ":in"))
-        # the caller's Hessian, once transformed, goes now rather than after the rounding
-        h_t = transform.hessian(h, in_params, consume=consume)
+        if hessian.dim() == 3:  # guided: one Hessian per group of output rows, each prepared alike
+            prepared = [definite_hessian(part.to(device), cfg.damping, names) for part in hessian]
+            h = torch.stack([part for part, _, _ in prepared])
+            damping, dead = max(d for _, d, _ in prepared), max(n for _, _, n in prepared)
+            in_params = transform.fit_input(h.mean(0), weights, stable_seed(cfg.seed, names[0] + ":in"))
+            h_t = torch.stack([transform.hessian(part, in_params) for part in h])
+        else:
+            h, damping, dead = definite_hessian(hessian.to(device), cfg.damping, names, consume)
+            in_params = transform.fit_input(h, weights, stable_seed(cfg.seed, names[0] + ":in"))
+            # the caller's Hessian, once transformed, goes now rather than after the rounding
+            h_t = transform.hessian(h, in_params, consume=consume)
     out_params, scales = [], []
     sizes = [w.shape[0] for w in weights]
     # the stack is written in place, one layer's transformed copy at a time (a lone layer: no stack)
@@ -129,8 +136,10 @@ def _quantize_stack(
             target[row : row + w.shape[0]] = w_t
             row += w.shape[0]
         del w_t
-    cb_params = codebook.fit(target, None if h_t is None else torch.diagonal(h_t))
-    order = torch.argsort(torch.diagonal(h_t), descending=True) if cfg.act_order and h_t is not None else None
+    diagonal = None if h_t is None else torch.diagonal(h_t, dim1=-2, dim2=-1)
+    diagonal = diagonal.mean(0) if diagonal is not None and diagonal.dim() == 2 else diagonal  # guided: the groups' mean
+    cb_params = codebook.fit(target, diagonal)
+    order = torch.argsort(diagonal, descending=True) if cfg.act_order and h_t is not None else None
     if h_t is not None:
         # from here on H is read in float32 (LDLQ factors it so first, greedy and the proxy record multiply
         # in it): half the memory for the rounding's widest matrix (a 7B MLP's is 0.5 GB instead of 1)

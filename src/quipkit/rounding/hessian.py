@@ -28,10 +28,10 @@ class HessianAccumulator:
         self.low_value = torch.zeros(0, dtype=torch.float64, device=device)  # [k] the errors there
         self.tokens = 0
 
-    def add(self, x: Tensor) -> None:
-        """Add the inputs x [..., n] of one batch."""
+    def add(self, x: Tensor, weight: Tensor | None = None) -> None:
+        """Add the inputs x [..., n] of one batch, each token's x x^T times its `weight` [tokens] when given."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self._add(flat.t() @ flat, None)
+        self._add(flat.t() @ (flat if weight is None else flat * weight.to(flat)[:, None]), None)
         self.tokens += flat.shape[0]
 
     def pair(self) -> Tensor:
@@ -113,6 +113,26 @@ class HessianAccumulator:
         return total.div_(tokens)
 
 
+class RowGroupAccumulator:
+    """One weighted accumulator per group of output rows (guided Hessians): group g adds each token's
+    x x^T times that token's weight for g. `pop_mean` gives [G, n, n]."""
+
+    def __init__(self, size: int, groups: int, device: torch.device | str = "cpu") -> None:
+        self.parts = [HessianAccumulator(size, device) for _ in range(groups)]
+
+    @property
+    def tokens(self) -> int:
+        return self.parts[0].tokens
+
+    def add(self, x: Tensor, weights: Tensor) -> None:
+        """x [..., n], weights [tokens, G]."""
+        for g, part in enumerate(self.parts):
+            part.add(x, weights[:, g])
+
+    def pop_mean(self) -> Tensor:
+        return torch.stack([part.pop_mean() for part in self.parts])
+
+
 def _nonzero(error: Tensor, offset: int) -> tuple[Tensor, Tensor]:
     """(flat positions + `offset`, values) of the nonzero entries of `error` [r, n]."""
     index = torch.nonzero(error.reshape(-1)).squeeze(1)
@@ -165,6 +185,11 @@ def proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
 def relative_proxy_loss(weight: Tensor, approx: Tensor, hessian: Tensor | None) -> float:
     """The proxy loss relative to tr(W H W^T) (None: H = I): 0 is exact, 1 is as bad as a zero matrix.
     A record, not a decision, so its products are float32 (relative error ~1e-6): in float64 they cost a
-    7B block more time than GPTQ's rounding."""
+    7B block more time than GPTQ's rounding. A Hessian per group of rows ([G, n, n], guided) weighs
+    each contiguous G-th of the rows with its own."""
+    if hessian is not None and hessian.dim() == 3:
+        rows = [slice(g * len(weight) // len(hessian), (g + 1) * len(weight) // len(hessian)) for g in range(len(hessian))]
+        error = sum(_quadratic(approx[r], weight[r], h, torch.float32) for r, h in zip(rows, hessian))
+        return error / max(sum(_quadratic(weight[r], None, h, torch.float32) for r, h in zip(rows, hessian)), 1e-30)
     error = _quadratic(approx, weight, hessian, torch.float32)
     return error / max(_quadratic(weight, None, hessian, torch.float32), 1e-30)

@@ -7,9 +7,10 @@ else a layer stores (a low-rank term). A new method adds a solver here, not a br
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from quipkit.codebooks.base import Codebook, Params
@@ -61,7 +62,30 @@ def register_solver(name: str) -> Callable[[Solver], Solver]:
 def solve(name: str, problem: Problem) -> Solution:
     if name not in SOLVERS:
         raise QuipkitError(f"unknown rounding '{name}'; choose one of {', '.join(SOLVERS)}")
+    if problem.hessian is not None and problem.hessian.dim() == 3:
+        return _by_row_groups(name, problem)
     return SOLVERS[name](problem)
+
+
+def _by_row_groups(name: str, problem: Problem) -> Solution:
+    """A Hessian per contiguous group of rows ([G, n, n], guided): each group is its own problem, rounded
+    against its own Hessian (act-order by its own diagonal), and the parts are joined by rows."""
+    if problem.options or len(problem.sizes) != 1:
+        raise QuipkitError("guided Hessians round one layer at a time with the ldlq or nearest rounding")
+    groups, rows = problem.hessian.shape[0], problem.target.shape[0]
+    step = rows // groups
+    per_row = {k for k, v in problem.params.items() if v.dim() and v.shape[0] == rows}  # others: the matrix's
+    parts = []
+    for g in range(groups):
+        cut = slice(g * step, (g + 1) * step)
+        params = {k: v[cut] if k in per_row else v for k, v in problem.params.items()}
+        order = torch.argsort(torch.diagonal(problem.hessian[g]), descending=True) if problem.order is not None else None
+        parts.append(SOLVERS[name](replace(problem, target=problem.target[cut], hessian=problem.hessian[g],
+                                           params=params, order=order, sizes=[step])))
+    joined = {k: torch.cat([part.params[k] for part in parts]) if k in per_row else parts[0].params[k]
+              for k in parts[0].params}
+    return Solution(torch.cat([p.codes for p in parts]), torch.cat([p.values for p in parts]), joined,
+                    min(p.greedy_sweeps for p in parts))
 
 
 def round_main(problem: Problem, target: Tensor, params: Params, nearest: bool = False) -> tuple[Tensor, Tensor, int]:
