@@ -88,23 +88,36 @@ def test_e2e_lowers_the_kl_on_held_out_text_and_keeps_the_codes(quantized_pair, 
     assert moved, "no sign vector was trained"
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(quantized_pair, finetuned, tmp_path, monkeypatch):
-    straight, _ = finetuned
+def _interrupted(pair, work, monkeypatch) -> None:
+    """A run killed at its 8th step, after the first epoch's evaluation was saved."""
     calls = {"n": 0}
     real_step = torch.optim.Adam.step
 
     def failing_step(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 8:  # after the first epoch's evaluation was saved
+        if calls["n"] == 8:
             raise KeyboardInterrupt
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
-        _finetuned(quantized_pair, work=tmp_path)
+        _finetuned(pair, work=work)
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model_and_no_other_model_resumes_it(
+        quantized_pair, finetuned, tmp_path, monkeypatch):
+    straight, straight_record = finetuned
+    _interrupted(quantized_pair, tmp_path, monkeypatch)
+    reference, model = quantized_pair
+    other = copy.deepcopy(model)
+    other.model.layers[0].mlp.up_proj.sv.mul_(1.5)  # other codes' scale: the saved state is not its own
+    found, _ = _finetuned((reference, other), work=tmp_path)
+    alone, _ = _finetuned((reference, other))
+    assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), alone.state_dict().values()))
+    _interrupted(quantized_pair, tmp_path, monkeypatch)
     resumed, record = _finetuned(quantized_pair, work=tmp_path)
-    assert record == {**finetuned[1], "seconds": record["seconds"]}
+    assert record == {**straight_record, "seconds": record["seconds"]}
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         assert torch.equal(a, b), name
 

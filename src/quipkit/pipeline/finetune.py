@@ -14,6 +14,7 @@ same parameters (its own) to reproduce the float block's outputs on the calibrat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -125,11 +126,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 class _Trainable:
     """The model prepared for training: quantized RHT layers swapped for DecodedLinear, every parameter
-    frozen but theirs and the norms'. `restore()` writes the vectors back and puts the layers back."""
+    frozen but theirs and the norms'. `restore()` writes the vectors back, puts the layers back and
+    gives every parameter its former requires_grad."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.swapped: dict[str, tuple[QuantizedLinear, DecodedLinear]] = {}
+        self.wanted_grad = {p: p.requires_grad for p in model.parameters()}  # given back by restore()
         for p in model.parameters():
             p.requires_grad_(False)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -152,8 +155,8 @@ class _Trainable:
         for name, (layer, decoded) in self.swapped.items():
             decoded.write_back(layer)
             set_module(self.model, name, layer)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        for p, wanted in self.wanted_grad.items():
+            p.requires_grad_(wanted)
 
 
 def _adam(params: dict[str, nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -275,9 +278,10 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
         optimizer = _adam(params, options.lr)
         model.train(False)  # no dropout: the quantized model should match the float one as used
         steps_per_epoch = math.ceil(len(train) / options.batch)
-        eval_every = max(1, steps_per_epoch // options.evals_per_epoch)
+        eval_every = math.ceil(steps_per_epoch / options.evals_per_epoch)
         total_steps = steps_per_epoch * options.epochs
-        state = _load_state(work, params, optimizer, options, count)
+        identity = _identity(options, tokens, params)
+        state = _load_state(work, params, optimizer, identity)
         if state is None:
             before = _held_out_kl(model, tokens, targets, held, device)
             state = {"step": 0, "before": before, "best": before, "best_step": 0, "stale": 0,
@@ -306,7 +310,7 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
                     else:
                         state["stale"] += 1
                     reporter.log(f"fine-tuning e2e: step {state['step']}, held-out KL {kl:.4f} (best {state['best']:.4f})")
-                    _save_state(work, params, optimizer, options, count, state, best_params)
+                    _save_state(work, params, optimizer, identity, state, best_params)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(best_params[name])
@@ -318,8 +322,19 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
             "train_sequences": len(train), "held_out_sequences": len(held), "seconds": time.perf_counter() - start}
 
 
-def _save_state(work: Path | None, params: dict[str, Tensor], optimizer: torch.optim.Adam, options: FinetuneOptions,
-                count: int, state: dict[str, Any], best: dict[str, Tensor]) -> None:
+def _identity(options: FinetuneOptions, tokens: Tensor, params: dict[str, Tensor]) -> str:
+    """What a saved state must match to be resumed: the options, the calibration tokens and the trained
+    tensors' values before training (so another model, or other codes, never resume it)."""
+    digest = hashlib.sha256(json.dumps(asdict(options)).encode())
+    digest.update(tokens.cpu().contiguous().numpy().tobytes())
+    for name, p in params.items():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_state(work: Path | None, params: dict[str, Tensor], optimizer: torch.optim.Adam, identity: str,
+                state: dict[str, Any], best: dict[str, Tensor]) -> None:
     """Everything a resumed run needs, in one file written atomically."""
     if work is None:
         return
@@ -328,14 +343,14 @@ def _save_state(work: Path | None, params: dict[str, Tensor], optimizer: torch.o
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"adam.{key}/{name}"] = value.detach().reshape(-1) if key == "step" else value.detach()
-    meta = {"state": json.dumps(state), "options": json.dumps(asdict(options)), "sequences": str(count)}
+    meta = {"state": json.dumps(state), "identity": identity}
     work.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(work / STATE_FILE, tensors, meta)
 
 
 def _load_state(work: Path | None, params: dict[str, nn.Parameter], optimizer: torch.optim.Adam,
-                options: FinetuneOptions, count: int) -> dict[str, Any] | None:
-    """The saved state of an interrupted run with the same options and data, loaded into `params` and
+                identity: str) -> dict[str, Any] | None:
+    """The saved state of an interrupted run of the same `identity`, loaded into `params` and
     `optimizer`; None when there is none."""
     path = None if work is None else work / STATE_FILE
     if path is None or not path.exists():
@@ -344,7 +359,7 @@ def _load_state(work: Path | None, params: dict[str, nn.Parameter], optimizer: t
 
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
-    if meta.get("options") != json.dumps(asdict(options)) or meta.get("sequences") != str(count):
+    if meta.get("identity") != identity:
         path.unlink()  # another run's state: start afresh
         return None
     tensors = load_file(str(path))
