@@ -618,11 +618,10 @@ def cmd_info(args: argparse.Namespace) -> None:
                      spec["transform"]["name"], rec.get("bits", "?"), rec.get("proxy", "?")])
     _table("layers", ["layer", "shape", "codebook", "transform", "bits/weight", "proxy"], rows)
     if info["finetune"]:
-        loss = {"block": "held_out_mse", "e2e": "held_out_kl"}
+        losses = {"block": ("held_out_mse", "MSE (mean over blocks)"), "e2e": ("held_out_kl", "KL")}
         _table("fine-tuning", ["stage", "held-out loss", "before", "after", "steps", "seconds"],
-               [[r["stage"], loss[r["stage"]][9:].upper() + (" (mean over blocks)" if r["stage"] == "block" else ""),
-                 r[loss[r["stage"]] + "_before"], r[loss[r["stage"]] + "_after"], r["steps"], r["seconds"]]
-                for r in info["finetune"]])
+               [[r["stage"], losses[r["stage"]][1], r[losses[r["stage"]][0] + "_before"],
+                 r[losses[r["stage"]][0] + "_after"], r["steps"], r["seconds"]] for r in info["finetune"]])
         for record in (r for r in info["finetune"] if r["stage"] == "block"):
             _table("block fine-tuning (held-out MSE relative to the float block's outputs)",
                    ["block", "before", "after", "steps"],

@@ -94,7 +94,7 @@ class _HessianHooks:
                 if owner is None:
                     self._seen.append((x, name))
                     if self.wanted(len(self.groups), name):
-                        self.accumulators[name] = self._accumulator(name, x.shape[-1])
+                        self.accumulators[name] = self.new_accumulator(name, x.shape[-1])
                     self.groups.append([name])
                 else:
                     next(g for g in self.groups if g[0] == owner).append(name)
@@ -102,7 +102,7 @@ class _HessianHooks:
             elif name not in self._names:  # first called on a later batch: an expert no token reached before
                 self._names.add(name)
                 self.groups.append([name])
-                self.accumulators[name] = self._accumulator(name, x.shape[-1])
+                self.accumulators[name] = self.new_accumulator(name, x.shape[-1])
             if name in self.accumulators and self.guide is None:
                 self.accumulators[name].add(x)
             elif name in self.accumulators:
@@ -114,7 +114,8 @@ class _HessianHooks:
 
         return hook
 
-    def _accumulator(self, name: str, size: int) -> HessianAccumulator | RowGroupAccumulator:
+    def new_accumulator(self, name: str, size: int) -> HessianAccumulator | RowGroupAccumulator:
+        """An empty sum for `name`'s input of `size` features: one, or (guided) one per group of its rows."""
         if self.guide is None:
             return HessianAccumulator(size, self.device)
         return RowGroupAccumulator(size, self.guide[name].shape[-1], self.device)
@@ -162,7 +163,7 @@ def _merged(hooks: _HessianHooks, ranks: Ranks, sizes: dict[str, int]) -> tuple[
     for index, group in enumerate(groups):
         if not hooks.wanted(index, group[0]):
             continue
-        own = hooks.accumulators.get(group[0]) or hooks._accumulator(group[0], sizes[group[0]])
+        own = hooks.accumulators.get(group[0]) or hooks.new_accumulator(group[0], sizes[group[0]])
         accumulators[group[0]] = ranks.merge(own)
     return groups, accumulators
 
@@ -207,7 +208,7 @@ def _hessian_at(block: nn.Module, name: str, linear: nn.Linear, inputs: Batches,
             hooks.end_batch()
     finally:
         hooks.remove()
-    own = hooks.accumulators.get(name) or hooks._accumulator(name, linear.in_features)
+    own = hooks.accumulators.get(name) or hooks.new_accumulator(name, linear.in_features)
     return ranks.merge(own).pop_mean()
 
 
