@@ -142,9 +142,8 @@ def test_block_fine_tuning_lowers_each_blocks_output_error_and_resumes(tmp_path)
     first, second = report.block_finetune
     assert first["held_out_mse_after"] < 0.9 * first["held_out_mse_before"], first
     assert second["held_out_mse_after"] <= second["held_out_mse_before"], second  # the best state, never worse
-    plain = tiny_model(initializer_range=0.3)
-    quantize_blockwise(plain, _tokens(), config, CAL, torch.device("cpu"))
-    assert not torch.equal(plain.model.layers[0].mlp.up_proj.su, straight.model.layers[0].mlp.up_proj.su)
+    su = straight.model.layers[0].mlp.up_proj.su
+    assert (su.abs() != 1).any()  # the sign vector became a real scale
 
     calls = {"n": 0}
     real = finetune.finetune_block

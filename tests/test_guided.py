@@ -69,8 +69,13 @@ def test_guided_hessians_equal_a_brute_force_computation(tmp_path):
     assert row_groups(64, 4) == 4 and row_groups(32, 4) == 2 and row_groups(24, 4) == 1
 
 
-@pytest.mark.parametrize("method,bits,options", [("gptq", 4, {"sequential": False}), ("gptq", 3, {}),
-                                                 ("quip", 2, {}), ("quip#", 2, {}), ("qtip", 2, {"L": 8})])
+@pytest.mark.parametrize("method,bits,options", [
+    ("gptq", 3, {}),  # true-sequential: later groups' guided Hessians from the block as it is then
+    ("qtip", 2, {"L": 8}),  # 16-row trellis tiles: row groups of whole tiles
+    pytest.param("gptq", 4, {"sequential": False}, marks=pytest.mark.slow),
+    pytest.param("quip", 2, {}, marks=pytest.mark.slow),
+    pytest.param("quip#", 2, {}, marks=pytest.mark.slow),
+])
 def test_every_ldlq_method_rounds_with_guided_hessians(method, bits, options):
     model = tiny_model(initializer_range=0.3)
     report = quantize_blockwise(model, _tokens(), make_config(method, bits, **options), GUIDED, torch.device("cpu"))
