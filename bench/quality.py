@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=2e-3)
     parser.add_argument("--targets", help="a file caching the float model's fine-tuning targets between runs")
+    parser.add_argument("--hessian", choices=("input", "guided"), default="input",
+                        help="layer Hessians from the inputs, or guided by the model's loss (see quipkit quantize --help)")
+    parser.add_argument("--guided-groups", type=int, default=4)
     args = parser.parse_args()
     device = pick_device(args.device)
     protocols = [protocol(p) for p in args.ppl.split(",")]
@@ -54,7 +57,7 @@ def main() -> None:
     options = dict(_option(o) for o in args.option)
     configs = [make_config(method, int(bits), **options) for method, bits in specs]  # fail fast on a typo
     reference, tokenizer, source = load_model(args.model)
-    calibration = CalibrationConfig(nsamples=args.nsamples)
+    calibration = CalibrationConfig(nsamples=args.nsamples, hessian=args.hessian, guided_groups=args.guided_groups)
     tokens = calibration_tokens(tokenizer, calibration) if args.finetune in ("e2e", "all") else None
     targets = None  # the float model's, computed once for every method that fine-tunes
 
@@ -78,17 +81,18 @@ def main() -> None:
     for config in configs:
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
+        ft_options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
         result = quantize(model, tokenizer, config, calibration, device, model_id=source.describe(),
                           hessian_cache=args.hessian_cache,
-                          block_finetune=options if args.finetune in ("block", "all") else None)
+                          block_finetune=ft_options if args.finetune in ("block", "all") else None)
         seconds = time.perf_counter() - start
         finetuned = {"finetune": [block_record(result.block_finetune)] if result.block_finetune else []}
         if args.finetune in ("e2e", "all"):
             if targets is None:
-                targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, options.top_k))
-            finetuned["finetune"].append(finetune_e2e(model, tokens, targets, options))
-        label = {"method": config.method, "bits": config.bits, "options": options, "bits_per_weight": result.bits_per_weight(),
+                targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, ft_options.top_k))
+            finetuned["finetune"].append(finetune_e2e(model, tokens, targets, ft_options))
+        label = {"method": config.method, "bits": config.bits, "options": options, "hessian": args.hessian,
+                 "bits_per_weight": result.bits_per_weight(),
                  "seconds": seconds, "stage_seconds": result.seconds, "nsamples": args.nsamples,
                  "layers": [{"name": r["name"], "proxy": r["proxy"], **({"iterations": r["iterations"]} if r.get("iterations") else {})}
                             for r in result.layers], **finetuned}
@@ -96,6 +100,7 @@ def main() -> None:
             from quipkit.formats.checkpoint import save
 
             suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()) if k not in ("propagate", "sequential"))
+            suffix += "-guided" if args.hessian == "guided" else ""
             suffix += f"-ft{args.finetune}" if args.finetune else ""
             save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}{suffix}", config, calibration,
                  finetuned or None, overwrite=True)
