@@ -18,7 +18,11 @@ from conftest import tiny_model
 from test_pipeline import CAL, _tokens
 
 TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
-         "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL}
+         "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL, "q4_k": GGMLQuantizationType.Q4_K}
+
+
+def _codebook(block_type, clip=True):
+    return make_codebook({"name": "ggml_k" if block_type == "q4_k" else "ggml", "type": block_type, "clip": clip})
 
 
 def _weights(rows=24, cols=160, seed=0):
@@ -31,8 +35,11 @@ def _weights(rows=24, cols=160, seed=0):
 @pytest.mark.parametrize("block_type", list(TYPES))
 def test_stored_blocks_are_llama_cpp_bytes(block_type, clip):
     """llama.cpp's own dequantizer (the gguf package's) reads our bytes as the values we round to."""
-    cb = make_codebook({"name": "ggml", "type": block_type, "clip": clip})
-    w = _weights()
+    cb = _codebook(block_type, clip)
+    w = _weights(cols=512 if block_type == "q4_k" else 160)
+    if block_type == "q4_k":
+        w[10, 256:] = 0.0  # an all-zero superblock
+        w[11, :256] = w[11, :256].abs() + 0.01  # a superblock whose minima are all 0
     params = cb.fit(w)
     codes, values = cb.quantize(w, params, torch.arange(w.shape[1]))
     stored = cb.pack(codes, params)
@@ -75,25 +82,47 @@ def test_the_scale_search_spends_precision_where_the_importance_is(block_type):
     assert (importance * weighted.square()).sum() < (importance * plain.square()).sum()
 
 
+def test_q4_k_fits_as_well_as_q4_1_at_less_storage_and_rows_not_in_256s_get_iq4_nl():
+    """Q4_K's 6-bit block scales cost little over Q4_1's fp16 ones (4.5 bits per weight against 5)."""
+    w = _weights(rows=64, cols=512, seed=2)
+    cols = torch.arange(512)
+    errors = {}
+    for block_type in ("q4_k", "q4_1"):
+        cb = _codebook(block_type)
+        errors[block_type] = (cb.quantize(w, cb.fit(w), cols)[1] - w).square().sum()
+    assert errors["q4_k"] < 1.1 * errors["q4_1"]
+    q4_k = _codebook("q4_k")
+    assert q4_k.storage(64, 512)["blocks"][0] == (64, 2 * 144)
+    assert q4_k.for_columns(512) is q4_k and q4_k.for_columns(576).spec() == {"name": "ggml", "type": "iq4_nl", "clip": True}
+
+
 def test_a_row_not_in_blocks_of_32_is_refused_in_one_line():
     with pytest.raises(QuipkitError, match="Q4_0 needs in_features divisible by 32"):
         make_codebook({"name": "ggml", "type": "q4_0"}).check_shape(64, 48)
+    with pytest.raises(QuipkitError, match="Q4_K needs in_features divisible by 256"):
+        _codebook("q4_k").check_shape(64, 576)
     with pytest.raises(QuipkitError, match="unknown llama.cpp block type 'q5_k'"):
         make_codebook({"name": "ggml", "type": "q5_k"})
 
 
-@pytest.mark.parametrize("method", ["gguf-q4_0", "gguf-iq4_nl"])
+@pytest.mark.parametrize("method", ["gguf-q4_0", "gguf-iq4_nl", "gguf-q4_k"])
 def test_gguf_presets_round_through_the_hessian_better_than_nearest_and_load_back(tmp_path, method):
     tokens = _tokens()
-    rounded = tiny_model()
+    shape = {"intermediate_size": 256}  # down_proj's rows in 256s (Q4_K), the other layers' not (IQ4_NL)
+    rounded = tiny_model(**shape)
     report = quantize_blockwise(rounded, tokens, make_config(method, 4), CAL, torch.device("cpu"))
-    nearest = tiny_model()
+    if method == "gguf-q4_k":
+        kinds = {name: m.codebook.spec()["type"] for name, m in rounded.named_modules()
+                 if ".layers." in name and hasattr(m, "codebook")}
+        assert {kind for name, kind in kinds.items() if name.endswith("down_proj")} == {"q4_k"}
+        assert {kind for name, kind in kinds.items() if not name.endswith("down_proj")} == {"iq4_nl"}
+    nearest = tiny_model(**shape)
     nearest_report = quantize_blockwise(nearest, tokens, _nearest_config(method), CAL, torch.device("cpu"))
     ldlq = sum(r["proxy"] for r in report.layers)
     rtn = sum(r["proxy"] for r in nearest_report.layers)
     assert ldlq < 0.8 * rtn
     bits = {r["bits"] for r in report.layers}
-    assert bits == {4.5}  # 18 bytes per 32 weights, as llama.cpp stores them
+    assert bits == {4.5}  # 18 bytes per 32 weights (144 per 256), as llama.cpp stores them
     out = quipkit.save(rounded, None, tmp_path / "q", make_config(method, 4), CAL, {"layers": report.layers})
     loaded, _ = quipkit.load(out)
     with torch.no_grad():

@@ -370,7 +370,7 @@ def _icquant(bits: int, outlier_ratio: float = 0.05, clip: bool = True, sequenti
     )
 
 
-def _gguf_preset(block_type: str, bits: int) -> None:
+def _gguf_preset(block_type: str, bits: int, codebook: str = "ggml", blurb: str = "blocks of 32") -> None:
     """`gguf-<type>`: llama.cpp's block format `type`, no transform (llama.cpp could not undo one),
     rounded by LDLQ with the real Hessian and act-order, layer after layer like GPTQ."""
 
@@ -378,7 +378,7 @@ def _gguf_preset(block_type: str, bits: int) -> None:
         return QuantConfig(
             method=f"gguf-{block_type}",
             bits=bits,
-            codebook={"name": "ggml", "type": block_type, "clip": clip},
+            codebook={"name": codebook, "type": block_type, "clip": clip},
             transform={"name": "identity"},
             rounding="ldlq",
             act_order=act_order,
@@ -387,12 +387,13 @@ def _gguf_preset(block_type: str, bits: int) -> None:
         )
 
     register_method(f"gguf-{block_type}", (bits,),
-                    f"llama.cpp's {block_type.upper()} blocks of 32 rounded by LDLQ through the Hessian; "
+                    f"llama.cpp's {block_type.upper()} {blurb} rounded by LDLQ through the Hessian; "
                     "`quipkit export --format gguf` writes a file llama.cpp runs")(preset)
 
 
 for _type, _bits in (("q4_0", 4), ("q4_1", 4), ("q8_0", 8), ("iq4_nl", 4)):
     _gguf_preset(_type, _bits)
+_gguf_preset("q4_k", 4, "ggml_k", "superblocks of 256 (IQ4_NL where a row is not in 256s)")
 
 
 def default_bits(method: str) -> int:

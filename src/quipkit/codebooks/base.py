@@ -46,6 +46,11 @@ class Codebook(ABC):
                 f"divisible by {self.row_block}; got a {rows}x{cols} weight (exclude the layer or pick another method)"
             )
 
+    def for_columns(self, cols: int) -> "Codebook":
+        """The codebook a weight with `cols` input features gets: this one, or a stand-in of the same
+        family where this one cannot take that row length (llama.cpp's k-quants need rows in 256s)."""
+        return self
+
     def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
         """Per-matrix parameters for `weight` [m, n]; every tensor's first dim is m (rows split cleanly).
         `importance` [n]: what an error in each column costs (the Hessian's diagonal; None: all alike),

@@ -1,4 +1,4 @@
-"""llama.cpp's block formats without a 256-wide superblock (Q4_0, Q4_1, Q8_0, IQ4_NL), as codebooks.
+"""llama.cpp's block formats (Q4_0, Q4_1, Q8_0, IQ4_NL, and the 256-wide Q4_K), as codebooks.
 
 Each row is cut into blocks of 32 weights; a block holds an fp16 scale d (Q4_1 also an fp16 minimum
 m) and one code per weight, and decodes to d * level[code] (+ m). The stored tensor is the blocks'
@@ -8,6 +8,10 @@ llama.cpp reads it. The scales are fit before rounding (llama.cpp's own formula,
 search around it under llama.cpp's importance weighting, with the Hessian's diagonal as the
 importance matrix); LDLQ then rounds against the real Hessian, which is what llama.cpp's own
 quantizers cannot do.
+
+Q4_K groups eight such blocks (each with a scale and a non-positive minimum) into a superblock of
+256 whose scales and minima are themselves 6-bit multiples of two fp16 superblock scales. A row whose
+length is not a multiple of 256 gets IQ4_NL instead (`for_columns`): the same 4.5 bits per weight.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class BlockFormat:
     # llama.cpp's scale: the block's largest magnitude onto the top level (Q8_0), or else its signed
     # extreme onto the end level of larger magnitude (Q4_0: -8, IQ4_NL: -127), so its sign is kept
     magnitude: bool = False
+    nonpositive_min: bool = False  # the minimum is clamped to <= 0 (Q4_K stores it as -dmin * m, m >= 0)
 
     @property
     def block_bytes(self) -> int:
@@ -47,6 +52,10 @@ FORMATS = {
     "q8_0": BlockFormat(8, tuple(range(-128, 128)), False, magnitude=True),
     "iq4_nl": BlockFormat(4, (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), False),
 }
+SUPER = 256  # weights per k-quant superblock
+SUPER_BLOCKS = SUPER // BLOCK
+K_FORMATS = {"q4_k": BlockFormat(4, tuple(range(16)), True, nonpositive_min=True)}
+K_FALLBACK = {"q4_k": "iq4_nl"}  # for rows not in 256s: a 32-block format of the same bits per weight
 
 
 @register_codebook("ggml")
@@ -54,12 +63,14 @@ class GgmlBlocks(Codebook):
     """One of llama.cpp's 32-weight block formats (`type`: q4_0, q4_1, q8_0, iq4_nl)."""
 
     dim = 1
+    formats = FORMATS
+    span = BLOCK  # the row length must be a multiple of this
 
     def __init__(self, type: str, clip: bool = True) -> None:
-        if type not in FORMATS:
-            raise QuipkitError(f"unknown llama.cpp block type '{type}'; choose one of {', '.join(FORMATS)}")
+        if type not in self.formats:
+            raise QuipkitError(f"unknown llama.cpp block type '{type}'; choose one of {', '.join(self.formats)}")
         self.type, self.clip = type, clip
-        self.format = FORMATS[type]
+        self.format = self.formats[type]
         super().__init__(self.format.bits)
         self._levels = torch.tensor(self.format.levels, dtype=torch.float32)
         self._edges = (self._levels[1:] + self._levels[:-1]) / 2  # nearest level by bucketing
@@ -68,8 +79,8 @@ class GgmlBlocks(Codebook):
         return {"name": self.name, "type": self.type, "clip": self.clip}
 
     def check_shape(self, rows: int, cols: int) -> None:
-        if cols % BLOCK:
-            raise QuipkitError(f"llama.cpp's {self.type.upper()} needs in_features divisible by {BLOCK}; got a "
+        if cols % self.span:
+            raise QuipkitError(f"llama.cpp's {self.type.upper()} needs in_features divisible by {self.span}; got a "
                                f"{rows}x{cols} weight (exclude the layer or pick another method)")
 
     def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
@@ -85,6 +96,8 @@ class GgmlBlocks(Codebook):
         low, high = self._levels[0].item(), self._levels[-1].item()
         if self.format.minimum:
             top, bottom = blocks.amax(-1), blocks.amin(-1)
+            if self.format.nonpositive_min:
+                bottom = bottom.clamp_max(0.0)
             base = {"scale": (top - bottom) / (high - low), "min": bottom}
         elif self.format.magnitude:
             base = {"scale": blocks.abs().amax(-1) / high}
@@ -168,3 +181,74 @@ class GgmlBlocks(Codebook):
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"blocks": ((rows, cols // BLOCK * self.format.block_bytes), torch.uint8)}
+
+
+@register_codebook("ggml_k")
+class GgmlSuperBlocks(GgmlBlocks):
+    """llama.cpp's Q4_K: per row, superblocks of 256 weights, each eight 32-weight blocks decoding to
+    (d * sc) * code - dmin * m with 6-bit sc, m per block and fp16 d, dmin per superblock (144 bytes:
+    d, dmin, 12 bytes of packed sc and m, 128 bytes of codes)."""
+
+    formats = K_FORMATS
+    span = SUPER
+
+    def for_columns(self, cols: int) -> Codebook:
+        return self if cols % SUPER == 0 else GgmlBlocks(K_FALLBACK[self.type], self.clip)
+
+    def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
+        """Each block's scale and minimum as for Q4_1 (searched under the importance), then rounded to
+        the superblock's 6-bit grids: d = largest scale / 63, dmin = largest -minimum / 63, in fp16."""
+        rows, cols = weight.shape
+        blocks = super().fit(weight, importance)
+        scale = blocks["scale"].reshape(rows, cols // SUPER, SUPER_BLOCKS)
+        lift = (-blocks["min"]).clamp_min(0.0).reshape(scale.shape)
+        d = (scale.amax(-1) / 63).half().float()  # [rows, superblocks]
+        dmin = (lift.amax(-1) / 63).half().float()
+        sc, m = _six_bits(scale, d), _six_bits(lift, dmin)
+        # d (fp16) times an integer below 64 is exact in float32: pack recovers sc and m exactly
+        return {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1),
+                "d": d, "dmin": dmin}
+
+    def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
+        rows, cols = codes.shape
+        supers = cols // SUPER
+        d, dmin = params["d"], params["dmin"]
+        sc = _six_bits(params["scale"].reshape(rows, supers, SUPER_BLOCKS), d).to(torch.int32)
+        m = _six_bits(-params["min"].reshape(rows, supers, SUPER_BLOCKS), dmin).to(torch.int32)
+        # blocks 0-3 in the low 6 bits of bytes 0-3 (sc) and 4-7 (m); blocks 4-7's low 4 bits in bytes
+        # 8-11 (sc low nibble, m high nibble) and their top 2 bits in the top bits of bytes 0-7
+        packed = torch.cat([sc[..., :4] | (sc[..., 4:] >> 4) << 6, m[..., :4] | (m[..., 4:] >> 4) << 6,
+                            (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4], -1)
+        pairs = codes.reshape(rows, supers, SUPER_BLOCKS // 2, 2, BLOCK)  # two blocks share 32 bytes: low, high nibble
+        nibbles = (pairs[..., 0, :] | pairs[..., 1, :] << 4).reshape(rows, supers, SUPER // 2)
+        parts = [d.half().unsqueeze(-1).view(torch.uint8), dmin.half().unsqueeze(-1).view(torch.uint8),
+                 packed.to(torch.uint8), nibbles.to(torch.uint8)]
+        return {"blocks": torch.cat(parts, -1).reshape(rows, -1)}
+
+    def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
+        supers = cols // SUPER
+        blocks = stored["blocks"].reshape(rows, supers, self._super_bytes)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+        dmin = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+        packed = blocks[..., 4:16].to(torch.int32)
+        low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+        sc = torch.cat([low & 63, (high & 15) | (low >> 6) << 4], -1)
+        m = torch.cat([mid & 63, (high >> 4) | (mid >> 6) << 4], -1)
+        data = blocks[..., 16:].to(torch.int32).reshape(rows, supers, SUPER_BLOCKS // 2, BLOCK)
+        codes = torch.stack([data & 15, data >> 4], -2).reshape(rows, cols)
+        params = {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1),
+                  "d": d, "dmin": dmin}
+        return codes, params
+
+    @property
+    def _super_bytes(self) -> int:
+        return 4 + 12 + SUPER * self.format.bits // 8
+
+    def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"blocks": ((rows, cols // SUPER * self._super_bytes), torch.uint8)}
+
+
+def _six_bits(values: Tensor, unit: Tensor) -> Tensor:
+    """values [..., k] as multiples 0..63 of unit [...] (0 where the unit is 0), as float."""
+    unit = unit.unsqueeze(-1)
+    return torch.where(unit > 0, values / torch.where(unit > 0, unit, 1.0), 0.0).round().clamp(0, 63)

@@ -39,7 +39,8 @@ def _ggml_types() -> dict[str, Any]:
     return {"q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
             "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
             "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-            "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL)}
+            "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+            "q4_k": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S)}
 
 
 def gguf_name(name: str) -> str:
@@ -70,7 +71,7 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
     file; 8.5 bits), "bf16" writes them as quipkit holds them."""
     import gguf
 
-    from quipkit.codebooks.ggml_blocks import FORMATS, GgmlBlocks
+    from quipkit.codebooks.ggml_blocks import FORMATS, K_FORMATS, GgmlBlocks
     from quipkit.formats.checkpoint import load, read_quantization_config
     from quipkit.layers.quantized_embedding import QuantizedEmbedding
     from quipkit.layers.quantized_linear import QuantizedLinear
@@ -86,17 +87,18 @@ def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, tokenizer_fro
     model, _ = load(folder)
     types = _ggml_types()
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    presets = ", ".join("gguf-" + kind for kind in (*FORMATS, *K_FORMATS))
     unreadable = [f"{name} ({m.codebook.name})" for name, m in blocks.items()
                   if not isinstance(m.codebook, GgmlBlocks) and not (m.codebook.name == "dense" and name == "lm_head")]
     if unreadable:
         fix = ("keep the head in bf16 (--head-bits 16)" if unreadable[0].startswith("lm_head ") else
-               f"GGUF takes {', '.join('gguf-' + kind for kind in FORMATS)}: quantize with one of them")
+               f"GGUF takes {presets}: quantize with one of them")
         raise QuipkitError(f"llama.cpp cannot read {unreadable[0]}{' and others' if len(unreadable) > 1 else ''}; "
                            f"{fix} to export to GGUF")
     formats = {m.codebook.type for m in blocks.values() if isinstance(m.codebook, GgmlBlocks)}
     if not formats:
         raise QuipkitError(f"{folder} has no layer in a llama.cpp format; quantize with one of "
-                           f"{', '.join('gguf-' + kind for kind in FORMATS)} to export to GGUF")
+                           f"{presets} to export to GGUF")
     main = max(formats, key=lambda t: sum(1 for m in blocks.values() if getattr(m.codebook, "type", None) == t))
 
     tmp = out.with_name(out.name + ".partial")

@@ -87,7 +87,7 @@ def _quantize_stack(
 ) -> list[tuple[QuantizedLinear, LayerRecord]]:
     start = time.perf_counter()
     names = list(linears)
-    codebook = make_codebook(cfg.codebook)
+    codebook = make_codebook(cfg.codebook).for_columns(linears[names[0]].in_features)
     transform = make_transform(cfg.transform)
     if codebook.target_rms is not None and not transform.scaled:
         raise QuipkitError(f"codebook '{codebook.name}' needs a transform (rht or kronecker), not identity")
