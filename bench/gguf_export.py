@@ -26,6 +26,9 @@ import numpy as np
 # CPU (every position, the first included; batches of up to 31 agree with transformers' GGUF reader to
 # llama.cpp's usual 0.5 logit), so windows are fed in micro-batches of 16 with the KV cache between them.
 SAFE_BATCH = 16
+# llama-quantize's name for the file type closest to a gguf-* method (Q4_K alone means Q4_K_M there,
+# which spends more bits on some layers)
+LLAMA_QUANTIZE_TYPE = {"q4_k": "Q4_K_S"}
 
 
 def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int = 2) -> float:
@@ -66,7 +69,7 @@ def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int = 2) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default="q4_0,iq4_nl", help="comma-separated: q4_0, q4_1, q8_0, iq4_nl")
+    parser.add_argument("--types", default="q4_0,iq4_nl", help="comma-separated: q4_0, q4_1, q8_0, iq4_nl, q4_k")
     parser.add_argument("--work", default="runs/gguf")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows of quipkit's rounding [128]")
@@ -103,7 +106,7 @@ def main() -> None:
         del model
         ours_in_llama = llama_cpp_perplexity(exported, windows, args.threads)
         same_weights_in_llama = llama_cpp_perplexity(held, windows, args.threads)
-        theirs = make_gguf(source_file, kind.upper(), work, None)
+        theirs = make_gguf(source_file, LLAMA_QUANTIZE_TYPE.get(kind, kind.upper()), work, None)
         theirs_in_llama = llama_cpp_perplexity(theirs, windows, args.threads)
         print(json.dumps({"bench": "gguf_export", "type": kind, "protocol": proto.name, "nsamples": args.nsamples,
                           "quipkit_ldlq_in_llama_cpp": ours_in_llama,
