@@ -5,7 +5,7 @@ same run, llama.cpp's own quantizer for the same type (llama-quantize on the sou
 quipkit's own evaluation of the same checkpoint (exported again with its bf16 embeddings as they are,
 so that both engines see the same weights and should agree).
 
-    python bench/gguf_export.py --types q4_0,iq4_nl [--work runs/gguf] [--nsamples 32]
+    python bench/gguf_export.py --types q4_0,iq4_nl [--work runs/gguf] [--nsamples 32] [--hessian-cache DIR]
 
 One JSON line per type.
 """
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/gguf")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows of quipkit's rounding [128]")
+    parser.add_argument("--hessian-cache", help="share calibration Hessians with other runs (quipkit quantize --hessian-cache)")
     args = parser.parse_args()
 
     import torch
@@ -95,8 +96,8 @@ def main() -> None:
         start = time.perf_counter()
         if not (folder / "config.json").is_file():  # kept between runs (an interrupted one resumes)
             subprocess.run([sys.executable, "-m", "quipkit.cli", "quantize", str(source_file), "--method",
-                            f"gguf-{kind}", "--out", str(folder), "--no-check", "--nsamples", str(args.nsamples)],
-                           check=True)
+                            f"gguf-{kind}", "--out", str(folder), "--no-check", "--nsamples", str(args.nsamples)]
+                           + (["--hessian-cache", args.hessian_cache] if args.hessian_cache else []), check=True)
         quantize_seconds = time.perf_counter() - start
         for path, embeddings in ((exported, "q8_0"), (held, "bf16")):
             subprocess.run([sys.executable, "-m", "quipkit.cli", "export", str(folder), "--out", str(path),
