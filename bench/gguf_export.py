@@ -27,8 +27,8 @@ import numpy as np
 # llama.cpp's usual 0.5 logit), so windows are fed in micro-batches of 16 with the KV cache between them.
 SAFE_BATCH = 16
 # llama-quantize's name for the file type closest to a gguf-* method (Q4_K alone means Q4_K_M there,
-# which spends more bits on some layers)
-LLAMA_QUANTIZE_TYPE = {"q4_k": "Q4_K_S"}
+# which spends more bits on some layers; likewise Q3_K)
+LLAMA_QUANTIZE_TYPE = {"q4_k": "Q4_K_S", "q3_k": "Q3_K_S"}
 
 
 def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int = 2) -> float:
@@ -69,7 +69,7 @@ def llama_cpp_perplexity(path: Path, windows: np.ndarray, threads: int = 2) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default="q4_0,iq4_nl", help="comma-separated: q4_0, q4_1, q8_0, iq4_nl, q4_k")
+    parser.add_argument("--types", default="q4_0,iq4_nl", help="comma-separated: q4_0, q4_1, q8_0, iq4_nl, q4_k, q3_k, q2_k")
     parser.add_argument("--work", default="runs/gguf")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows of quipkit's rounding [128]")

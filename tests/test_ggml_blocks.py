@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,11 +20,13 @@ from conftest import tiny_model
 from test_pipeline import CAL, _tokens
 
 TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
-         "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL, "q4_k": GGMLQuantizationType.Q4_K}
+         "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL, "q4_k": GGMLQuantizationType.Q4_K,
+         "q3_k": GGMLQuantizationType.Q3_K, "q2_k": GGMLQuantizationType.Q2_K}
+K_QUANTS = ("q4_k", "q3_k", "q2_k")
 
 
 def _codebook(block_type, clip=True):
-    return make_codebook({"name": "ggml_k" if block_type == "q4_k" else "ggml", "type": block_type, "clip": clip})
+    return make_codebook({"name": "ggml_k" if block_type in K_QUANTS else "ggml", "type": block_type, "clip": clip})
 
 
 def _weights(rows=24, cols=160, seed=0):
@@ -36,8 +40,8 @@ def _weights(rows=24, cols=160, seed=0):
 def test_stored_blocks_are_llama_cpp_bytes(block_type, clip):
     """llama.cpp's own dequantizer (the gguf package's) reads our bytes as the values we round to."""
     cb = _codebook(block_type, clip)
-    w = _weights(cols=512 if block_type == "q4_k" else 160)
-    if block_type == "q4_k":
+    w = _weights(cols=512 if block_type in K_QUANTS else 160)
+    if block_type in K_QUANTS:
         w[10, 256:] = 0.0  # an all-zero superblock
         w[11, :256] = w[11, :256].abs() + 0.01  # a superblock whose minima are all 0
     params = cb.fit(w)
@@ -82,18 +86,21 @@ def test_the_scale_search_spends_precision_where_the_importance_is(block_type):
     assert (importance * weighted.square()).sum() < (importance * plain.square()).sum()
 
 
-def test_q4_k_fits_as_well_as_q4_1_at_less_storage_and_rows_not_in_256s_get_iq4_nl():
-    """Q4_K's 6-bit block scales cost little over Q4_1's fp16 ones (4.5 bits per weight against 5)."""
+def test_k_quants_cost_what_llama_cpp_says_and_q4_k_fits_as_well_as_q4_1():
+    """Q4_K's 6-bit block scales cost little over Q4_1's fp16 ones (4.5 bits per weight against 5); each
+    k-quant's error grows as its bits fall; rows not in 256s get IQ4_NL."""
     w = _weights(rows=64, cols=512, seed=2)
     cols = torch.arange(512)
     errors = {}
-    for block_type in ("q4_k", "q4_1"):
+    for block_type in ("q4_1", *K_QUANTS):
         cb = _codebook(block_type)
         errors[block_type] = (cb.quantize(w, cb.fit(w), cols)[1] - w).square().sum()
     assert errors["q4_k"] < 1.1 * errors["q4_1"]
-    q4_k = _codebook("q4_k")
-    assert q4_k.storage(64, 512)["blocks"][0] == (64, 2 * 144)
-    assert q4_k.for_columns(512) is q4_k and q4_k.for_columns(576).spec() == {"name": "ggml", "type": "iq4_nl", "clip": True}
+    assert errors["q4_k"] < errors["q3_k"] < errors["q2_k"] < w.square().sum() / 5
+    for block_type, superblock_bytes in zip(K_QUANTS, (144, 110, 84)):  # 4.5, 3.4375, 2.625 bits per weight
+        cb = _codebook(block_type)
+        assert cb.storage(64, 512)["blocks"][0] == (64, 2 * superblock_bytes)
+        assert cb.for_columns(512) is cb and cb.for_columns(576).spec() == {"name": "ggml", "type": "iq4_nl", "clip": True}
 
 
 def test_a_row_not_in_blocks_of_32_is_refused_in_one_line():
@@ -105,31 +112,29 @@ def test_a_row_not_in_blocks_of_32_is_refused_in_one_line():
         make_codebook({"name": "ggml", "type": "q5_k"})
 
 
-@pytest.mark.parametrize("method", ["gguf-q4_0", "gguf-iq4_nl", "gguf-q4_k"])
+@pytest.mark.parametrize("method", ["gguf-q4_0", "gguf-iq4_nl", "gguf-q4_k", "gguf-q2_k"])
 def test_gguf_presets_round_through_the_hessian_better_than_nearest_and_load_back(tmp_path, method):
     tokens = _tokens()
     shape = {"intermediate_size": 256}  # down_proj's rows in 256s (Q4_K), the other layers' not (IQ4_NL)
     rounded = tiny_model(**shape)
-    report = quantize_blockwise(rounded, tokens, make_config(method, 4), CAL, torch.device("cpu"))
-    if method == "gguf-q4_k":
+    config = make_config(method, 2 if method == "gguf-q2_k" else 4)
+    report = quantize_blockwise(rounded, tokens, config, CAL, torch.device("cpu"))
+    if method.endswith("_k"):
         kinds = {name: m.codebook.spec()["type"] for name, m in rounded.named_modules()
                  if ".layers." in name and hasattr(m, "codebook")}
-        assert {kind for name, kind in kinds.items() if name.endswith("down_proj")} == {"q4_k"}
+        assert {kind for name, kind in kinds.items() if name.endswith("down_proj")} == {method[5:]}
         assert {kind for name, kind in kinds.items() if not name.endswith("down_proj")} == {"iq4_nl"}
     nearest = tiny_model(**shape)
-    nearest_report = quantize_blockwise(nearest, tokens, _nearest_config(method), CAL, torch.device("cpu"))
+    nearest_config = dataclasses.replace(config, rounding="nearest", act_order=False)
+    nearest_report = quantize_blockwise(nearest, tokens, nearest_config, CAL, torch.device("cpu"))
     ldlq = sum(r["proxy"] for r in report.layers)
     rtn = sum(r["proxy"] for r in nearest_report.layers)
     assert ldlq < 0.8 * rtn
-    bits = {r["bits"] for r in report.layers}
-    assert bits == {4.5}  # 18 bytes per 32 weights (144 per 256), as llama.cpp stores them
-    out = quipkit.save(rounded, None, tmp_path / "q", make_config(method, 4), CAL, {"layers": report.layers})
+    bits = {r["name"].rpartition(".")[2]: r["bits"] for r in report.layers}
+    # as llama.cpp stores them: 18 bytes per 32 weights (IQ4_NL, Q4_0), 144 per 256 (Q4_K), 84 (Q2_K)
+    assert bits == {**dict.fromkeys(bits, 4.5), **({"down_proj": 2.625} if method == "gguf-q2_k" else {})}
+    out = quipkit.save(rounded, None, tmp_path / "q", config, CAL, {"layers": report.layers})
     loaded, _ = quipkit.load(out)
     with torch.no_grad():
         assert torch.equal(loaded(tokens[:2]).logits, rounded(tokens[:2]).logits)
 
-
-def _nearest_config(method):
-    import dataclasses
-
-    return dataclasses.replace(make_config(method, 4), rounding="nearest", act_order=False)

@@ -33,15 +33,16 @@ def _source_gguf():
 
 def _checkpoint(folder, method="gguf-q4_0", tied=False, tokenizer=None, **shape):
     model = tiny_model(vocab_size=VOCAB, tie_word_embeddings=tied, **shape)
-    config = make_config(method, 4 if method != "gguf-q8_0" else 8)
+    config = make_config(method, {"gguf-q8_0": 8, "gguf-q3_k": 3, "gguf-q2_k": 2}.get(method, 4))
     report = quantize_blockwise(model, _tokens(vocab=VOCAB), config, CAL, torch.device("cpu"))
     return model, quipkit.save(model, tokenizer, folder, config, CAL, {"layers": report.layers})
 
 
-@pytest.mark.parametrize("method, tied", [("gguf-q4_0", True), ("gguf-q4_1", False), ("gguf-q4_k", False)])
+@pytest.mark.parametrize("method, tied", [("gguf-q4_0", True), ("gguf-q4_1", False), ("gguf-q4_k", False),
+                                          ("gguf-q3_k", True)])
 def test_exported_tensors_are_the_weights_quipkit_computes_with(tmp_path, method, tied):
-    # Q4_K: down_proj's rows are 256 long (Q4_K), the others' 64 (IQ4_NL in its place)
-    model, out = _checkpoint(tmp_path / "q", method, tied, intermediate_size=256 if method == "gguf-q4_k" else 128)
+    # k-quants: down_proj's rows are 256 long (the k-quant), the others' 64 (IQ4_NL in its place)
+    model, out = _checkpoint(tmp_path / "q", method, tied, intermediate_size=256 if method.endswith("_k") else 128)
     path = export_gguf(out, tmp_path / "model.gguf", _source_gguf(), embeddings="bf16")  # the same weights, exactly
     reader = GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
@@ -95,6 +96,6 @@ def test_cli_exports_and_refuses_what_llama_cpp_cannot_read(tmp_path, capsys):
     assert main(["export", str(other), "--out", str(tmp_path / "x.gguf")]) != 0
     err = capsys.readouterr().err
     assert "llama.cpp cannot read model.layers.0.self_attn.q_proj (e8p) and others" in err
-    assert "GGUF takes gguf-q4_0, gguf-q4_1, gguf-q8_0, gguf-iq4_nl, gguf-q4_k" in err
+    assert "GGUF takes gguf-q4_0, gguf-q4_1, gguf-q8_0, gguf-iq4_nl, gguf-q4_k, gguf-q3_k, gguf-q2_k" in err
     assert len(err.strip().splitlines()) == 2  # the "exporting" line and the one-line refusal
     assert not (tmp_path / "x.gguf").exists()

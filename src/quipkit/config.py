@@ -393,7 +393,8 @@ def _gguf_preset(block_type: str, bits: int, codebook: str = "ggml", blurb: str 
 
 for _type, _bits in (("q4_0", 4), ("q4_1", 4), ("q8_0", 8), ("iq4_nl", 4)):
     _gguf_preset(_type, _bits)
-_gguf_preset("q4_k", 4, "ggml_k", "superblocks of 256 (IQ4_NL where a row is not in 256s)")
+for _type, _bits in (("q4_k", 4), ("q3_k", 3), ("q2_k", 2)):
+    _gguf_preset(_type, _bits, "ggml_k", "superblocks of 256 (IQ4_NL where a row is not in 256s)")
 
 
 def default_bits(method: str) -> int:

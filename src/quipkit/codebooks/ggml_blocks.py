@@ -1,4 +1,4 @@
-"""llama.cpp's block formats (Q4_0, Q4_1, Q8_0, IQ4_NL, and the 256-wide Q4_K), as codebooks.
+"""llama.cpp's block formats (Q4_0, Q4_1, Q8_0, IQ4_NL, and the 256-wide k-quants Q4_K, Q3_K, Q2_K), as codebooks.
 
 Each row is cut into blocks of 32 weights; a block holds an fp16 scale d (Q4_1 also an fp16 minimum
 m) and one code per weight, and decodes to d * level[code] (+ m). The stored tensor is the blocks'
@@ -9,9 +9,10 @@ search around it under llama.cpp's importance weighting, with the Hessian's diag
 importance matrix); LDLQ then rounds against the real Hessian, which is what llama.cpp's own
 quantizers cannot do.
 
-Q4_K groups eight such blocks (each with a scale and a non-positive minimum) into a superblock of
-256 whose scales and minima are themselves 6-bit multiples of two fp16 superblock scales. A row whose
-length is not a multiple of 256 gets IQ4_NL instead (`for_columns`): the same 4.5 bits per weight.
+The k-quants group blocks (of 32 for Q4_K, 16 for Q3_K and Q2_K) into superblocks of 256 whose
+block scales (and non-positive minima) are themselves small integer multiples of fp16 superblock
+scales. A row whose length is not a multiple of 256 gets IQ4_NL instead (`for_columns`), as
+llama-quantize does for Q3_K and Q2_K (for Q4_K it picks Q5_0; IQ4_NL keeps Q4_K's 4.5 bits).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ class BlockFormat:
     # llama.cpp's scale: the block's largest magnitude onto the top level (Q8_0), or else its signed
     # extreme onto the end level of larger magnitude (Q4_0: -8, IQ4_NL: -127), so its sign is kept
     magnitude: bool = False
-    nonpositive_min: bool = False  # the minimum is clamped to <= 0 (Q4_K stores it as -dmin * m, m >= 0)
+    nonpositive_min: bool = False  # the minimum is clamped to <= 0 (k-quants store it as -dmin * m, m >= 0)
+    block: int = BLOCK  # weights sharing a scale
 
     @property
     def block_bytes(self) -> int:
-        return 2 * (2 if self.minimum else 1) + BLOCK * self.bits // 8
+        return 2 * (2 if self.minimum else 1) + self.block * self.bits // 8
 
 
 FORMATS = {
@@ -53,9 +55,16 @@ FORMATS = {
     "iq4_nl": BlockFormat(4, (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), False),
 }
 SUPER = 256  # weights per k-quant superblock
-SUPER_BLOCKS = SUPER // BLOCK
-K_FORMATS = {"q4_k": BlockFormat(4, tuple(range(16)), True, nonpositive_min=True)}
-K_FALLBACK = {"q4_k": "iq4_nl"}  # for rows not in 256s: a 32-block format of the same bits per weight
+K_FORMATS = {
+    "q4_k": BlockFormat(4, tuple(range(16)), True, nonpositive_min=True),
+    "q3_k": BlockFormat(3, tuple(range(-4, 4)), False, block=16),
+    "q2_k": BlockFormat(2, tuple(range(4)), True, nonpositive_min=True, block=16),
+}
+SCALE_STEPS = {"q4_k": (63, False), "q3_k": (32, True), "q2_k": (15, False)}  # the blocks' multiples of d (and dmin)
+SUPER_BYTES = {"q4_k": 144, "q3_k": 110, "q2_k": 84}
+# Rows not in 256s get a 32-block format: for Q4_K the same 4.5 bits per weight; for Q3_K and Q2_K
+# IQ4_NL too, as llama-quantize does (4.5 bits: no 32-block format has fewer than 4)
+K_FALLBACK = {"q4_k": "iq4_nl", "q3_k": "iq4_nl", "q2_k": "iq4_nl"}
 
 
 @register_codebook("ggml")
@@ -89,10 +98,11 @@ class GgmlBlocks(Codebook):
         formats), under llama.cpp's importance weights: `importance` x sqrt(2 mean(x^2) + x^2) per
         weight, so the columns the Hessian weighs most and the block's large weights count most."""
         rows, cols = weight.shape
-        blocks = weight.float().reshape(rows, cols // BLOCK, BLOCK)
-        weights = torch.sqrt(2 * blocks.square().mean(-1, keepdim=True) + blocks.square())  # [rows, blocks, BLOCK]
+        size = self.format.block
+        blocks = weight.float().reshape(rows, cols // size, size)
+        weights = torch.sqrt(2 * blocks.square().mean(-1, keepdim=True) + blocks.square())  # [rows, blocks, size]
         if importance is not None:
-            weights = weights * importance.float().to(weights.device).reshape(1, -1, BLOCK)
+            weights = weights * importance.float().to(weights.device).reshape(1, -1, size)
         low, high = self._levels[0].item(), self._levels[-1].item()
         if self.format.minimum:
             top, bottom = blocks.amax(-1), blocks.amin(-1)
@@ -145,11 +155,11 @@ class GgmlBlocks(Codebook):
         return value + shift if self.format.minimum else value
 
     def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
-        group = cols // BLOCK
+        group = cols // self.format.block
         return self._nearest(block, *self._broadcast(params, lambda v: v[:, group]))
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
-        group = torch.arange(codes.shape[1], device=codes.device) // BLOCK
+        group = torch.arange(codes.shape[1], device=codes.device) // self.format.block
         return self._value(codes.long(), *self._broadcast(params, lambda v: v[:, group]))
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
@@ -185,9 +195,11 @@ class GgmlBlocks(Codebook):
 
 @register_codebook("ggml_k")
 class GgmlSuperBlocks(GgmlBlocks):
-    """llama.cpp's Q4_K: per row, superblocks of 256 weights, each eight 32-weight blocks decoding to
-    (d * sc) * code - dmin * m with 6-bit sc, m per block and fp16 d, dmin per superblock (144 bytes:
-    d, dmin, 12 bytes of packed sc and m, 128 bytes of codes)."""
+    """llama.cpp's k-quants: per row, superblocks of 256 weights, each cut into blocks (8 of 32 for
+    Q4_K, 16 of 16 for Q3_K and Q2_K) whose scales (and minima) are integer multiples of fp16
+    superblock scales d (and dmin): Q4_K (d * sc) * code - dmin * m with 6-bit sc, m (144 bytes per
+    superblock); Q3_K (d * s) * level with signed 6-bit s, levels -4..3 (110 bytes); Q2_K like Q4_K
+    with 4-bit sc, m and 2-bit codes (84 bytes)."""
 
     formats = K_FORMATS
     span = SUPER
@@ -196,59 +208,134 @@ class GgmlSuperBlocks(GgmlBlocks):
         return self if cols % SUPER == 0 else GgmlBlocks(K_FALLBACK[self.type], self.clip)
 
     def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
-        """Each block's scale and minimum as for Q4_1 (searched under the importance), then rounded to
-        the superblock's 6-bit grids: d = largest scale / 63, dmin = largest -minimum / 63, in fp16."""
+        """Each block's scale (and minimum) searched as for the 32-block formats, then rounded to the
+        superblock's grid of multiples: d = largest scale / steps (Q3_K: the signed scale of largest
+        magnitude / -32), dmin = largest -minimum / steps, both fp16."""
         rows, cols = weight.shape
         blocks = super().fit(weight, importance)
-        scale = blocks["scale"].reshape(rows, cols // SUPER, SUPER_BLOCKS)
-        lift = (-blocks["min"]).clamp_min(0.0).reshape(scale.shape)
-        d = (scale.amax(-1) / 63).half().float()  # [rows, superblocks]
-        dmin = (lift.amax(-1) / 63).half().float()
-        sc, m = _six_bits(scale, d), _six_bits(lift, dmin)
-        # d (fp16) times an integer below 64 is exact in float32: pack recovers sc and m exactly
-        return {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1),
-                "d": d, "dmin": dmin}
+        per_super = (rows, cols // SUPER, SUPER // self.format.block)
+        d, sc = _multiples(blocks["scale"].reshape(per_super), *SCALE_STEPS[self.type])
+        params = {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "d": d}
+        if self.format.minimum:
+            dmin, m = _multiples((-blocks["min"]).clamp_min(0.0).reshape(per_super), *SCALE_STEPS[self.type])
+            params.update({"min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1), "dmin": dmin})
+        # an fp16 unit times an integer below 64 is exact in float32: pack recovers the multiples exactly
+        return params
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
         rows, cols = codes.shape
-        supers = cols // SUPER
-        d, dmin = params["d"], params["dmin"]
-        sc = _six_bits(params["scale"].reshape(rows, supers, SUPER_BLOCKS), d).to(torch.int32)
-        m = _six_bits(-params["min"].reshape(rows, supers, SUPER_BLOCKS), dmin).to(torch.int32)
-        # blocks 0-3 in the low 6 bits of bytes 0-3 (sc) and 4-7 (m); blocks 4-7's low 4 bits in bytes
-        # 8-11 (sc low nibble, m high nibble) and their top 2 bits in the top bits of bytes 0-7
-        packed = torch.cat([sc[..., :4] | (sc[..., 4:] >> 4) << 6, m[..., :4] | (m[..., 4:] >> 4) << 6,
-                            (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4], -1)
-        pairs = codes.reshape(rows, supers, SUPER_BLOCKS // 2, 2, BLOCK)  # two blocks share 32 bytes: low, high nibble
-        nibbles = (pairs[..., 0, :] | pairs[..., 1, :] << 4).reshape(rows, supers, SUPER // 2)
-        parts = [d.half().unsqueeze(-1).view(torch.uint8), dmin.half().unsqueeze(-1).view(torch.uint8),
-                 packed.to(torch.uint8), nibbles.to(torch.uint8)]
-        return {"blocks": torch.cat(parts, -1).reshape(rows, -1)}
+        per_super = (rows, cols // SUPER, SUPER // self.format.block)
+        sc = _ratio(params["scale"].reshape(per_super), params["d"])
+        m = _ratio(-params["min"].reshape(per_super), params["dmin"]) if self.format.minimum else None
+        data = _LAYOUTS[self.type][0](codes.reshape(rows, -1, SUPER), sc, m, params["d"], params.get("dmin"))
+        return {"blocks": data.to(torch.uint8).reshape(rows, -1)}
 
     def unpack(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Params]:
-        supers = cols // SUPER
-        blocks = stored["blocks"].reshape(rows, supers, self._super_bytes)
-        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
-        dmin = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-        packed = blocks[..., 4:16].to(torch.int32)
-        low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
-        sc = torch.cat([low & 63, (high & 15) | (low >> 6) << 4], -1)
-        m = torch.cat([mid & 63, (high >> 4) | (mid >> 6) << 4], -1)
-        data = blocks[..., 16:].to(torch.int32).reshape(rows, supers, SUPER_BLOCKS // 2, BLOCK)
-        codes = torch.stack([data & 15, data >> 4], -2).reshape(rows, cols)
-        params = {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1),
-                  "d": d, "dmin": dmin}
-        return codes, params
-
-    @property
-    def _super_bytes(self) -> int:
-        return 4 + 12 + SUPER * self.format.bits // 8
+        data = stored["blocks"].reshape(rows, cols // SUPER, SUPER_BYTES[self.type])
+        codes, sc, m, d, dmin = _LAYOUTS[self.type][1](data)
+        params = {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "d": d}
+        if self.format.minimum:
+            params.update({"min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1), "dmin": dmin})
+        return codes.reshape(rows, cols), params
 
     def storage(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"blocks": ((rows, cols // SUPER * self._super_bytes), torch.uint8)}
+        return {"blocks": ((rows, cols // SUPER * SUPER_BYTES[self.type]), torch.uint8)}
 
 
-def _six_bits(values: Tensor, unit: Tensor) -> Tensor:
-    """values [..., k] as multiples 0..63 of unit [...] (0 where the unit is 0), as float."""
+def _multiples(values: Tensor, steps: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """values [..., k] -> (unit [...] in fp16, multiples [..., k] as float): 0..steps of a unit that
+    puts the largest value on `steps`, or (signed) -steps..steps-1 of one that puts the value of
+    largest magnitude on -steps."""
+    if signed:
+        extreme = values.gather(-1, values.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        unit, low, high = (extreme / -steps).half().float(), -steps, steps - 1
+    else:
+        unit, low, high = (values.amax(-1) / steps).half().float(), 0, steps
+    return unit, _ratio(values, unit).clamp(low, high)
+
+
+def _ratio(values: Tensor, unit: Tensor) -> Tensor:
+    """values [..., k] / unit [...] rounded (0 where the unit is 0)."""
     unit = unit.unsqueeze(-1)
-    return torch.where(unit > 0, values / torch.where(unit > 0, unit, 1.0), 0.0).round().clamp(0, 63)
+    return torch.where(unit != 0, values / torch.where(unit != 0, unit, 1.0), 0.0).round()
+
+
+def _half_bytes(x: Tensor) -> Tensor:
+    """fp16 values [...] -> their bytes [..., 2] as int32."""
+    return x.half().unsqueeze(-1).view(torch.uint8).to(torch.int32)
+
+
+def _half_from(data: Tensor) -> Tensor:
+    """Bytes [..., 2] -> the fp16 values they hold, as float32 [...]."""
+    return data.to(torch.uint8).contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _crumbs(codes: Tensor) -> Tensor:
+    """2-bit codes [..., 256] -> 64 bytes: byte 32 h + b holds weights 128 h + 32 j + b at bits 2 j."""
+    c = codes.reshape(*codes.shape[:-1], 2, 4, 32)
+    return (c[..., 0, :] | c[..., 1, :] << 2 | c[..., 2, :] << 4 | c[..., 3, :] << 6).reshape(*codes.shape[:-1], 64)
+
+
+def _from_crumbs(data: Tensor) -> Tensor:
+    d = data.reshape(*data.shape[:-1], 2, 1, 32)
+    return ((d >> (2 * torch.arange(4).reshape(4, 1))) & 3).reshape(*data.shape[:-1], SUPER)
+
+
+def _pack_q4_k(codes, sc, m, d, dmin):
+    """d, dmin, 12 bytes of 6-bit sc and m (blocks 0-3 in the low 6 bits of bytes 0-3 (sc) and 4-7 (m);
+    blocks 4-7's low 4 bits in bytes 8-11, sc low nibble and m high, their top 2 bits in the top bits
+    of bytes 0-7), then codes: two blocks share 32 bytes, low and high nibble."""
+    sc, m = sc.to(torch.int32), m.to(torch.int32)
+    scales = torch.cat([sc[..., :4] | (sc[..., 4:] >> 4) << 6, m[..., :4] | (m[..., 4:] >> 4) << 6,
+                        (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4], -1)
+    pairs = codes.reshape(*codes.shape[:-1], 4, 2, 32)
+    nibbles = (pairs[..., 0, :] | pairs[..., 1, :] << 4).flatten(-2)
+    return torch.cat([_half_bytes(d), _half_bytes(dmin), scales, nibbles], -1)
+
+
+def _unpack_q4_k(data):
+    data = data.to(torch.int32)
+    low, mid, high = data[..., 4:8], data[..., 8:12], data[..., 12:16]
+    sc = torch.cat([low & 63, (high & 15) | (low >> 6) << 4], -1)
+    m = torch.cat([mid & 63, (high >> 4) | (mid >> 6) << 4], -1)
+    nibbles = data[..., 16:].reshape(*data.shape[:-1], 4, 1, 32)
+    codes = torch.cat([nibbles & 15, nibbles >> 4], -2).flatten(-3)
+    return codes, sc, m, _half_from(data[..., 0:2]), _half_from(data[..., 2:4])
+
+
+def _pack_q3_k(codes, sc, m, d, dmin):
+    """32 bytes of high bits (weight 128 h + 32 j + b at bit 4 h + j of byte b), 64 bytes of low 2 bits,
+    12 bytes of the 16 signed scales + 32 (low nibbles in bytes 0-7, scales 8-15 in the high halves;
+    top 2 bits of scale 4 i + k at bits 2 i of byte 8 + k), then d."""
+    codes = codes.to(torch.int32)
+    high = (codes >> 2).reshape(*codes.shape[:-1], 8, 32) << torch.arange(8).reshape(8, 1)
+    u = (sc + 32).to(torch.int32)
+    tops = (u >> 4).reshape(*u.shape[:-1], 4, 4) << (2 * torch.arange(4).reshape(4, 1))
+    scales = torch.cat([(u[..., :8] & 15) | (u[..., 8:] & 15) << 4, tops.sum(-2)], -1)
+    return torch.cat([high.sum(-2), _crumbs(codes & 3), scales, _half_bytes(d)], -1)
+
+
+def _unpack_q3_k(data):
+    data = data.to(torch.int32)
+    high = (data[..., :32].unsqueeze(-2) >> torch.arange(8).reshape(8, 1)) & 1  # [..., 8, 32]: (4 h + j, b)
+    codes = _from_crumbs(data[..., 32:96]) | high.flatten(-2) << 2
+    scales = data[..., 96:108]
+    low = torch.cat([scales[..., :8] & 15, scales[..., :8] >> 4], -1)
+    tops = (scales[..., 8:12].unsqueeze(-2) >> (2 * torch.arange(4).reshape(4, 1))) & 3  # [..., 4 i, k]
+    return codes, (low | tops.flatten(-2) << 4) - 32, None, _half_from(data[..., 108:110]), None
+
+
+def _pack_q2_k(codes, sc, m, d, dmin):
+    """16 bytes of 4-bit scale (low nibble) and minimum (high), 64 bytes of 2-bit codes, then d, dmin."""
+    scales = sc.to(torch.int32) | m.to(torch.int32) << 4
+    return torch.cat([scales, _crumbs(codes.to(torch.int32)), _half_bytes(d), _half_bytes(dmin)], -1)
+
+
+def _unpack_q2_k(data):
+    data = data.to(torch.int32)
+    scales = data[..., :16]
+    return (_from_crumbs(data[..., 16:80]), scales & 15, scales >> 4, _half_from(data[..., 80:82]),
+            _half_from(data[..., 82:84]))
+
+
+_LAYOUTS = {"q4_k": (_pack_q4_k, _unpack_q4_k), "q3_k": (_pack_q3_k, _unpack_q3_k), "q2_k": (_pack_q2_k, _unpack_q2_k)}

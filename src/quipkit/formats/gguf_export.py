@@ -40,7 +40,9 @@ def _ggml_types() -> dict[str, Any]:
             "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
             "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
             "iq4_nl": (GGMLQuantizationType.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
-            "q4_k": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S)}
+            "q4_k": (GGMLQuantizationType.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+            "q3_k": (GGMLQuantizationType.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+            "q2_k": (GGMLQuantizationType.Q2_K, LlamaFileType.MOSTLY_Q2_K)}
 
 
 def gguf_name(name: str) -> str:
