@@ -97,12 +97,7 @@ class GgmlBlocks(Codebook):
         slight stretches), each also refit by weighted least squares to the codes it rounds to (scale
         formats), under llama.cpp's importance weights: `importance` x sqrt(2 mean(x^2) + x^2) per
         weight, so the columns the Hessian weighs most and the block's large weights count most."""
-        rows, cols = weight.shape
-        size = self.format.block
-        blocks = weight.float().reshape(rows, cols // size, size)
-        weights = torch.sqrt(2 * blocks.square().mean(-1, keepdim=True) + blocks.square())  # [rows, blocks, size]
-        if importance is not None:
-            weights = weights * importance.float().to(weights.device).reshape(1, -1, size)
+        blocks, weights = self._weighted_blocks(weight, importance)
         low, high = self._levels[0].item(), self._levels[-1].item()
         if self.format.minimum:
             top, bottom = blocks.amax(-1), blocks.amin(-1)
@@ -114,8 +109,22 @@ class GgmlBlocks(Codebook):
         else:
             extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
             base = {"scale": extreme / (low if abs(low) >= abs(high) else high)}
+        return self._best(blocks, weights, self._candidates(blocks, weights, base))
+
+    def _weighted_blocks(self, weight: Tensor, importance: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The weight as blocks [rows, blocks, size] and each weight's importance in the same shape."""
+        rows, cols = weight.shape
+        size = self.format.block
+        blocks = weight.float().reshape(rows, cols // size, size)
+        weights = torch.sqrt(2 * blocks.square().mean(-1, keepdim=True) + blocks.square())
+        if importance is not None:
+            weights = weights * importance.float().to(weights.device).reshape(1, -1, size)
+        return blocks, weights
+
+    def _best(self, blocks: Tensor, weights: Tensor, candidates) -> Params:
+        """Per block, the candidate parameters whose nearest rounding has the least weighted error."""
         best, best_err = None, None
-        for params in self._candidates(blocks, weights, base):
+        for params in candidates:
             err = (weights * (self._nearest(blocks, *self._broadcast(params, lambda v: v.unsqueeze(-1)))[1]
                               - blocks).square()).sum(-1)
             if best is None:
@@ -208,19 +217,32 @@ class GgmlSuperBlocks(GgmlBlocks):
         return self if cols % SUPER == 0 else GgmlBlocks(K_FALLBACK[self.type], self.clip)
 
     def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
-        """Each block's scale (and minimum) searched as for the 32-block formats, then rounded to the
+        """Each block's scale (and minimum) searched as for the 32-block formats, then put on the
         superblock's grid of multiples: d = largest scale / steps (Q3_K: the signed scale of largest
-        magnitude / -32), dmin = largest -minimum / steps, both fp16."""
+        magnitude / -32), dmin = largest -minimum / steps, both fp16; with `clip` each block then takes
+        the best of the multiples next to its own (one below, nearest, one above; for the minimum too)."""
         rows, cols = weight.shape
-        blocks = super().fit(weight, importance)
+        steps, signed = SCALE_STEPS[self.type]
         per_super = (rows, cols // SUPER, SUPER // self.format.block)
-        d, sc = _multiples(blocks["scale"].reshape(per_super), *SCALE_STEPS[self.type])
-        params = {"scale": (d.unsqueeze(-1) * sc).reshape(rows, -1), "d": d}
-        if self.format.minimum:
-            dmin, m = _multiples((-blocks["min"]).clamp_min(0.0).reshape(per_super), *SCALE_STEPS[self.type])
-            params.update({"min": -(dmin.unsqueeze(-1) * m).reshape(rows, -1), "dmin": dmin})
-        # an fp16 unit times an integer below 64 is exact in float32: pack recovers the multiples exactly
-        return params
+        free = super().fit(weight, importance)
+        d, sc = _multiples(free["scale"].reshape(per_super), steps, signed)
+        dmin, m = (_multiples((-free["min"]).clamp_min(0.0).reshape(per_super), steps, False)
+                   if self.format.minimum else (None, None))
+
+        low, high = _multiple_range(steps, signed)
+        moves = (0, -1, 1) if self.clip else (0,)
+
+        def candidates():
+            # an fp16 unit times an integer below 64 is exact in float32: pack recovers the multiples
+            for step in moves:
+                for min_step in moves if self.format.minimum else (0,):
+                    params = {"scale": (d.unsqueeze(-1) * (sc + step).clamp(low, high)).flatten(1)}
+                    if self.format.minimum:
+                        params["min"] = -(dmin.unsqueeze(-1) * (m + min_step).clamp(0, steps)).flatten(1)
+                    yield params
+
+        best = self._best(*self._weighted_blocks(weight, importance), candidates())
+        return {**best, "d": d, **({"dmin": dmin} if self.format.minimum else {})}
 
     def pack(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
         rows, cols = codes.shape
@@ -248,10 +270,14 @@ def _multiples(values: Tensor, steps: int, signed: bool) -> tuple[Tensor, Tensor
     largest magnitude on -steps."""
     if signed:
         extreme = values.gather(-1, values.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        unit, low, high = (extreme / -steps).half().float(), -steps, steps - 1
+        unit = (extreme / -steps).half().float()
     else:
-        unit, low, high = (values.amax(-1) / steps).half().float(), 0, steps
-    return unit, _ratio(values, unit).clamp(low, high)
+        unit = (values.amax(-1) / steps).half().float()
+    return unit, _ratio(values, unit).clamp(*_multiple_range(steps, signed))
+
+
+def _multiple_range(steps: int, signed: bool) -> tuple[int, int]:
+    return (-steps, steps - 1) if signed else (0, steps)
 
 
 def _ratio(values: Tensor, unit: Tensor) -> Tensor:
