@@ -144,3 +144,30 @@ def test_icquant_with_table_inliers_round_trips_and_beats_its_grid():
     assert layer.levels.shape == (w.shape[0], 4) and table.bits == pytest.approx(layer.stored_bits() / w.numel())
     with pytest.raises(QuipkitError, match="has no groups"):
         make_codebook({"name": "icquant", "bits": 2, "inliers": "table", "group_size": 64})
+
+
+def test_hessian_saliency_picks_what_the_hessian_weighs_and_costs_less_there():
+    """Outliers by |w| sqrt(H_jj): each row's top scores (checked row by row), so the columns the Hessian
+    weighs heavily hold most outliers; the mask survives storage. (Whether it rounds better is measured on
+    the reference model: here, nearest rounding's weighted error rises, as the largest weights then widen
+    the inlier grid.)"""
+    w = _heavy_tailed(rows=32, cols=320, seed=3)
+    h = torch.ones(320)
+    h[::10] = 400.0  # every tenth column costs 400x more
+    codebook = make_codebook({"name": "icquant", "bits": 2, "ratio": 0.05, "saliency": "hessian"})
+    params = codebook.fit(w, h)
+    k = round(0.05 * 320)
+    score = w.abs() * h.sqrt()
+    for row in range(w.shape[0]):
+        chosen = set(params["mask"][row].nonzero().flatten().tolist())
+        assert chosen == set(score[row].argsort(descending=True)[:k].tolist())
+    heavy = torch.zeros(320, dtype=torch.bool)
+    heavy[::10] = True
+    assert params["mask"][:, heavy].float().mean() > 5 * params["mask"][:, ~heavy].float().mean()
+    cols = torch.arange(320)
+    stored = codebook.pack(*codebook.quantize(w, params, cols)[:1], params)
+    spec = codebook.packed_spec(stored)
+    assert spec["saliency"] == "hessian"
+    assert torch.equal(make_codebook(spec).unpack(stored, *w.shape)[1]["mask"], params["mask"])
+    with pytest.raises(QuipkitError, match="'magnitude' or 'hessian'"):
+        make_codebook({"name": "icquant", "bits": 2, "saliency": "size"})

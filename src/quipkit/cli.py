@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "outlier_ratio", "inliers", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
+                "trellis_code", "L", "outlier_ratio", "inliers", "saliency", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -700,6 +700,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--inliers", choices=("grid", "table"),
                    help="icquant: inliers on an even grid per row, or on a per-row table of levels fit by k-means "
                    "weighted by the Hessian's diagonal (ICQuant^SK) [grid]")
+    g.add_argument("--saliency", choices=("magnitude", "hessian"),
+                   help="icquant: outliers are each row's largest |w|, or largest |w| sqrt(H_jj) [magnitude]")
     g.add_argument("--rank", type=int, help="caldera: rank of the low-rank term L R [64]")
     g.add_argument("--lr-bits", type=int, help="caldera: bits of L and R's grid (groups of 64), 16 = bf16 [4]")
     g.add_argument("--outer-iters", type=int, help="caldera: rounds of Q <- LDLQ(W - L R), L R <- fit(W - Q) [3]")

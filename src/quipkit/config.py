@@ -353,16 +353,18 @@ def _caldera(bits: int, rank: int = 64, lr_bits: int = 4, lr_group_size: int = 6
 @register_method("icquant", (2, 3, 4), "ICQuant: each row's largest weights (`outlier_ratio`) on a grid of their "
                  "own, their positions index-coded (~0.3 bits at 5%), LDLQ through the Hessian")
 def _icquant(bits: int, outlier_ratio: float = 0.05, clip: bool = True, sequential: bool = True,
-             inliers: str = "grid", **options: Any) -> QuantConfig:
+             inliers: str = "grid", saliency: str = "magnitude", **options: Any) -> QuantConfig:
     """No transform: an incoherence transform spreads the outliers out, which is the opposite of what
     the split grid is for. `inliers="table"`: per-row levels by k-means weighted by the Hessian's
-    diagonal (ICQuant^SK) instead of the even grid. `gptq --outlier-ratio R` is the same split on
-    GPTQ's grouped grid."""
+    diagonal (ICQuant^SK) instead of the even grid. `saliency="hessian"`: outliers by |w| sqrt(H_jj).
+    `gptq --outlier-ratio R` is the same split on GPTQ's grouped grid."""
     codebook = {"name": "icquant", "bits": bits, "ratio": outlier_ratio, "clip": clip}
+    codebook.update({"inliers": inliers} if inliers != "grid" else {})
+    codebook.update({"saliency": saliency} if saliency != "magnitude" else {})
     return QuantConfig(
         method="icquant",
         bits=bits,
-        codebook=codebook if inliers == "grid" else {**codebook, "inliers": inliers},
+        codebook=codebook,
         transform={"name": "identity"},
         rounding="ldlq",
         sequential=sequential,

@@ -8,7 +8,8 @@ over theirs, one per row: a sign bit and 2^(b-1)
 magnitudes evenly from the row's smallest outlier magnitude to its largest. Every weight keeps one
 b-bit code; which grid it reads is the outlier mask, stored as the gap code of `outlier_positions`
 (its first byte the symbol width, chosen per matrix). The mask is fixed by `fit`, before rounding, so
-LDLQ rounds each weight on its class's grid through the Hessian as usual.
+LDLQ rounds each weight on its class's grid through the Hessian as usual. `saliency="hessian"` picks
+each row's outliers by |w| sqrt(H_jj) (what an error in them costs) instead of by |w|.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class OutlierSplitGrid(Codebook):
     dim = 1
 
     def __init__(self, bits: int, ratio: float = 0.05, clip: bool = True, group_size: int | None = None,
-                 index_bytes: int | None = None, inliers: str = "grid") -> None:
+                 index_bytes: int | None = None, inliers: str = "grid", saliency: str = "magnitude") -> None:
         if not 2 <= bits <= 8:
             raise QuipkitError(f"icquant needs 2 to 8 bits (a sign bit and magnitude bits for outliers), got {bits}")
         if not 0.0 <= ratio < 1.0:
@@ -46,7 +47,9 @@ class OutlierSplitGrid(Codebook):
             raise QuipkitError(f"icquant's inliers are on a 'grid' or a 'table', not {inliers!r}")
         if inliers == "table" and group_size is not None:
             raise QuipkitError("icquant's per-row table has no groups; drop group_size or use inliers='grid'")
-        self.inlier_kind = inliers
+        if saliency not in ("magnitude", "hessian"):
+            raise QuipkitError(f"icquant picks outliers by 'magnitude' or 'hessian' saliency, not {saliency!r}")
+        self.inlier_kind, self.saliency = inliers, saliency
         self.inliers = GroupGrid(bits, group_size=group_size or WHOLE_ROW, clip=clip) if inliers == "grid" \
             else RowTable(bits)
         self.magnitudes = 1 << (bits - 1)
@@ -55,6 +58,8 @@ class OutlierSplitGrid(Codebook):
         spec = {"name": self.name, "bits": self.bits, "ratio": self.ratio, "clip": self.clip, "group_size": self.group_size}
         if self.inlier_kind != "grid":
             spec["inliers"] = self.inlier_kind
+        if self.saliency != "magnitude":
+            spec["saliency"] = self.saliency
         return spec if self.index_bytes is None else {**spec, "index_bytes": self.index_bytes}
 
     def packed_spec(self, stored: dict[str, Tensor]) -> dict[str, Any]:
@@ -64,15 +69,19 @@ class OutlierSplitGrid(Codebook):
         """Outliers in each row of `cols` weights."""
         return round(self.ratio * cols)
 
-    def outlier_mask(self, weight: Tensor) -> Tensor:
-        """bool [rows, cols]: each row's `outliers(cols)` largest magnitudes of `weight` [rows, cols]."""
+    def outlier_mask(self, weight: Tensor, importance: Tensor | None = None) -> Tensor:
+        """bool [rows, cols]: each row's `outliers(cols)` most salient weights of `weight` [rows, cols]:
+        largest |w|, or with hessian saliency largest |w| sqrt(importance) (importance [cols]: H's diagonal)."""
+        score = weight.abs()
+        if self.saliency == "hessian" and importance is not None:
+            score = score * importance.float().to(score.device).clamp_min(0.0).sqrt()
         mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-        return mask.scatter_(1, weight.abs().topk(self.outliers(weight.shape[1]), dim=1).indices, True)
+        return mask.scatter_(1, score.topk(self.outliers(weight.shape[1]), dim=1).indices, True)
 
     def fit(self, weight: Tensor, importance: Tensor | None = None) -> Params:
-        """The outlier mask (each row's largest magnitudes) and both grids of every row."""
+        """The outlier mask (each row's most salient weights) and both grids of every row."""
         w = weight.float()
-        mask = self.outlier_mask(w)
+        mask = self.outlier_mask(w, importance)
         if self.inlier_kind == "table":  # k-means over the inliers only, each counted by its column's importance
             params = self.inliers.fit(w, importance, counted=~mask)
         else:  # zero lies inside every grid's range and rounds to itself: outliers set to 0 change nothing
