@@ -57,6 +57,11 @@ class Codebook(ABC):
         for codebooks whose parameters are searched."""
         return {}
 
+    def refit(self, codes: Tensor, params: Params, weight: Tensor, hessian: Tensor) -> Params:
+        """Parameters fit again to the rounded `codes` of `weight` [m, n] through `hessian` [n, n], for a
+        codebook whose values are linear in its parameters; the same object when there is nothing to fit."""
+        return params
+
     @abstractmethod
     def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
         """Round `block` [m, dim] (columns `cols` [dim] of the matrix) -> (codes [m / row_block, 1, ...], values [m, dim])."""

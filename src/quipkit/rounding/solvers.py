@@ -64,7 +64,18 @@ def solve(name: str, problem: Problem) -> Solution:
         raise QuipkitError(f"unknown rounding '{name}'; choose one of {', '.join(SOLVERS)}")
     if problem.hessian is not None and problem.hessian.dim() == 3:
         return _by_row_groups(name, problem)
-    return SOLVERS[name](problem)
+    return _refit(problem, SOLVERS[name](problem))
+
+
+def _refit(problem: Problem, solution: Solution) -> Solution:
+    """The codebook's parameters fit again to the chosen codes through the Hessian, for codebooks that
+    can (llama.cpp's block scales); the values follow."""
+    if problem.hessian is None or solution.low_rank:
+        return solution
+    params = problem.codebook.refit(solution.codes, solution.params, problem.target, problem.hessian)
+    if params is solution.params:
+        return solution
+    return replace(solution, params=params, values=problem.codebook.decode(solution.codes, params))
 
 
 def _by_row_groups(name: str, problem: Problem) -> Solution:
@@ -80,8 +91,8 @@ def _by_row_groups(name: str, problem: Problem) -> Solution:
         cut = slice(g * step, (g + 1) * step)
         params = {k: v[cut] if k in per_row else v for k, v in problem.params.items()}
         order = torch.argsort(torch.diagonal(problem.hessian[g]), descending=True) if problem.order is not None else None
-        parts.append(SOLVERS[name](replace(problem, target=problem.target[cut], hessian=problem.hessian[g],
-                                           params=params, order=order, sizes=[step])))
+        parts.append(solve(name, replace(problem, target=problem.target[cut], hessian=problem.hessian[g],
+                                         params=params, order=order, sizes=[step])))
     joined = {k: torch.cat([part.params[k] for part in parts]) if k in per_row else parts[0].params[k]
               for k in parts[0].params}
     return Solution(torch.cat([p.codes for p in parts]), torch.cat([p.values for p in parts]), joined,
