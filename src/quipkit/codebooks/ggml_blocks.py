@@ -151,7 +151,7 @@ class GgmlBlocks(Codebook):
         for r0 in range(0, rows, step):
             part = slice(r0, min(rows, r0 + step))
             w = weight[part].float()
-            q = self._levels.to(w.device)[codes[part].long()].reshape(-1, blocks, size)
+            q = self.levels(codes[part]).reshape(-1, blocks, size)
             hq = torch.einsum("bicj,rcj->rbic", h_blocks, q)  # [r, blocks, size, blocks]: H's block rows times q
             wh = (w @ h).reshape(-1, blocks, size)
             system = torch.einsum("rbi,rbic->rbc", q, hq)  # [r, blocks, blocks]
@@ -199,6 +199,10 @@ class GgmlBlocks(Codebook):
         t = torch.where(scale == 0, 0.0, (x - shift) / torch.where(scale == 0, 1.0, scale))
         codes = torch.bucketize(t, self._edges.to(x.device))
         return codes.to(torch.int32), self._value(codes, scale, shift)
+
+    def levels(self, codes: Tensor) -> Tensor:
+        """The integer level each code stands for, as float32 (same shape as `codes`)."""
+        return self._levels.to(codes.device)[codes.long()]
 
     def _value(self, codes: Tensor, scale: Tensor, shift: Tensor | float) -> Tensor:
         """d * level[code] (+ m): the same arithmetic as llama.cpp's dequantization."""

@@ -119,26 +119,74 @@ class DecodedLinear(nn.Module):
             layer.bias.data.copy_(self.bias.detach())
 
 
+class DecodedBlockScales(nn.Module):
+    """A layer in one of llama.cpp's 32-block formats while it trains: W = level[code] * scale (+ minimum)
+    per block of 32 weights, the levels [out, blocks, 32] frozen and each block's fp16 scale (and
+    minimum) trainable in float32, as QuIP# trains its codebook scales."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        codebook = layer.codebook
+        rows, cols = layer.out_features, layer.in_features
+        codes, params = codebook.unpack(layer.codebook_tensors(), rows, cols)
+        self.register_buffer("codes", codes)
+        self.register_buffer("levels", codebook.levels(codes).reshape(rows, -1, codebook.format.block))
+        self.scale = nn.Parameter(params["scale"].float().clone())
+        self.min = nn.Parameter(params["min"].float().clone()) if "min" in params else None
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.levels * self.scale.unsqueeze(-1)
+        if self.min is not None:
+            weight = weight + self.min.unsqueeze(-1)
+        y = x @ weight.flatten(1).to(x.dtype).t()
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def write_back(self, layer: QuantizedLinear) -> None:
+        """Store the trained scales in `layer`'s blocks (fp16, as llama.cpp reads them)."""
+        params = {"scale": self.scale.detach().half().float(), **({"min": self.min.detach().half().float()}
+                                                                   if self.min is not None else {})}
+        for name, tensor in layer.codebook.pack(self.codes, params).items():
+            setattr(layer, name, tensor.to(getattr(layer, name).device))
+        if self.bias is not None:
+            layer.bias.data.copy_(self.bias.detach())
+
+
+def _training_form(module: nn.Module) -> nn.Module | None:
+    """The trainable stand-in of a quantized layer (DecodedLinear, DecodedBlockScales), or None."""
+    from quipkit.codebooks.ggml_blocks import GgmlBlocks
+
+    if not isinstance(module, QuantizedLinear):
+        return None
+    if module.transform.name == "rht":
+        return DecodedLinear(module)
+    if type(module.codebook) is GgmlBlocks and module.low_rank is None:  # not the k-quants' tied scales
+        return DecodedBlockScales(module)
+    return None
+
+
 def _is_norm(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return isinstance(module, nn.LayerNorm) or name.endswith("rmsnorm") or name.endswith("layernorm")
 
 
 class _Trainable:
-    """The model prepared for training: quantized RHT layers swapped for DecodedLinear, every parameter
-    frozen but theirs and the norms'. `restore()` writes the vectors back, puts the layers back and
-    gives every parameter its former requires_grad."""
+    """The model prepared for training: quantized RHT layers swapped for DecodedLinear (llama.cpp block
+    formats for DecodedBlockScales), every parameter frozen but theirs and the norms'. `restore()`
+    writes the trained values back, puts the layers back and gives every parameter its former
+    requires_grad."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.swapped: dict[str, tuple[QuantizedLinear, DecodedLinear]] = {}
+        self.swapped: dict[str, tuple[QuantizedLinear, DecodedLinear | DecodedBlockScales]] = {}
         self.wanted_grad = {p: p.requires_grad for p in model.parameters()}  # given back by restore()
         for p in model.parameters():
             p.requires_grad_(False)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear) and module.transform.name == "rht" and module is not head:
-                decoded = DecodedLinear(module)
+            decoded = _training_form(module) if module is not head else None
+            if decoded is not None:
                 set_module(model, name, decoded)
                 self.swapped[name] = (module, decoded)
         self.norms = {name: m for name, m in model.named_modules() if _is_norm(m)}
@@ -149,7 +197,7 @@ class _Trainable:
                 self.params[f"{prefix}.{pname}"] = p
         if not self.params:
             raise QuipkitError("the model has nothing to fine-tune: no quantized layer with the Hadamard transform "
-                               "and no norm")
+                               "or in a llama.cpp block format, and no norm")
 
     def restore(self) -> None:
         for name, (layer, decoded) in self.swapped.items():
