@@ -129,7 +129,6 @@ class DecodedBlockScales(nn.Module):
         codebook = layer.codebook
         rows, cols = layer.out_features, layer.in_features
         codes, params = codebook.unpack(layer.codebook_tensors(), rows, cols)
-        self.register_buffer("codes", codes)
         self.register_buffer("levels", codebook.levels(codes).reshape(rows, -1, codebook.format.block))
         self.scale = nn.Parameter(params["scale"].float().clone())
         self.min = nn.Parameter(params["min"].float().clone()) if "min" in params else None
@@ -144,10 +143,11 @@ class DecodedBlockScales(nn.Module):
 
     @torch.no_grad()
     def write_back(self, layer: QuantizedLinear) -> None:
-        """Store the trained scales in `layer`'s blocks (fp16, as llama.cpp reads them)."""
+        """Store the trained scales in `layer`'s blocks (fp16, as llama.cpp reads them), beside its codes."""
         params = {"scale": self.scale.detach().half().float(), **({"min": self.min.detach().half().float()}
                                                                    if self.min is not None else {})}
-        for name, tensor in layer.codebook.pack(self.codes, params).items():
+        codes, _ = layer.codebook.unpack(layer.codebook_tensors(), layer.out_features, layer.in_features)
+        for name, tensor in layer.codebook.pack(codes, params).items():
             setattr(layer, name, tensor.to(getattr(layer, name).device))
         if self.bias is not None:
             layer.bias.data.copy_(self.bias.detach())
