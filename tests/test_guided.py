@@ -83,3 +83,11 @@ def test_every_ldlq_method_rounds_with_guided_hessians(method, bits, options):
     assert all(0 < r["proxy"] < 1 for r in report.layers), [r["proxy"] for r in report.layers]
     logits = model(_tokens(n=2, seed=3)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_mixture_of_experts_model_is_refused_in_one_line():
+    from quipkit.errors import QuipkitError
+    from test_experts import _moe
+
+    with pytest.raises(QuipkitError, match="guided Hessians do not cover mixture-of-experts layers yet.*--hessian input"):
+        quantize_blockwise(_moe("mixtral"), _tokens(), make_config("gptq", 4), GUIDED, torch.device("cpu"))

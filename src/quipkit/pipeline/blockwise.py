@@ -432,6 +432,10 @@ def _guided_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str, tokens
     linears = {}
     for index, block in enumerate(blocks):
         linears.update(select_linears(block, f"{prefix}.{index}", (), ()))
+    experts = [name for name in linears if is_expert(name)]
+    if experts:  # an expert reads only the tokens routed to it: per-token weights do not line up with them
+        raise QuipkitError(f"guided Hessians do not cover mixture-of-experts layers yet ({experts[0]} and "
+                           f"{len(experts) - 1} more); use --hessian input")
     model.to(device)
     try:
         return output_gradient_weights(model, linears, tokens, calibration.batch_size, calibration.guided_groups,
