@@ -102,8 +102,8 @@ def _preflight(args: argparse.Namespace):
         raise QuipkitError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     config, calibration = _build_configs(args)
     if args.finetune and not config.needs_calibration:
-        raise QuipkitError(f"--finetune needs calibration text; method {config.method} reads none (use gptq or an "
-                           "incoherent method)")
+        raise QuipkitError(f"--finetune needs calibration text; method {config.method} reads none (use quip#, qtip "
+                           "or a gguf-* method)")
     _finetune_options(args)
     if getattr(args, "offload_activations", None):
         from quipkit.pipeline.activations import usable_folder
@@ -721,7 +721,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--exclude", action="append", metavar="REGEX", help="skip linears whose name matches")
     f = p.add_argument_group("fine-tuning (after rounding; codes stay fixed)")
     f.add_argument("--finetune", choices=("block", "e2e", "all"),
-                   help="train the sign vectors (as real scales, the output one carrying the layer scale) and the "
+                   help="train the sign vectors (as real scales, the output one carrying the layer scale; for "
+                   "gguf-q4_0/q4_1/q8_0/iq4_nl each block's scale) and the "
                    "norms, codes fixed, a tenth of the calibration held out for early stopping. block: each block "
                    "right after its rounding, to reproduce the float block's outputs (MSE); e2e: the whole model "
                    "afterwards, to match the float model's next-token distribution (KL), resuming when interrupted; "

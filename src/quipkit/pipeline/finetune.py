@@ -62,6 +62,10 @@ class TeacherTargets:
     logp: Tensor  # [N, T, K] float32: their log-probabilities
     log_rest: Tensor  # [N, T] float32: log of the probability of every other token
 
+    def rows(self, rows: Tensor | slice, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(indices, logp, log_rest) of sequences `rows`, on `device`: topk_kl's last three arguments."""
+        return tuple(t[rows].to(device) for t in (self.indices, self.logp, self.log_rest))
+
 
 @torch.no_grad()
 def teacher_targets(model: nn.Module, tokens: Tensor, top_k: int, reporter: Reporter | None = None) -> TeacherTargets:
@@ -284,8 +288,7 @@ def _held_out_kl(model: nn.Module, tokens: Tensor, targets: TeacherTargets, rows
         total = 0.0
         for i in rows.tolist():
             logits = model(input_ids=tokens[i:i + 1].to(device), use_cache=False).logits
-            total += float(topk_kl(logits, *(t[i:i + 1].to(device) for t in
-                                             (targets.indices, targets.logp, targets.log_rest))))
+            total += float(topk_kl(logits, *targets.rows(slice(i, i + 1), device)))
         return total / len(rows)
 
 
@@ -343,7 +346,7 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
                 perm = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(options.seed + 1 + epoch))]
                 rows = perm[at * options.batch:(at + 1) * options.batch]
                 logits = model(input_ids=tokens[rows].to(device), use_cache=False).logits
-                loss = topk_kl(logits, *(t[rows].to(device) for t in (targets.indices, targets.logp, targets.log_rest)))
+                loss = topk_kl(logits, *targets.rows(rows, device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
