@@ -46,14 +46,37 @@ def test_outliers_are_each_rows_largest_and_every_weight_round_trips_through_sto
     low, step = params["outlier_low"][:, None], params["outlier_step"][:, None]
     levels = ((values.abs() - low) / step).expand_as(w)[mask]
     assert torch.allclose(levels, levels.round(), atol=1e-3) and (values[mask].sign() == w[mask].sign()).all()
-    # outliers near the grid: within half a step, and nothing else could be closer
-    assert ((values - w).abs()[mask] <= (step / 2 + 1e-6).expand_as(w)[mask]).all()
+    # each outlier on its nearest level: no other level of its row is closer
+    grid = low + step * torch.arange(codebook.magnitudes)  # [rows, magnitudes]
+    nearest = (w.abs()[:, :, None] - grid[:, None, :]).abs().amin(2)
+    assert torch.allclose((values.abs() - w.abs()).abs()[mask], nearest[mask], atol=1e-6)
     stored = codebook.pack(codes, params)
     layer_codebook = make_codebook(codebook.packed_spec(stored))
     assert {name: (tuple(t.shape), t.dtype) for name, t in stored.items()} == layer_codebook.storage(*w.shape)
     back_codes, back_params = layer_codebook.unpack(stored, *w.shape)
     assert torch.equal(back_codes, codes) and torch.equal(back_params["mask"], mask)
     assert torch.equal(layer_codebook.dequantize(stored, *w.shape), values)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_outlier_levels_fit_the_outliers_better_than_their_span(bits):
+    w = _heavy_tailed(seed=3)
+    importance = torch.linspace(0.2, 3.0, w.shape[1])
+    codebook = make_codebook({"name": "icquant", "bits": bits, "ratio": 0.05})
+    params = codebook.fit(w, importance)
+    mask, magnitude = params["mask"], w.abs()
+
+    def weighted_error(low, step):  # brute force: each outlier to its nearest level of the row
+        grid = low[:, None] + step[:, None] * torch.arange(codebook.magnitudes)
+        nearest = (magnitude[:, :, None] - grid[:, None, :]).square().amin(2)
+        return (torch.where(mask, nearest, 0.0) * importance).sum(1)
+
+    low = torch.where(mask, magnitude, torch.inf).amin(1)
+    span = (torch.where(mask, magnitude, 0.0).amax(1) - low) / (codebook.magnitudes - 1)
+    fitted = weighted_error(params["outlier_low"], params["outlier_step"])
+    spanned = weighted_error(low.half().float(), span.half().float())
+    assert (fitted <= spanned * 1.001 + 1e-9).all()  # fp16 storage of both grids
+    assert fitted.sum() < 0.7 * spanned.sum()
 
 
 def test_no_outliers_is_the_plain_grid_and_bad_settings_are_refused_in_one_line():

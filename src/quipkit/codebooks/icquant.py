@@ -4,8 +4,8 @@ In a weight row the few largest magnitudes (the outliers, a `ratio` of the row: 
 about half its range, so one grid over the whole row spends a bit on them. Here the inliers get a
 b-bit grid over their own, narrower range (the scalar grid: one group per row, or `group_size`
 columns as GPTQ's; its range searched with `clip`), and the outliers a b-bit sign-and-magnitude grid
-over theirs, one per row: a sign bit and 2^(b-1)
-magnitudes evenly from the row's smallest outlier magnitude to its largest. Every weight keeps one
+over theirs, one per row: a sign bit and 2^(b-1) evenly spaced magnitudes, fitted to the row's
+outlier magnitudes by Lloyd's alternation (each counted by its column's Hessian diagonal). Every weight keeps one
 b-bit code; which grid it reads is the outlier mask, stored as the gap code of `outlier_positions`
 (its first byte the symbol width, chosen per matrix). The mask is fixed by `fit`, before rounding, so
 LDLQ rounds each weight on its class's grid through the Hessian as usual. `saliency="hessian"` picks
@@ -27,6 +27,7 @@ from quipkit.codebooks.scalar import GroupGrid
 from quipkit.errors import QuipkitError
 
 WHOLE_ROW = 1 << 30  # the inlier grid's group size by default: one group per row
+OUTLIER_GRID_ITERS = 10  # Lloyd rounds fitting each row's outlier levels (they settle in a few)
 
 
 @register_codebook("icquant")
@@ -86,12 +87,43 @@ class OutlierSplitGrid(Codebook):
             params = self.inliers.fit(w, importance, counted=~mask)
         else:  # zero lies inside every grid's range and rounds to itself: outliers set to 0 change nothing
             params = self.inliers.fit(torch.where(mask, 0.0, w))
-        magnitude = w.abs()
+        low, step = self._fit_outlier_grid(w.abs(), mask, importance)
+        return {**params, "mask": mask, "outlier_low": low.half().float(), "outlier_step": step.half().float()}
+
+    def _fit_outlier_grid(self, magnitude: Tensor, mask: Tensor, importance: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Each row's outlier levels `low + step * i` (low, step [rows]) for the outliers' magnitudes
+        ([rows, cols] where `mask`): Lloyd's alternation on an even grid, from the span of the row's
+        outliers, each counted by its column's `importance` [cols]. Two levels spanning the outliers
+        put half of the row's error on the few largest; fitted, they sit where the outliers are.
+        A row keeps the span where the fit does not lower its weighted error; no outliers: 0, 0."""
+        weight = torch.ones_like(magnitude) if importance is None else \
+            importance.float().to(magnitude.device).clamp_min(1e-12).expand_as(magnitude)
+        weight = torch.where(mask, weight, 0.0)
+        top = self.magnitudes - 1
         low = torch.where(mask, magnitude, torch.inf).amin(1)
-        high = torch.where(mask, magnitude, 0.0).amax(1)
-        low = torch.where(torch.isfinite(low), low, 0.0).half().float()  # a row without outliers: 0
-        step = ((high - low) / max(self.magnitudes - 1, 1)).half().float()
-        return {**params, "mask": mask, "outlier_low": low, "outlier_step": step}
+        low = torch.where(torch.isfinite(low), low, 0.0)
+        step = (torch.where(mask, magnitude, 0.0).amax(1) - low) / max(top, 1)
+
+        def levels(low: Tensor, step: Tensor) -> Tensor:
+            ratio = (magnitude - low[:, None]) / torch.where(step > 0, step, 1.0)[:, None]
+            return torch.where(step[:, None] > 0, ratio, 0.0).round().clamp(0, top)
+
+        def error(low: Tensor, step: Tensor) -> Tensor:
+            return (weight * (magnitude - low[:, None] - step[:, None] * levels(low, step)).square()).sum(1)
+
+        fit_low, fit_step = low, step
+        for _ in range(OUTLIER_GRID_ITERS):
+            level = levels(fit_low, fit_step)
+            # weighted least squares of magnitude ~ low + step * level, per row
+            s0, s1, s2 = weight.sum(1), (weight * level).sum(1), (weight * level.square()).sum(1)
+            t0, t1 = (weight * magnitude).sum(1), (weight * magnitude * level).sum(1)
+            det = s0 * s2 - s1.square()
+            solvable = det > 1e-9 * s0.square()  # at least two levels in use
+            safe = torch.where(solvable, det, 1.0)
+            fit_low = torch.where(solvable, (s2 * t0 - s1 * t1) / safe, fit_low)
+            fit_step = torch.where(solvable, ((s0 * t1 - s1 * t0) / safe).clamp_min(0.0), fit_step)
+        better = error(fit_low, fit_step) < error(low, step)
+        return torch.where(better, fit_low, low), torch.where(better, fit_step, step)
 
     def _outlier_grid(self, x: Tensor, low: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
         """Codes and values of x on the sign-and-magnitude grid (`low`, `step` broadcast to x)."""
