@@ -14,7 +14,7 @@ from quipkit.config import make_config
 from quipkit.errors import QuipkitError
 from quipkit.pipeline.blockwise import quantize_blockwise
 from quipkit.pipeline.layer_group import quantize_group
-from quipkit.rounding.caldera import fit_low_rank
+from quipkit.rounding.caldera import LayerHessian, _svd_factors, fit_low_rank
 
 from conftest import tiny_model
 from test_pipeline import CAL, _tokens
@@ -66,6 +66,20 @@ def test_the_alternation_lowers_the_proxy_at_every_outer_iteration_on_a_real_lay
     assert plain.bits + factor_bits < record.bits < plain.bits + 1.2 * factor_bits
 
 
+@pytest.mark.parametrize("rows, cols", [(70, 48), (40, 96)])  # tall: Gram of the columns; wide: of the rows
+def test_the_weighted_rank_k_fit_is_the_truncated_svd_split_evenly(rows, cols):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4 * cols, cols, generator=gen) * torch.linspace(0.2, 2.0, cols)
+    chol = torch.linalg.cholesky(x.t() @ x / x.shape[0])
+    weight = torch.randn(rows, cols, generator=gen)
+    left, right = _svd_factors(weight, chol, 6)
+    u, s, vh = torch.linalg.svd((weight @ chol).double(), full_matrices=False)
+    best = (u[:, :6] * s[:6]) @ vh[:6]  # Eckart-Young under the weighted norm
+    assert torch.allclose((left @ right @ chol).double(), best, atol=1e-4 * float(s[0]))
+    assert torch.allclose(left.norm(dim=0), (right @ chol).norm(dim=1), rtol=1e-4)  # S^1/2 on each side
+    assert torch.allclose(left.norm(dim=0).double().square(), s[:6], rtol=1e-4)
+
+
 @pytest.mark.parametrize("factors", [{"name": "scalar", "bits": 4, "group_size": 16, "clip": True},
                                      {"name": "scalar", "bits": 3, "group_size": 64}, {"name": "dense", "bits": 16}])
 def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors):
@@ -74,7 +88,7 @@ def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors):
     hessian = x.t() @ x / 512
     residual = torch.randn(40, 8, generator=gen) @ torch.randn(8, 96, generator=gen)
     low_rank = LowRank(8, factors)
-    stored, product, loss = fit_low_rank(residual, hessian, torch.linalg.cholesky(hessian), low_rank, 3)
+    stored, product, loss = fit_low_rank(residual, LayerHessian.of(hessian, low_rank.codebook), low_rank, 3)
     assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == low_rank.storage(40, 96)
     left, right = low_rank.factors(stored, 40, 96)
     assert torch.equal(left @ right, product)

@@ -17,12 +17,14 @@ of different layers never mix: LDLQ is row-independent.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from quipkit.codebooks.base import Codebook
 from quipkit.codebooks.low_rank import LowRank
-from quipkit.rounding.ldlq import ldlq
+from quipkit.rounding.ldlq import ldl_feedback, ldlq
 from quipkit.rounding.solvers import Problem, Solution, register_solver, round_main
 
 FACTOR_DAMPING = 0.01  # of the mean diagonal, added to the factors' Hessians (R H R^T can be singular)
@@ -34,10 +36,26 @@ def _damped(hessian: Tensor) -> Tensor:
     return hessian + shift * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
 
 
-def _round_factor(factor: Tensor, hessian: Tensor, codebook: Codebook) -> tuple[tuple[Tensor, dict], Tensor]:
-    """Rows of `factor` [r, c] rounded by LDLQ under `hessian` [c, c] -> ((codes, params), values [r, c])."""
+@dataclass(frozen=True)
+class LayerHessian:
+    """A layer's H [n, n] with what every fit under it reuses: its lower Cholesky factor (H = C C^T) and
+    the LDLQ feedback of the damped H that R's rows round under (factored once, not once per fit)."""
+
+    hessian: Tensor  # [n, n]
+    chol: Tensor  # [n, n]
+    feedback: Tensor  # [n, n], ldl_feedback of _damped(hessian) for the factors' codebook
+
+    @classmethod
+    def of(cls, hessian: Tensor, factor_codebook: Codebook) -> "LayerHessian":
+        return cls(hessian, torch.linalg.cholesky(hessian), ldl_feedback(_damped(hessian), factor_codebook.dim))
+
+
+def _round_factor(factor: Tensor, hessian: Tensor, codebook: Codebook,
+                  feedback: Tensor | None = None) -> tuple[tuple[Tensor, dict], Tensor]:
+    """Rows of `factor` [r, c] rounded by LDLQ under `hessian` [c, c] (or its damped form's `feedback`
+    [c, c] when the caller has it) -> ((codes, params), values [r, c])."""
     params = codebook.fit(factor)
-    codes, values = ldlq(factor, _damped(hessian), codebook, params)
+    codes, values = ldlq(factor, _damped(hessian), codebook, params, feedback=feedback)
     return (codes, params), values
 
 
@@ -46,19 +64,20 @@ def _quadratic(error: Tensor, hessian: Tensor) -> float:
     return float(((error @ hessian) * error).sum())
 
 
-def fit_low_rank(residual: Tensor, hessian: Tensor, chol: Tensor, low_rank: LowRank, inner_iters: int,
+def fit_low_rank(residual: Tensor, layer: LayerHessian, low_rank: LowRank, inner_iters: int,
                  left: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, float]:
-    """The quantized rank-k fit of `residual` [m, n] under `hessian` [n, n] (= chol chol^T, chol lower),
-    from the SVD or, given `left` [m, k] (a stored L, decoded), from there -> (the stored tensors,
-    L R [m, n] as stored, tr(E H E^T) of what is left)."""
+    """The quantized rank-k fit of `residual` [m, n] under the layer's H [n, n], from the SVD or, given
+    `left` [m, k] (a stored L, decoded), from there -> (the stored tensors, L R [m, n] as stored,
+    tr(E H E^T) of what is left)."""
+    hessian = layer.hessian
     if left is None:
-        left, right = _svd_factors(residual, chol, low_rank.rank)
+        left, right = _svd_factors(residual, layer.chol, low_rank.rank)
         left = _round_factor(left, right @ hessian @ right.t(), low_rank.codebook)[1]
     weighted = residual @ hessian  # [m, n], for L's least squares
     best = None
     for _ in range(inner_iters):
         right = torch.linalg.solve(_damped(left.t() @ left), left.t() @ residual)  # [k, n]
-        right_stored, right = _round_factor(right, hessian, low_rank.codebook)
+        right_stored, right = _round_factor(right, hessian, low_rank.codebook, layer.feedback)
         right_gram = right @ hessian @ right.t()  # [k, k]
         left = torch.linalg.solve(_damped(right_gram), (weighted @ right.t()).t()).t()  # [m, k]
         left_stored, left = _round_factor(left, right_gram, low_rank.codebook)
@@ -71,15 +90,25 @@ def fit_low_rank(residual: Tensor, hessian: Tensor, chol: Tensor, low_rank: LowR
 
 def _svd_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The best rank-k (L [m, k], R [k, n]) of `weight` [m, n] under H = chol chol^T, float, with the
-    singular values split evenly between them (so both quantize alike)."""
-    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)
-    root = s[:rank].sqrt()
+    singular values split evenly between them (so both quantize alike). The top singular pairs of
+    A = W C come from the eigenvectors of its smaller Gram matrix in float64: a full SVD of A cost
+    10x more, and up to 50x when another job shares the cores."""
+    a = (weight @ chol).double()  # [m, n]
+    tall = a.shape[0] >= a.shape[1]
+    eigenvalues, vectors = torch.linalg.eigh(a.t() @ a if tall else a @ a.t())  # ascending
+    vectors = vectors[:, -rank:].flip(1)  # the top k, largest first: V [n, k] or U [m, k]
+    root = eigenvalues[-rank:].flip(0).clamp_min(0.0).sqrt().sqrt()  # S^1/2
+    safe = torch.where(root > 0, root, 1.0)
+    if tall:  # U S^1/2 = A V S^-1/2
+        left, right_t = (a @ vectors) / safe, vectors * root
+    else:  # V S^1/2 = A^T U S^-1/2
+        left, right_t = vectors * root, (a.t() @ vectors) / safe
     # R C = S^1/2 V^T  ->  C^T R^T = V S^1/2
-    right = torch.linalg.solve_triangular(chol.t(), vh[:rank].t() * root, upper=True).t()
-    return u[:, :rank] * root, right
+    right = torch.linalg.solve_triangular(chol.t(), right_t.to(chol.dtype), upper=True).t()
+    return left.to(weight.dtype), right
 
 
-def _solve_layer(problem: Problem, target: Tensor, hessian: Tensor, chol: Tensor, low_rank: LowRank) -> dict:
+def _solve_layer(problem: Problem, target: Tensor, layer: LayerHessian, low_rank: LowRank) -> dict:
     """One layer's rows `target` [m, n]: the best (codes, L R) and the proxy after each outer iteration.
 
     The codes' scale is set once, from what the float rank-k fit leaves of W (the low-rank term takes
@@ -87,13 +116,13 @@ def _solve_layer(problem: Problem, target: Tensor, hessian: Tensor, chol: Tensor
     lives in that scale, so its factors need no scale of their own. Each step is kept only if it
     lowers the loss: LDLQ's new codes against the old ones under the current L R, and the fresh and
     the warm-started fits of the factors against the current ones."""
-    codebook, options = problem.codebook, problem.options
-    left, right = _svd_factors(target, chol, low_rank.rank)
+    codebook, options, hessian = problem.codebook, problem.options, layer.hessian
+    left, right = _svd_factors(target, layer.chol, low_rank.rank)
     scale = 1.0
     if codebook.target_rms is not None:
         scale = float((target - left @ right).square().mean().sqrt().clamp_min(1e-12)) / codebook.target_rms
     weight = target / scale
-    stored, product, _ = fit_low_rank(weight, hessian, chol, low_rank, options["inner_iters"])
+    stored, product, _ = fit_low_rank(weight, layer, low_rank, options["inner_iters"])
     total = max(_quadratic(target, hessian), 1e-30)
     best, history, loss = None, [], None  # loss: of the kept codes under the kept L R
     for _ in range(options["outer_iters"]):
@@ -105,8 +134,8 @@ def _solve_layer(problem: Problem, target: Tensor, hessian: Tensor, chol: Tensor
             best, loss = {"codes": codes, "values": values, "params": params, "kept": kept}, trial
         rest = weight - best["values"]
         current = low_rank.factors(stored, *target.shape)[0]
-        for fitted in (fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"]),
-                       fit_low_rank(rest, hessian, chol, low_rank, options["inner_iters"], left=current)):
+        for fitted in (fit_low_rank(rest, layer, low_rank, options["inner_iters"]),
+                       fit_low_rank(rest, layer, low_rank, options["inner_iters"], left=current)):
             if fitted[2] < loss:
                 stored, product, loss = fitted
         history.append(loss * scale**2 / total)
@@ -121,8 +150,8 @@ def caldera(problem: Problem) -> Solution:
     hessian = problem.hessian
     if hessian is None:
         hessian = torch.eye(problem.target.shape[1], device=problem.target.device)
-    chol = torch.linalg.cholesky(hessian)
-    layers = [_solve_layer(problem, part, hessian, chol, low_rank) for part in torch.split(problem.target, problem.sizes)]
+    layer = LayerHessian.of(hessian, low_rank.codebook)
+    layers = [_solve_layer(problem, part, layer, low_rank) for part in torch.split(problem.target, problem.sizes)]
     return Solution(
         codes=torch.cat([layer["codes"] for layer in layers]),
         values=torch.cat([layer["values"] for layer in layers]),

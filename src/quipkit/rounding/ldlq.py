@@ -60,10 +60,12 @@ def ldlq(
     params: Params,
     order: Tensor | None = None,
     lazy_batch: int = 128,
+    feedback: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Round W [m, n] under H [n, n] -> (codes [m / row_block, n / dim, ...], Ŵ [m, n]).
 
-    `order` [n] is a column permutation (act-order; scalar codebooks only). Updates to columns
+    `order` [n] is a column permutation (act-order; scalar codebooks only). `feedback` [n, n]:
+    `ldl_feedback(H, dim, order)` from a caller that rounds many matrices under one H. Updates to columns
     beyond the current `lazy_batch` are applied once per batch, as one matrix product. Rows are
     independent, so they are rounded a block of rows at a time (`row_blocks`): the working copy of W
     stays that small.
@@ -73,7 +75,9 @@ def ldlq(
     if order is not None and g != 1:
         raise ValueError("a column order (act-order) needs a codebook that rounds one column at a time")
     cols = torch.arange(n, device=weight.device) if order is None else order.to(weight.device)
-    feedback = ldl_feedback(hessian, g, None if order is None else cols).to(weight.device)
+    if feedback is None:
+        feedback = ldl_feedback(hessian, g, None if order is None else cols)
+    feedback = feedback.to(weight.device)
     values = torch.empty(m, n, device=weight.device)
     codes: Tensor | None = None
     for rows, code_rows in row_blocks(codebook, m, n):
