@@ -5,11 +5,12 @@ about half its range, so one grid over the whole row spends a bit on them. Here 
 b-bit grid over their own, narrower range (the scalar grid: one group per row, or `group_size`
 columns as GPTQ's; its range searched with `clip`), and the outliers a b-bit sign-and-magnitude grid
 over theirs, one per row: a sign bit and 2^(b-1) evenly spaced magnitudes, fitted to the row's
-outlier magnitudes by Lloyd's alternation (each counted by its column's Hessian diagonal). Every weight keeps one
-b-bit code; which grid it reads is the outlier mask, stored as the gap code of `outlier_positions`
-(its first byte the symbol width, chosen per matrix). The mask is fixed by `fit`, before rounding, so
-LDLQ rounds each weight on its class's grid through the Hessian as usual. `saliency="hessian"` picks
-each row's outliers by |w| sqrt(H_jj) (what an error in them costs) instead of by |w|.
+outlier magnitudes by Lloyd's alternation (each counted by its column's Hessian diagonal). Every
+weight keeps one b-bit code; which grid it reads is the outlier mask, stored as the gap code of
+`outlier_positions` (its first byte the symbol width, chosen per matrix). The mask is fixed by
+`fit`, before rounding, so LDLQ rounds each weight on its class's grid through the Hessian as usual.
+`saliency="hessian"` picks each row's outliers by |w| sqrt(H_jj) (what an error in them costs)
+instead of by |w|.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ class OutlierSplitGrid(Codebook):
     def _fit_outlier_grid(self, magnitude: Tensor, mask: Tensor, importance: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each row's outlier levels `low + step * i` (low, step [rows]) for the outliers' magnitudes
         ([rows, cols] where `mask`): Lloyd's alternation on an even grid, from the span of the row's
-        outliers, each counted by its column's `importance` [cols]. Two levels spanning the outliers
-        put half of the row's error on the few largest; fitted, they sit where the outliers are.
-        A row keeps the span where the fit does not lower its weighted error; no outliers: 0, 0."""
+        outliers, each counted by its column's `importance` [cols]. With few levels (two at 2 bits),
+        levels at the ends of the span leave most outliers far from both; fitted, they sit where the
+        outliers are. A row keeps the span where the fit does not lower its weighted error; a row
+        without outliers gets 0, 0."""
         weight = torch.ones_like(magnitude) if importance is None else \
             importance.float().to(magnitude.device).clamp_min(1e-12).expand_as(magnitude)
         weight = torch.where(mask, weight, 0.0)
@@ -105,8 +107,8 @@ class OutlierSplitGrid(Codebook):
         step = (torch.where(mask, magnitude, 0.0).amax(1) - low) / max(top, 1)
 
         def levels(low: Tensor, step: Tensor) -> Tensor:
-            ratio = (magnitude - low[:, None]) / torch.where(step > 0, step, 1.0)[:, None]
-            return torch.where(step[:, None] > 0, ratio, 0.0).round().clamp(0, top)
+            position = (magnitude - low[:, None]) / torch.where(step > 0, step, 1.0)[:, None]
+            return torch.where(step[:, None] > 0, position, 0.0).round().clamp(0, top)
 
         def error(low: Tensor, step: Tensor) -> Tensor:
             return (weight * (magnitude - low[:, None] - step[:, None] * levels(low, step)).square()).sum(1)

@@ -64,20 +64,20 @@ def _quadratic(error: Tensor, hessian: Tensor) -> float:
     return float(((error @ hessian) * error).sum())
 
 
-def fit_low_rank(residual: Tensor, layer: LayerHessian, low_rank: LowRank, inner_iters: int,
+def fit_low_rank(residual: Tensor, weighting: LayerHessian, low_rank: LowRank, inner_iters: int,
                  left: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, float]:
     """The quantized rank-k fit of `residual` [m, n] under the layer's H [n, n], from the SVD or, given
     `left` [m, k] (a stored L, decoded), from there -> (the stored tensors, L R [m, n] as stored,
     tr(E H E^T) of what is left)."""
-    hessian = layer.hessian
+    hessian = weighting.hessian
     if left is None:
-        left, right = _svd_factors(residual, layer.chol, low_rank.rank)
+        left, right = _svd_factors(residual, weighting.chol, low_rank.rank)
         left = _round_factor(left, right @ hessian @ right.t(), low_rank.codebook)[1]
     weighted = residual @ hessian  # [m, n], for L's least squares
     best = None
     for _ in range(inner_iters):
         right = torch.linalg.solve(_damped(left.t() @ left), left.t() @ residual)  # [k, n]
-        right_stored, right = _round_factor(right, hessian, low_rank.codebook, layer.feedback)
+        right_stored, right = _round_factor(right, hessian, low_rank.codebook, weighting.feedback)
         right_gram = right @ hessian @ right.t()  # [k, k]
         left = torch.linalg.solve(_damped(right_gram), (weighted @ right.t()).t()).t()  # [m, k]
         left_stored, left = _round_factor(left, right_gram, low_rank.codebook)
@@ -108,7 +108,7 @@ def _svd_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tenso
     return left.to(weight.dtype), right
 
 
-def _solve_layer(problem: Problem, target: Tensor, layer: LayerHessian, low_rank: LowRank) -> dict:
+def _solve_layer(problem: Problem, target: Tensor, weighting: LayerHessian, low_rank: LowRank) -> dict:
     """One layer's rows `target` [m, n]: the best (codes, L R) and the proxy after each outer iteration.
 
     The codes' scale is set once, from what the float rank-k fit leaves of W (the low-rank term takes
@@ -116,13 +116,13 @@ def _solve_layer(problem: Problem, target: Tensor, layer: LayerHessian, low_rank
     lives in that scale, so its factors need no scale of their own. Each step is kept only if it
     lowers the loss: LDLQ's new codes against the old ones under the current L R, and the fresh and
     the warm-started fits of the factors against the current ones."""
-    codebook, options, hessian = problem.codebook, problem.options, layer.hessian
-    left, right = _svd_factors(target, layer.chol, low_rank.rank)
+    codebook, options, hessian = problem.codebook, problem.options, weighting.hessian
+    left, right = _svd_factors(target, weighting.chol, low_rank.rank)
     scale = 1.0
     if codebook.target_rms is not None:
         scale = float((target - left @ right).square().mean().sqrt().clamp_min(1e-12)) / codebook.target_rms
     weight = target / scale
-    stored, product, _ = fit_low_rank(weight, layer, low_rank, options["inner_iters"])
+    stored, product, _ = fit_low_rank(weight, weighting, low_rank, options["inner_iters"])
     total = max(_quadratic(target, hessian), 1e-30)
     best, history, loss = None, [], None  # loss: of the kept codes under the kept L R
     for _ in range(options["outer_iters"]):
@@ -134,8 +134,8 @@ def _solve_layer(problem: Problem, target: Tensor, layer: LayerHessian, low_rank
             best, loss = {"codes": codes, "values": values, "params": params, "kept": kept}, trial
         rest = weight - best["values"]
         current = low_rank.factors(stored, *target.shape)[0]
-        for fitted in (fit_low_rank(rest, layer, low_rank, options["inner_iters"]),
-                       fit_low_rank(rest, layer, low_rank, options["inner_iters"], left=current)):
+        for fitted in (fit_low_rank(rest, weighting, low_rank, options["inner_iters"]),
+                       fit_low_rank(rest, weighting, low_rank, options["inner_iters"], left=current)):
             if fitted[2] < loss:
                 stored, product, loss = fitted
         history.append(loss * scale**2 / total)
@@ -150,8 +150,8 @@ def caldera(problem: Problem) -> Solution:
     hessian = problem.hessian
     if hessian is None:
         hessian = torch.eye(problem.target.shape[1], device=problem.target.device)
-    layer = LayerHessian.of(hessian, low_rank.codebook)
-    layers = [_solve_layer(problem, part, layer, low_rank) for part in torch.split(problem.target, problem.sizes)]
+    weighting = LayerHessian.of(hessian, low_rank.codebook)
+    layers = [_solve_layer(problem, part, weighting, low_rank) for part in torch.split(problem.target, problem.sizes)]
     return Solution(
         codes=torch.cat([layer["codes"] for layer in layers]),
         values=torch.cat([layer["values"] for layer in layers]),
