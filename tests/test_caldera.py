@@ -10,8 +10,10 @@ import torch
 
 import quipkit
 from quipkit.codebooks.low_rank import LowRank
+from quipkit import native
 from quipkit.config import make_config
 from quipkit.errors import QuipkitError
+from quipkit.kernels import dispatch
 from quipkit.pipeline.blockwise import quantize_blockwise
 from quipkit.pipeline.layer_group import quantize_group
 from quipkit.rounding.caldera import LayerHessian, _svd_factors, fit_low_rank
@@ -97,22 +99,26 @@ def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors):
     assert loss < 0.05 * float(((residual @ hessian) * residual).sum())  # a rank-8 matrix, nearly recovered
 
 
-def test_a_layer_computes_codes_plus_low_rank_held_or_not(real_layer):
+@pytest.mark.parametrize("lr_bits", [4, 16])
+def test_a_layer_computes_codes_plus_low_rank_held_or_not(real_layer, lr_bits):
     linear, hessian = real_layer
-    layer, _ = _quantize(linear, hessian, "caldera", rank=16, outer_iters=1)
-    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1))
-    streamed = layer(x)
+    layer, _ = _quantize(linear, hessian, "caldera", rank=16, outer_iters=1, lr_bits=lr_bits)
     left, right = layer.low_rank_factors()
     assert left.shape == (192, 16) and right.shape == (16, 576)
-    layer.keep_decoded(True)
-    assert torch.allclose(layer(x), streamed, atol=1e-5)
-    layer.keep_decoded(False)
-    without = layer.transform.output(layer.transform.input(x, layer.transform_params()) @ right.t() @ left.t(),
-                                     layer.transform_params())
-    codes_only = layer.transform.output(
-        layer.transform.input(x, layer.transform_params())
-        @ layer.codebook.dequantize(layer.codebook_tensors(), 192, 576).t(), layer.transform_params())
-    assert torch.allclose(streamed, codes_only + without, atol=1e-4)
+    weight = layer.codebook.dequantize(layer.codebook_tensors(), 192, 576)
+    params = layer.transform_params()
+    # 3 rows: the fused decode-matvec kernels; 20: decode a tile, then multiply
+    for x in (torch.randn(rows, 576, generator=torch.Generator().manual_seed(1)) for rows in (3, 20)):
+        streamed = layer(x)
+        layer.keep_decoded(True)
+        assert torch.allclose(layer(x), streamed, atol=1e-4)
+        layer.keep_decoded(False)
+        rotated = layer.transform.input(x, params)
+        eager = layer.transform.output(rotated @ weight.t() + rotated @ right.t() @ left.t(), params)
+        assert torch.allclose(streamed, eager, atol=1e-4)
+    if native.available():  # the factors go through their codebook's compiled kernel, not the reference
+        for rows, cols, x in ((16, 576, torch.zeros(3, 576)), (192, 16, torch.zeros(20, 16))):
+            assert dispatch.select_kernel(x, layer.low_rank.codebook, rows, cols).name.startswith("cpu-")
 
 
 def test_ranks_and_settings_a_layer_cannot_take_are_refused_in_one_line(real_layer):

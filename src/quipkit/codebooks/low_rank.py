@@ -45,6 +45,12 @@ class LowRank:
         """Shapes and dtypes of the stored tensors of both factors, under their prefixed names."""
         return _joined(self.codebook.storage(rows, self.rank), self.codebook.storage(self.rank, cols))
 
+    def names(self, rows: int, cols: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The stored names of L's tensors and of R's, each in its codebook's storage order (the order the
+        decode kernels read them in)."""
+        return (tuple(LEFT + k for k in self.codebook.storage(rows, self.rank)),
+                tuple(RIGHT + k for k in self.codebook.storage(self.rank, cols)))
+
     def pack(self, left: tuple[Tensor, Params], right: tuple[Tensor, Params]) -> dict[str, Tensor]:
         """(codes, params) of L and of R -> the stored tensors."""
         return _joined(self.codebook.pack(*left), self.codebook.pack(*right))

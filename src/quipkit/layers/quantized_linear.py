@@ -50,6 +50,9 @@ class QuantizedLinear(KeepsStoredFormats):
             parts.append(self.low_rank.storage(out_features, in_features))
         self._codebook_names, self._transform_names = tuple(parts[0]), tuple(parts[1])
         self._low_rank_names = tuple(parts[2]) if self.low_rank is not None else ()
+        if self.low_rank is not None:  # the term runs through the kernels as two decode-matmuls: x R^T, then L
+            self._left_names, self._right_names = self.low_rank.names(out_features, in_features)
+            self._low_rank_spec = spec_of(self.low_rank.codebook)
         layout = {name: kind for part in parts for name, kind in part.items()}
         if len(layout) != sum(len(part) for part in parts):
             raise ValueError("codebook, transform and low-rank tensor names collide")
@@ -173,12 +176,17 @@ class QuantizedLinear(KeepsStoredFormats):
         tensors, spec = self.kernel_inputs()
         y = decode_matmul(x, tensors, spec, self.out_features, self.in_features)
         if self.low_rank is not None and self.decoded is None:  # a held weight has it added already
-            left, right = self.low_rank_factors()
-            y = y + (x @ right.t().to(x.dtype)) @ left.t().to(x.dtype)
+            y = y + self._low_rank_term(x)
         y = self.transform.output(y, params)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _low_rank_term(self, x: Tensor) -> Tensor:
+        """(x [..., in] R^T) L^T -> [..., out], each factor decoded by its codebook's kernel (never held)."""
+        buffers, rank = self._buffers, self.low_rank.rank
+        inner = decode_matmul(x, [buffers[n] for n in self._right_names], self._low_rank_spec, rank, self.in_features)
+        return decode_matmul(inner, [buffers[n] for n in self._left_names], self._low_rank_spec, self.out_features, rank)
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
