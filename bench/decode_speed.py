@@ -41,6 +41,8 @@ CODEBOOKS = {
     "grid-8-g128": {"name": "scalar", "bits": 8, "group_size": 128},
     "uniform-2": {"name": "uniform", "bits": 2},
     "uniform-4": {"name": "uniform", "bits": 4},
+    "icquant-2-r5": {"name": "icquant", "bits": 2, "ratio": 0.05},
+    "icquant-table-2-r5": {"name": "icquant", "bits": 2, "ratio": 0.05, "inliers": "table"},
     "bf16": {"name": "dense", "bits": 16},
 }
 
@@ -53,8 +55,18 @@ def _emit(row: dict, out: str | None) -> None:
             handle.write(line + "\n")
 
 
-def _random_stored(codebook, rows: int, cols: int) -> list[torch.Tensor]:
+def _random_stored(codebook, rows: int, cols: int) -> tuple[object, list[torch.Tensor]]:
+    """(codebook as packed, its stored tensors): random bytes where every value is a valid code, else
+    (ICQuant's index code) the packed nearest rounding of a random weight."""
+    from quipkit.codebooks import make_codebook
+
     gen = torch.Generator().manual_seed(rows * 7 + cols)
+    if codebook.name == "icquant":
+        weight = torch.randn(rows, cols, generator=gen)
+        params = codebook.fit(weight)
+        stored = codebook.pack(codebook.quantize(weight, params, torch.arange(cols))[0], params)
+        codebook = make_codebook(codebook.packed_spec(stored))
+        return codebook, [stored[name] for name in codebook.storage(rows, cols)]
     out = []
     for shape, dtype in codebook.storage(rows, cols).values():
         if dtype.is_floating_point:
@@ -63,7 +75,7 @@ def _random_stored(codebook, rows: int, cols: int) -> list[torch.Tensor]:
             out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
         else:
             out.append(torch.randint(-(2**15), 2**15, shape, generator=gen, dtype=torch.int16))
-    return out
+    return codebook, out
 
 
 def _alternating(a, b, repeats: int) -> tuple[float, float]:
@@ -94,8 +106,7 @@ def bench_matrix(args) -> None:
             x = torch.randn(1, cols)
             repeats = args.repeats if rows * cols < 4e6 else max(5, args.repeats // 3)
             for name in names:
-                codebook = make_codebook(CODEBOOKS[name])
-                stored = _random_stored(codebook, rows, cols)
+                codebook, stored = _random_stored(make_codebook(CODEBOOKS[name]), rows, cols)
                 packed = sum(t.numel() * t.element_size() for t in stored)
                 dense, fused = _alternating(lambda: torch.nn.functional.linear(x, weight),
                                             lambda: cpu.matvec(x, stored, codebook, rows, cols), repeats)

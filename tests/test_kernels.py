@@ -88,6 +88,42 @@ def test_cpu_kernels_match_the_reference(spec, tier):
             assert_matches(kernel.run(x, stored, codebook, rows, cols), reference_matmul(x, stored, codebook, rows, cols))
 
 
+def icquant_stored(spec: dict, rows: int, cols: int, seed: int, width: int | None = None):
+    """An ICQuant layer's codebook and stored tensors (the index code has to be a valid one, so they are
+    fitted to heavy-tailed random weights), optionally with the positions coded at symbol `width`."""
+    from quipkit.codebooks import outlier_positions
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen) * torch.randn(rows, cols, generator=gen).exp()
+    codebook = make_codebook(spec)
+    params = codebook.fit(weight)
+    codes, _ = codebook.quantize(weight, params, torch.arange(cols))
+    stored = codebook.pack(codes, params)
+    if width is not None:
+        stream, _ = outlier_positions.encode(params["mask"], width)
+        stored["positions"] = torch.cat([stream.new_tensor([width]), stream])
+    codebook = make_codebook(codebook.packed_spec(stored))
+    return codebook, [stored[name] for name in codebook.storage(rows, cols)]
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [{"name": "icquant", "bits": 2, "ratio": 0.05},
+                                  {"name": "icquant", "bits": 3, "ratio": 0.02, "group_size": 64},
+                                  {"name": "icquant", "bits": 2, "ratio": 0.08, "inliers": "table"},
+                                  {"name": "icquant", "bits": 4, "ratio": 0.0}], ids=lambda s: "-".join(map(str, s.values())))
+def test_icquant_kernels_match_the_reference(spec, tier):
+    # width 2: gaps longer than the escape (3) on most rows; None: the width the format picks
+    for i, ((rows, cols), width) in enumerate([((50, 40), None), ((192, 576), None), ((33, 200), 2), ((64, 128), 9)]):
+        codebook, stored = icquant_stored(spec, rows, cols, seed=i, width=width if spec["ratio"] else None)
+        for batch in (1, 3, 9):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            kernel = dispatch.select_kernel(x, codebook, rows, cols)
+            assert kernel.name == ("cpu-fused-matvec" if batch <= cpu.MATVEC_MAX_ROWS else "cpu-tiled-gemm")
+            assert_matches(kernel.run(x, stored, codebook, rows, cols), reference_matmul(x, stored, codebook, rows, cols))
+        dense = codebook.dequantize(dict(zip(codebook.storage(rows, cols), stored)), rows, cols)
+        assert torch.equal(cpu.decode_rows(stored, codebook, rows, cols, 7, rows - 3), dense[7 : rows - 3])
+
+
 @needs_native
 def test_tiled_gemm_covers_weights_larger_than_one_tile(monkeypatch, tier):
     monkeypatch.setattr(cpu, "TILE_WEIGHTS", 64 * 64)

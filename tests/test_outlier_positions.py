@@ -40,6 +40,20 @@ def test_escapes_code_long_gaps_and_an_empty_matrix_codes_to_nothing():
     assert stream.numel() == 0 and torch.equal(op.decode(stream, counts, 5, 50), empty)
 
 
+def test_each_row_starts_where_the_rows_before_it_end():
+    gen = torch.Generator().manual_seed(1)
+    score = torch.rand(30, 200, generator=gen)
+    score[:, 150:] *= 0.01  # no outliers in the last columns: a row's code ends before them
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(6, dim=1).indices, True)
+    for width in (2, 4, 7):
+        stream, _ = op.encode(mask, width)
+        starts = op.row_starts(stream, 6, 30, width)
+        # brute force: a row's code is the whole matrix's code of the rows before it, then its own
+        expected = [op.symbol_count(op.gaps(mask[:r]), width) for r in range(30)]
+        assert starts.tolist() == expected, width
+    assert op.row_starts(torch.zeros(0, dtype=torch.uint8), 0, 4, 3).tolist() == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("ratio", [0.02, 0.05, 0.08])
 def test_the_best_width_comes_near_the_entropy_floor(ratio):
     gen = torch.Generator().manual_seed(1)

@@ -59,6 +59,22 @@ typedef struct {
     const float *table;
 } trellis_layer_t;
 
+/* ICQuant: every weight one b-bit code. Inliers read an integer grid (`inliers`) or, when `levels` is
+ * not NULL, a per-row table of 2^b fp16 levels [rows, 2^b] (codes in inliers.codes either way). Each
+ * row's `per_row` outliers read a sign-and-magnitude grid: w = +-(low[r] + step[r] * (q mod 2^(b-1))),
+ * negative when q >= 2^(b-1) (low, step fp16 [rows]). Their columns are a gap code
+ * (codebooks/outlier_positions.py): positions[0] is the symbol width B, then B-bit symbols; the
+ * escape 2^B - 1 skips that many inlier columns, a symbol s < escape skips s and marks the next
+ * column. Row r's symbols start at symbol offsets[r] (int64 [rows], computed once per layer). */
+typedef struct {
+    grid_t inliers;
+    const uint16_t *levels;
+    const uint16_t *low, *step;
+    const uint8_t *positions;
+    const int64_t *offsets;
+    int64_t per_row;
+} outlier_split_t;
+
 /* Dense bf16 weight [rows, cols] (the unquantized embeddings and head), fp32 arithmetic. */
 typedef struct {
     const uint16_t *weight;
@@ -80,6 +96,8 @@ typedef struct {
     void (*lattice_decode)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
     void (*trellis_matvec)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
     void (*trellis_decode)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
+    void (*outlier_matvec)(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
+    void (*outlier_decode)(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
     void (*bf16_matvec)(const io_t *, const bf16_t *, int64_t lo, int64_t hi);
     void (*hadamard)(const io_t *, const hadamard_t *, int64_t lo, int64_t hi); /* lo, hi: rows of x */
 } kernel_set_t;
@@ -88,6 +106,9 @@ extern const kernel_set_t kernels_portable;
 #if defined(__x86_64__)
 extern const kernel_set_t kernels_avx2;
 extern const kernel_set_t kernels_avx512;
+/* Kernels without a hand-written AVX-512 version: the AVX-512 tier runs their AVX2 build. */
+void outlier_matvec_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
+void outlier_decode_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 #endif
 
 /* The tier in use: the best the CPU supports, or QUIPKIT_ISA=portable|avx2|avx512 (never above it). */

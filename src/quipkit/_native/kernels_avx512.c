@@ -562,6 +562,8 @@ const kernel_set_t kernels_avx512 = {
     .lattice_decode = lattice_decode,
     .trellis_matvec = trellis_matvec,
     .trellis_decode = trellis_decode,
+    .outlier_matvec = outlier_matvec_avx2,
+    .outlier_decode = outlier_decode_avx2,
     .bf16_matvec = bf16_matvec,
     .hadamard = hadamard,
 };

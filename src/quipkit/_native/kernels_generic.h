@@ -214,6 +214,55 @@ KERNEL_TARGET static void FN(trellis_decode)(const io_t *io, const trellis_layer
 }
 
 /* ----------------------------------------------------------------------------------------------
+ * ICQuant: inlier grid or table, outliers on their own grid at gap-coded columns */
+
+/* Row r of W, decoded: w [cols]; q [cols] is scratch for its codes. */
+KERNEL_TARGET static void FN(outlier_row)(const outlier_split_t *o, int64_t r, int64_t cols, int32_t *q, float *w) {
+    const grid_t *g = &o->inliers;
+    if (o->levels != NULL) {
+        const int count = 1 << g->bits;
+        float table[count];
+        for (int i = 0; i < count; i++) table[i] = half_to_float(o->levels[r * count + i]);
+        FN(unpack)(g->codes + r * g->row_bytes, g->bits, 0, cols, q);
+        for (int64_t c = 0; c < cols; c++) w[c] = table[q[c]];
+    } else {
+        float scale[g->groups], zero[g->groups];
+        FN(grid_row)(g, r, cols, q, scale, zero);
+        for (int64_t c = 0; c < cols; c++) w[c] = scale[c / g->group_size] * ((float)q[c] - zero[c / g->group_size]);
+    }
+    const int width = o->positions[0];
+    const int32_t half = 1 << (g->bits - 1), escape = (1 << width) - 1;
+    const float low = half_to_float(o->low[r]), step = half_to_float(o->step[r]);
+    int64_t symbol = o->offsets[r], column = -1;
+    for (int64_t found = 0; found < o->per_row; symbol++) {
+        int32_t s;
+        FN(unpack)(o->positions + 1, width, symbol, 1, &s);
+        column += s == escape ? escape : s + 1;
+        if (column >= cols) break; /* a damaged stream never writes outside the row */
+        if (s == escape) continue;
+        found++;
+        const float magnitude = low + step * (float)(q[column] % half);
+        w[column] = q[column] >= half ? -magnitude : magnitude;
+    }
+}
+
+KERNEL_TARGET void FN(outlier_matvec)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+    int32_t *q = malloc(sizeof(int32_t) * io->cols);
+    float *w = malloc(sizeof(float) * io->cols);
+    for (int64_t r = lo; r < hi; r++) {
+        FN(outlier_row)(o, r, io->cols, q, w);
+        FN(row_dots)(io, w, r);
+    }
+    free(q), free(w);
+}
+
+KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+    int32_t *q = malloc(sizeof(int32_t) * io->cols);
+    for (int64_t r = lo; r < hi; r++) FN(outlier_row)(o, r, io->cols, q, io->y + (r - io->row0) * io->cols);
+    free(q);
+}
+
+/* ----------------------------------------------------------------------------------------------
  * Dense bf16 */
 
 KERNEL_TARGET static void FN(bf16_matvec)(const io_t *io, const bf16_t *d, int64_t lo, int64_t hi) {
@@ -277,6 +326,8 @@ const kernel_set_t KERNEL_SET = {
     .lattice_decode = FN(lattice_decode),
     .trellis_matvec = FN(trellis_matvec),
     .trellis_decode = FN(trellis_decode),
+    .outlier_matvec = FN(outlier_matvec),
+    .outlier_decode = FN(outlier_decode),
     .bf16_matvec = FN(bf16_matvec),
     .hadamard = FN(hadamard),
 };

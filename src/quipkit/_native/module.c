@@ -49,7 +49,7 @@ static PyObject *py_trellis_encode(PyObject *self, PyObject *args) {
  * Decode kernels: each call fills an io_t and the codebook's struct from the arguments, then
  * splits the output rows over the thread pool. Pointers are tensor.data_ptr() values. */
 
-typedef enum { GRID, LATTICE, TRELLIS, BF16, HADAMARD } family_t;
+typedef enum { GRID, LATTICE, TRELLIS, OUTLIER, BF16, HADAMARD } family_t;
 
 typedef struct {
     const kernel_set_t *ks;
@@ -59,6 +59,7 @@ typedef struct {
     grid_t grid;
     lattice_t lattice;
     trellis_layer_t trellis;
+    outlier_split_t outlier;
     bf16_t bf16;
     hadamard_t hadamard;
 } call_t;
@@ -70,6 +71,7 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
         lo += c->io.row0, hi += c->io.row0;
         if (c->family == GRID) k->grid_decode(&c->io, &c->grid, lo, hi);
         else if (c->family == LATTICE) k->lattice_decode(&c->io, &c->lattice, lo, hi);
+        else if (c->family == OUTLIER) k->outlier_decode(&c->io, &c->outlier, lo, hi);
         else k->trellis_decode(&c->io, &c->trellis, lo, hi);
         return;
     }
@@ -77,6 +79,7 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
     case GRID: k->grid_matvec(&c->io, &c->grid, lo, hi); break;
     case LATTICE: k->lattice_matvec(&c->io, &c->lattice, lo, hi); break;
     case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
+    case OUTLIER: k->outlier_matvec(&c->io, &c->outlier, lo, hi); break;
     case BF16: k->bf16_matvec(&c->io, &c->bf16, lo, hi); break;
     case HADAMARD: k->hadamard(&c->io, &c->hadamard, lo, hi); break;
     }
@@ -189,6 +192,28 @@ static PyObject *py_trellis(PyObject *self, PyObject *args) {
     return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
 }
 
+static PyObject *py_outlier(PyObject *self, PyObject *args) {
+    call_t c = {.family = OUTLIER};
+    epilogue_t ep;
+    int decode, threads;
+    long long lo, hi;
+    unsigned long long x, y, codes, scales, zeros, levels, low, step, positions, offsets;
+    grid_t *g = &c.outlier.inliers;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKKKKKKKLiLLL", IO_ARGS, &codes, &scales, &zeros, &levels, &low, &step,
+                          &positions, &offsets, &g->row_bytes, &g->bits, &g->group_size, &g->groups,
+                          &c.outlier.per_row))
+        return NULL;
+    g->codes = (const uint8_t *)codes;
+    g->scales = (const uint16_t *)scales;
+    g->zeros = (const uint8_t *)zeros;
+    c.outlier.levels = (const uint16_t *)levels;
+    c.outlier.low = (const uint16_t *)low;
+    c.outlier.step = (const uint16_t *)step;
+    c.outlier.positions = (const uint8_t *)positions;
+    c.outlier.offsets = (const int64_t *)offsets;
+    return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
+}
+
 static PyObject *py_bf16(PyObject *self, PyObject *args) {
     call_t c = {.family = BF16};
     epilogue_t ep;
@@ -244,6 +269,7 @@ static PyMethodDef methods[] = {
     {"grid", py_grid, METH_VARARGS, "integer-grid kernel (kernels.h: grid_t)"},
     {"lattice", py_lattice, METH_VARARGS, "E8P / residual lattice kernel (kernels.h: lattice_t)"},
     {"trellis", py_trellis, METH_VARARGS, "bitshift trellis kernel (kernels.h: trellis_layer_t)"},
+    {"outlier", py_outlier, METH_VARARGS, "ICQuant kernel (kernels.h: outlier_split_t)"},
     {"bf16", py_bf16, METH_VARARGS, "dense bf16 matvec (kernels.h: bf16_t)"},
     {"hadamard", py_hadamard, METH_VARARGS, "orthonormal Hadamard transform of rows (kernels.h: hadamard_t)"},
     {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},

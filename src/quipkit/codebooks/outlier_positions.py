@@ -60,6 +60,21 @@ def encode(mask: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return pack_bits(symbols, width), mask.sum(1, dtype=torch.int32)
 
 
+def row_starts(stream: Tensor, per_row: int, rows: int, width: int) -> Tensor:
+    """int64 [rows]: the symbol where each row's code starts in `stream` (uint8 [bytes]) when every row
+    holds `per_row` outliers: one past the previous row's last outlier symbol (what a kernel needs to
+    decode one row without walking the rows before it)."""
+    starts = torch.zeros(rows, dtype=torch.int64, device=stream.device)
+    if per_row == 0 or rows < 2:
+        return starts
+    symbols = unpack_bits(stream, width, stream.shape[0] * 8 // width)
+    outlier_at = (symbols != (1 << width) - 1).nonzero().squeeze(1)
+    if outlier_at.shape[0] < per_row * (rows - 1):
+        raise ValueError("the outlier index holds fewer outliers than its rows need; the checkpoint is damaged")
+    starts[1:] = outlier_at[per_row - 1 : per_row * (rows - 1) : per_row] + 1
+    return starts
+
+
 def decode(stream: Tensor, counts: Tensor, width: int, cols: int) -> Tensor:
     """Inverse of `encode`: (stream uint8 [bytes], counts int32 [rows]) -> mask bool [rows, cols]."""
     escape = (1 << width) - 1

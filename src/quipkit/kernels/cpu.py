@@ -13,9 +13,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from quipkit import native
 from quipkit.codebooks.e8p import pattern_parity, signed_patterns, source_set
+from quipkit.codebooks.outlier_positions import row_starts
 from quipkit.codebooks.rvq import e8_one_bit
 from quipkit.codebooks.trellis import TILE, _default_values
 from quipkit.kernels.dispatch import register_hadamard, register_kernel
@@ -104,12 +106,42 @@ def _trellis_plan(codebook, rows: int, cols: int) -> Plan:
     return Plan("trellis", TILE, static, lambda stored: (stored[0], table))
 
 
+# positions tensor -> (its version, int64 [rows] start of each row's code): computed once per layer
+_ROW_STARTS = WeakTensorKeyDictionary()
+
+
+def _row_starts(positions: Tensor, rows: int, per_row: int) -> Tensor:
+    """Where each row's outlier code starts (outlier_positions.row_starts), remembered per positions
+    tensor until it changes (`_version`), so a call costs no walk over the stream."""
+    held = _ROW_STARTS.get(positions)
+    if held is None or held[0] != positions._version or held[1].shape[0] != rows:
+        held = (positions._version, row_starts(positions[1:], per_row, rows, int(positions[0])).contiguous())
+        _ROW_STARTS[positions] = held
+    return held[1]
+
+
+def _outlier_plan(codebook, rows: int, cols: int) -> Plan:
+    """ICQuant: the inliers' grid (codes, scales, zeros) or table (codes, levels), then the outliers'
+    low and step and the positions; the kernel also reads each row's start in the positions."""
+    per_row = codebook.outliers(cols)
+    inliers = codebook.inliers
+    row_bytes = inliers.storage(rows, cols)["codes"][0][1]
+    if codebook.inlier_kind == "table":
+        static = (row_bytes, codebook.bits, cols, 1, per_row)
+        arrange = lambda s: (s[0], None, None, s[1], s[2], s[3], s[4], _row_starts(s[4], rows, per_row))
+    else:
+        static = (row_bytes, codebook.bits, inliers.group_size, inliers.groups(cols), per_row)
+        arrange = lambda s: (s[0], s[1], s[2], None, s[3], s[4], s[5], _row_starts(s[5], rows, per_row))
+    return Plan("outlier", 1, static, arrange)
+
+
 _PLANNERS: dict[str, Callable[[object, int, int], Plan]] = {
     "scalar": _grid_plan,
     "uniform": _grid_plan,
     "e8p": _lattice_plan,
     "rvq": _lattice_plan,
     "trellis": _trellis_plan,
+    "icquant": _outlier_plan,
     "dense": lambda codebook, rows, cols: Plan("bf16", 1, (), _padded(1)),
 }
 
