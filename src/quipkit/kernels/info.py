@@ -21,6 +21,8 @@ FAMILIES = [
     {"name": "trellis", "bits": 2, "L": 16, "code": "3inst"},
     {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"},
     {"name": "trellis", "bits": 2, "L": 12, "code": "lut"},
+    {"name": "icquant", "bits": 2, "index_bytes": 1},
+    {"name": "icquant", "bits": 2, "inliers": "table", "index_bytes": 1},
     {"name": "dense", "bits": 16},
     {"name": "dense", "bits": 32},
 ]
@@ -43,7 +45,7 @@ def kernel_rows(device: str = "cpu") -> list[dict]:
     rows = []
     for spec in FAMILIES:
         codebook = make_codebook(spec)
-        label = "-".join(str(spec[k]) for k in ("name", "code") if k in spec) + f" {spec['bits']}-bit"
+        label = "-".join(str(spec[k]) for k in ("name", "code", "inliers") if k in spec) + f" {spec['bits']}-bit"
         choices = [dispatch.select_kernel(torch.zeros(n, 256, device=device), codebook, 256, 256).name
                    for n in (1, PREFILL_ROWS)]
         rows.append({"codebook": label, "decode": choices[0], "prefill": choices[1]})
