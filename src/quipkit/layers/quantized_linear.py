@@ -184,9 +184,9 @@ class QuantizedLinear(KeepsStoredFormats):
 
     def _low_rank_term(self, x: Tensor) -> Tensor:
         """(x [..., in] R^T) L^T -> [..., out], each factor decoded by its codebook's kernel (never held)."""
-        buffers, rank = self._buffers, self.low_rank.rank
-        inner = decode_matmul(x, [buffers[n] for n in self._right_names], self._low_rank_spec, rank, self.in_features)
-        return decode_matmul(inner, [buffers[n] for n in self._left_names], self._low_rank_spec, self.out_features, rank)
+        buffers, rank, spec = self._buffers, self.low_rank.rank, self._low_rank_spec
+        inner = decode_matmul(x, [buffers[n] for n in self._right_names], spec, rank, self.in_features)
+        return decode_matmul(inner, [buffers[n] for n in self._left_names], spec, self.out_features, rank)
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:
