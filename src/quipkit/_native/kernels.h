@@ -59,16 +59,26 @@ typedef struct {
     const float *table;
 } trellis_layer_t;
 
-/* ICQuant: every weight one b-bit code. Inliers read an integer grid (`inliers`) or, when `levels` is
- * not NULL, a per-row table of 2^b fp16 levels [rows, 2^b] (codes in inliers.codes either way). Each
- * row's `per_row` outliers read a sign-and-magnitude grid: w = +-(low[r] + step[r] * (q mod 2^(b-1))),
- * negative when q >= 2^(b-1) (low, step fp16 [rows]). Their columns are a gap code
- * (codebooks/outlier_positions.py): positions[0] is the symbol width B, then B-bit symbols; the
- * escape 2^B - 1 skips that many inlier columns, a symbol s < escape skips s and marks the next
- * column. Row r's symbols start at symbol offsets[r] (int64 [rows], computed once per layer). */
+/* A table of 2^b fp16 levels per row [rows, 2^b] (b <= 4): w[r, c] = levels[r, q[r, c]]; codes as
+ * the grid's. */
 typedef struct {
-    grid_t inliers;
+    const uint8_t *codes;
+    int64_t row_bytes;
+    int bits;
     const uint16_t *levels;
+} table_t;
+
+/* ICQuant: every weight one b-bit code; the inliers read an integer grid (`grid`) or, when
+ * table.levels is not NULL, a per-row table (codes, bits and row_bytes alike in both). Each row's
+ * `per_row` outliers read a sign-and-magnitude grid instead: w = +-(low[r] + step[r] * (q mod
+ * 2^(b-1))), negative when q >= 2^(b-1) (low, step fp16 [rows]). Their columns are a gap code
+ * (codebooks/outlier_positions.py): positions[0] is the symbol width B, then B-bit symbols; the escape
+ * 2^B - 1 skips that many inlier columns, a symbol s < escape skips s and marks the next column. Row r's
+ * symbols start at symbol offsets[r] (int64 [rows], found once per layer). A call runs the inliers'
+ * kernel over the whole row, then the outlier kernel corrects the few outlier columns. */
+typedef struct {
+    grid_t grid;
+    table_t table;
     const uint16_t *low, *step;
     const uint8_t *positions;
     const int64_t *offsets;
@@ -96,6 +106,9 @@ typedef struct {
     void (*lattice_decode)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
     void (*trellis_matvec)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
     void (*trellis_decode)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi);
+    void (*table_matvec)(const io_t *, const table_t *, int64_t lo, int64_t hi);
+    void (*table_decode)(const io_t *, const table_t *, int64_t lo, int64_t hi);
+    /* y += (outlier value - inlier value) x at each outlier; decode: the outliers' values into the rows */
     void (*outlier_matvec)(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
     void (*outlier_decode)(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
     void (*bf16_matvec)(const io_t *, const bf16_t *, int64_t lo, int64_t hi);
@@ -106,7 +119,8 @@ extern const kernel_set_t kernels_portable;
 #if defined(__x86_64__)
 extern const kernel_set_t kernels_avx2;
 extern const kernel_set_t kernels_avx512;
-/* Kernels without a hand-written AVX-512 version: the AVX-512 tier runs their AVX2 build. */
+/* The outlier corrections (a few scalar updates per row) have no AVX-512 version: that tier runs
+ * their AVX2 build. */
 void outlier_matvec_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 void outlier_decode_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 #endif

@@ -8,7 +8,9 @@
  *            enter as sums of x over each code's columns
  *   trellis  16 states of a tile row: one load, one byte permute, one variable shift, then the code
  *            (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two fp16 halves)
- * Shapes these paths do not cover (rows not in 16-lane chunks, table codes) go to the AVX2 kernels.
+ *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
+ * Shapes these paths do not cover (rows not in 16-lane chunks, HYB and LUT trellis codes) go to the AVX2 kernels,
+ * and so do ICQuant's outlier corrections (scalar updates at a few columns per row).
  */
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -33,9 +35,13 @@ INLINE void unpack_constants(int bits, __m512i *perm, __m512i *shift) {
     *shift = _mm512_loadu_si512(s);
 }
 
-INLINE __m512 unpack16(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
+INLINE __m512i unpack16_int(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
     const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(bytes, src));
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shift), mask));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, shift), mask);
+}
+
+INLINE __m512 unpack16(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
+    return _mm512_cvtepi32_ps(unpack16_int(src, bytes, perm, shift, mask));
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -114,6 +120,74 @@ AVX512 static void grid_matvec(const io_t *io, const grid_t *g, int64_t lo, int6
         case 7: grid_rows(io, g, lo, hi, b0, 7); break;
         default: grid_rows(io, g, lo, hi, b0, 8); break;
         }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * Per-row tables: the row's 2^b levels sit in one register, and 16 codes pick theirs with one permute */
+
+INLINE __m512 table_levels(const table_t *t, int64_t r) {
+    const int count = 1 << t->bits;
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), t->levels + r * count));
+}
+
+INLINE void table_rows(const io_t *io, const table_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB) {
+    const int64_t cols = io->cols;
+    const int bits = t->bits;
+    __m512i perm, shift;
+    unpack_constants(bits, &perm, &shift);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = t->codes + r * t->row_bytes;
+        const __m512 levels = table_levels(t, r);
+        __m512 acc[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t col = 0; col < cols; col += 16) {
+            const __m512 w = _mm512_permutexvar_ps(unpack16_int(row + col * bits / 8, bytes, perm, shift, mask), levels);
+            for (int b = 0; b < NB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(io->x + (b0 + b) * cols + col), acc[b]);
+        }
+        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = _mm512_reduce_add_ps(acc[b]);
+    }
+}
+
+AVX512 static void table_matvec(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
+    if (io->cols % 16 != 0) {
+        kernels_avx2.table_matvec(io, t, lo, hi);
+        return;
+    }
+    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
+        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {
+        case 1: table_rows(io, t, lo, hi, b0, 1); break;
+        case 2: table_rows(io, t, lo, hi, b0, 2); break;
+        case 3: table_rows(io, t, lo, hi, b0, 3); break;
+        case 4: table_rows(io, t, lo, hi, b0, 4); break;
+        case 5: table_rows(io, t, lo, hi, b0, 5); break;
+        case 6: table_rows(io, t, lo, hi, b0, 6); break;
+        case 7: table_rows(io, t, lo, hi, b0, 7); break;
+        default: table_rows(io, t, lo, hi, b0, 8); break;
+        }
+    }
+}
+
+AVX512 static void table_decode(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
+    const int64_t cols = io->cols;
+    if (cols % 16 != 0) {
+        kernels_avx2.table_decode(io, t, lo, hi);
+        return;
+    }
+    const int bits = t->bits;
+    __m512i perm, shift;
+    unpack_constants(bits, &perm, &shift);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = t->codes + r * t->row_bytes;
+        const __m512 levels = table_levels(t, r);
+        float *w = io->y + (r - io->row0) * cols;
+        for (int64_t col = 0; col < cols; col += 16)
+            _mm512_storeu_ps(w + col, _mm512_permutexvar_ps(unpack16_int(row + col * bits / 8, bytes, perm, shift, mask),
+                                                            levels));
     }
 }
 
@@ -562,6 +636,8 @@ const kernel_set_t kernels_avx512 = {
     .lattice_decode = lattice_decode,
     .trellis_matvec = trellis_matvec,
     .trellis_decode = trellis_decode,
+    .table_matvec = table_matvec,
+    .table_decode = table_decode,
     .outlier_matvec = outlier_matvec_avx2,
     .outlier_decode = outlier_decode_avx2,
     .bf16_matvec = bf16_matvec,

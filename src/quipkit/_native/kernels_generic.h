@@ -214,52 +214,124 @@ KERNEL_TARGET static void FN(trellis_decode)(const io_t *io, const trellis_layer
 }
 
 /* ----------------------------------------------------------------------------------------------
- * ICQuant: inlier grid or table, outliers on their own grid at gap-coded columns */
+ * Per-row tables, and ICQuant's outlier corrections */
 
-/* Row r of W, decoded: w [cols]; q [cols] is scratch for its codes. */
-KERNEL_TARGET static void FN(outlier_row)(const outlier_split_t *o, int64_t r, int64_t cols, int32_t *q, float *w) {
-    const grid_t *g = &o->inliers;
-    if (o->levels != NULL) {
-        const int count = 1 << g->bits;
-        float table[count];
-        for (int i = 0; i < count; i++) table[i] = half_to_float(o->levels[r * count + i]);
-        FN(unpack)(g->codes + r * g->row_bytes, g->bits, 0, cols, q);
-        for (int64_t c = 0; c < cols; c++) w[c] = table[q[c]];
-    } else {
-        float scale[g->groups], zero[g->groups];
-        FN(grid_row)(g, r, cols, q, scale, zero);
-        for (int64_t c = 0; c < cols; c++) w[c] = scale[c / g->group_size] * ((float)q[c] - zero[c / g->group_size]);
-    }
-    const int width = o->positions[0];
-    const int32_t half = 1 << (g->bits - 1), escape = (1 << width) - 1;
-    const float low = half_to_float(o->low[r]), step = half_to_float(o->step[r]);
-    int64_t symbol = o->offsets[r], column = -1;
-    for (int64_t found = 0; found < o->per_row; symbol++) {
-        int32_t s;
-        FN(unpack)(o->positions + 1, width, symbol, 1, &s);
-        column += s == escape ? escape : s + 1;
-        if (column >= cols) break; /* a damaged stream never writes outside the row */
-        if (s == escape) continue;
-        found++;
-        const float magnitude = low + step * (float)(q[column] % half);
-        w[column] = q[column] >= half ? -magnitude : magnitude;
-    }
+KERNEL_TARGET static void FN(table_row)(const table_t *t, int64_t r, int64_t cols, int32_t *q, float *w) {
+    const int count = 1 << t->bits;
+    float levels[count];
+    for (int i = 0; i < count; i++) levels[i] = half_to_float(t->levels[r * count + i]);
+    FN(unpack)(t->codes + r * t->row_bytes, t->bits, 0, cols, q);
+    for (int64_t c = 0; c < cols; c++) w[c] = levels[q[c]];
 }
 
-KERNEL_TARGET void FN(outlier_matvec)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+KERNEL_TARGET static void FN(table_matvec)(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
     int32_t *q = malloc(sizeof(int32_t) * io->cols);
     float *w = malloc(sizeof(float) * io->cols);
     for (int64_t r = lo; r < hi; r++) {
-        FN(outlier_row)(o, r, io->cols, q, w);
+        FN(table_row)(t, r, io->cols, q, w);
         FN(row_dots)(io, w, r);
     }
     free(q), free(w);
 }
 
-KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+KERNEL_TARGET static void FN(table_decode)(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
     int32_t *q = malloc(sizeof(int32_t) * io->cols);
-    for (int64_t r = lo; r < hi; r++) FN(outlier_row)(o, r, io->cols, q, io->y + (r - io->row0) * io->cols);
+    for (int64_t r = lo; r < hi; r++) FN(table_row)(t, r, io->cols, q, io->y + (r - io->row0) * io->cols);
     free(q);
+}
+
+/* The `bits`-bit value (bits <= 16) at bit `bit` of a little-endian stream, reading no byte past it. */
+KERNEL_TARGET static inline uint32_t FN(bits_at)(const uint8_t *stream, int64_t bit, int bits) {
+    const uint8_t *p = stream + (bit >> 3);
+    const int shift = (int)(bit & 7);
+    uint32_t word = p[0];
+    if (shift + bits > 8) word |= (uint32_t)p[1] << 8;
+    if (shift + bits > 16) word |= (uint32_t)p[2] << 16;
+    return (word >> shift) & ((1u << bits) - 1);
+}
+
+/* Row r's outliers: their columns `at` and codes `code` [per_row] -> how many (fewer only for a
+ * damaged index, which never reaches outside the row). */
+KERNEL_TARGET static int64_t FN(row_outliers)(const outlier_split_t *o, int64_t r, int64_t cols, int64_t *at,
+                                              int32_t *code) {
+    if (o->per_row == 0) return 0; /* the stream may hold no symbol at all */
+    const int width = o->positions[0], bits = o->grid.bits;
+    const uint64_t escape = (1u << width) - 1;
+    const int64_t first = width * o->offsets[r];
+    const uint8_t *p = o->positions + 1 + (first >> 3);
+    uint64_t acc = *p++ >> (first & 7); /* a bit reader over the row's symbols */
+    int have = 8 - (int)(first & 7);
+    int64_t column = -1, found = 0;
+    while (found < o->per_row) {
+        while (have < width) acc |= (uint64_t)*p++ << have, have += 8;
+        const uint64_t s = acc & escape;
+        acc >>= width, have -= width;
+        column += s == escape ? (int64_t)escape : (int64_t)s + 1;
+        if (column >= cols) break;
+        at[found] = column; /* written always, kept only for an outlier: no branch on the symbol */
+        found += s != escape;
+    }
+    const uint8_t *row = o->grid.codes + r * o->grid.row_bytes;
+    for (int64_t i = 0; i < found; i++) code[i] = (int32_t)FN(bits_at)(row, bits * at[i], bits);
+    return found;
+}
+
+/* Row r's outlier value and (the inliers' kernel's) inlier value of each of its `found` outliers. */
+KERNEL_TARGET static void FN(outlier_values)(const outlier_split_t *o, int64_t r, int64_t found, const int64_t *at,
+                                             const int32_t *code, float *outlier, float *inlier) {
+    const int bits = o->grid.bits;
+    const int32_t half = 1 << (bits - 1);
+    const float low = half_to_float(o->low[r]), step = half_to_float(o->step[r]);
+    const grid_t *g = &o->grid;
+    int64_t group_end = 0; /* columns ascend: a group's scale and zero are read when its first outlier comes */
+    float scale = 0.0f, zero = 0.0f, levels[16];
+    if (o->table.levels != NULL)
+        for (int i = 0; i < (1 << bits); i++) levels[i] = half_to_float(o->table.levels[(r << bits) + i]);
+    for (int64_t i = 0; i < found; i++) {
+        const float magnitude = low + step * (float)(code[i] & (half - 1));
+        outlier[i] = code[i] >= half ? -magnitude : magnitude;
+        if (o->table.levels != NULL) {
+            inlier[i] = levels[code[i]];
+            continue;
+        }
+        if (at[i] >= group_end) {
+            const int64_t group = at[i] / g->group_size;
+            group_end = (group + 1) * g->group_size;
+            scale = half_to_float(g->scales[r * g->groups + group]);
+            zero = (float)FN(bits_at)(g->zeros, bits * (r * g->groups + group), bits);
+        }
+        inlier[i] = scale * ((float)code[i] - zero);
+    }
+}
+
+KERNEL_TARGET void FN(outlier_matvec)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+    int64_t *at = calloc(o->per_row + 1, sizeof(int64_t));
+    int32_t *code = calloc(o->per_row + 1, sizeof(int32_t));
+    float *outlier = malloc(sizeof(float) * (o->per_row + 1)), *inlier = malloc(sizeof(float) * (o->per_row + 1));
+    for (int64_t r = lo; r < hi; r++) {
+        const int64_t found = FN(row_outliers)(o, r, io->cols, at, code);
+        FN(outlier_values)(o, r, found, at, code, outlier, inlier);
+        for (int64_t b = 0; b < io->batch; b++) {
+            const float *x = io->x + b * io->cols;
+            float delta = 0.0f;
+            for (int64_t i = 0; i < found; i++) delta += (outlier[i] - inlier[i]) * x[at[i]];
+            io->y[b * io->rows + r] += delta;
+        }
+    }
+    free(at), free(code), free(outlier), free(inlier);
+}
+
+KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
+    int64_t *at = calloc(o->per_row + 1, sizeof(int64_t));
+    int32_t *code = calloc(o->per_row + 1, sizeof(int32_t));
+    float *outlier = malloc(sizeof(float) * (o->per_row + 1)), *inlier = malloc(sizeof(float) * (o->per_row + 1));
+    for (int64_t r = lo; r < hi; r++) {
+        float *w = io->y + (r - io->row0) * io->cols;
+        const int64_t found = FN(row_outliers)(o, r, io->cols, at, code);
+        FN(outlier_values)(o, r, found, at, code, outlier, inlier);
+        for (int64_t i = 0; i < found; i++) w[at[i]] = outlier[i];
+    }
+    free(at), free(code), free(outlier), free(inlier);
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -326,6 +398,8 @@ const kernel_set_t KERNEL_SET = {
     .lattice_decode = FN(lattice_decode),
     .trellis_matvec = FN(trellis_matvec),
     .trellis_decode = FN(trellis_decode),
+    .table_matvec = FN(table_matvec),
+    .table_decode = FN(table_decode),
     .outlier_matvec = FN(outlier_matvec),
     .outlier_decode = FN(outlier_decode),
     .bf16_matvec = FN(bf16_matvec),

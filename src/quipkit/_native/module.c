@@ -71,7 +71,11 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
         lo += c->io.row0, hi += c->io.row0;
         if (c->family == GRID) k->grid_decode(&c->io, &c->grid, lo, hi);
         else if (c->family == LATTICE) k->lattice_decode(&c->io, &c->lattice, lo, hi);
-        else if (c->family == OUTLIER) k->outlier_decode(&c->io, &c->outlier, lo, hi);
+        else if (c->family == OUTLIER) {
+            if (c->outlier.table.levels) k->table_decode(&c->io, &c->outlier.table, lo, hi);
+            else k->grid_decode(&c->io, &c->outlier.grid, lo, hi);
+            k->outlier_decode(&c->io, &c->outlier, lo, hi);
+        }
         else k->trellis_decode(&c->io, &c->trellis, lo, hi);
         return;
     }
@@ -79,7 +83,11 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
     case GRID: k->grid_matvec(&c->io, &c->grid, lo, hi); break;
     case LATTICE: k->lattice_matvec(&c->io, &c->lattice, lo, hi); break;
     case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
-    case OUTLIER: k->outlier_matvec(&c->io, &c->outlier, lo, hi); break;
+    case OUTLIER: /* the inliers' kernel over whole rows, then the outliers' corrections */
+        if (c->outlier.table.levels) k->table_matvec(&c->io, &c->outlier.table, lo, hi);
+        else k->grid_matvec(&c->io, &c->outlier.grid, lo, hi);
+        k->outlier_matvec(&c->io, &c->outlier, lo, hi);
+        break;
     case BF16: k->bf16_matvec(&c->io, &c->bf16, lo, hi); break;
     case HADAMARD: k->hadamard(&c->io, &c->hadamard, lo, hi); break;
     }
@@ -198,7 +206,7 @@ static PyObject *py_outlier(PyObject *self, PyObject *args) {
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, codes, scales, zeros, levels, low, step, positions, offsets;
-    grid_t *g = &c.outlier.inliers;
+    grid_t *g = &c.outlier.grid;
     if (!PyArg_ParseTuple(args, IO_FORMAT "KKKKKKKKLiLLL", IO_ARGS, &codes, &scales, &zeros, &levels, &low, &step,
                           &positions, &offsets, &g->row_bytes, &g->bits, &g->group_size, &g->groups,
                           &c.outlier.per_row))
@@ -206,7 +214,8 @@ static PyObject *py_outlier(PyObject *self, PyObject *args) {
     g->codes = (const uint8_t *)codes;
     g->scales = (const uint16_t *)scales;
     g->zeros = (const uint8_t *)zeros;
-    c.outlier.levels = (const uint16_t *)levels;
+    c.outlier.table = (table_t){.codes = g->codes, .row_bytes = g->row_bytes, .bits = g->bits,
+                                .levels = (const uint16_t *)levels};
     c.outlier.low = (const uint16_t *)low;
     c.outlier.step = (const uint16_t *)step;
     c.outlier.positions = (const uint8_t *)positions;
