@@ -438,8 +438,7 @@ def _guided_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str, tokens
                            f"{len(experts) - 1} more); use --hessian input")
     model.to(device)
     try:
-        return output_gradient_weights(model, linears, tokens, calibration.batch_size, calibration.guided_groups,
-                                       reporter)
+        return output_gradient_weights(model, linears, tokens, calibration.guided_groups, reporter)
     finally:
         model.to("cpu")
 

@@ -1,7 +1,7 @@
 """Guided Hessians (GuidedQuant): a Hessian per group of a layer's output rows, each token's x x^T
 weighted by how much the model's loss moves with those outputs.
 
-One forward and backward pass of the float model per calibration batch, the loss being the
+One forward and backward pass of the float model per calibration sequence, the loss being the
 next-token cross-entropy against the float model's own most likely tokens (its predictions, so that
 the rounding protects what the model does rather than the text's surprises). For every linear the
 squared gradient with respect to its outputs is summed over each contiguous group of rows: [N, T, G]
@@ -16,6 +16,10 @@ from torch import Tensor, nn
 from quipkit.console import Reporter
 
 ROW_BLOCK = 16  # a group holds a multiple of this many rows: the trellis codebook's tile height
+# Sequences per backward pass. A pass holds every activation of the model: 1.8 GB per 512-token
+# sequence of the 135M reference model (measured), so the calibration batch of 8 went past 24 GB;
+# on the CPU one at a time costs no throughput (2.7 s per sequence either way).
+BACKWARD_SEQUENCES = 1
 
 
 def row_groups(rows: int, wanted: int) -> int:
@@ -24,8 +28,8 @@ def row_groups(rows: int, wanted: int) -> int:
     return next((g for g in range(wanted, 0, -1) if rows % (g * ROW_BLOCK) == 0), 1)
 
 
-def output_gradient_weights(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tensor, batch_size: int,
-                            groups: int, reporter: Reporter | None = None) -> dict[str, Tensor]:
+def output_gradient_weights(model: nn.Module, linears: dict[str, nn.Linear], tokens: Tensor, groups: int,
+                            reporter: Reporter | None = None) -> dict[str, Tensor]:
     """{name: [N, T, G]} for `linears` of the float `model` on calibration `tokens` [N, T]: per token,
     the squared gradient of the loss with respect to the layer's outputs, summed over each of its G
     (`row_groups`) contiguous groups of rows."""
@@ -48,7 +52,7 @@ def output_gradient_weights(model: nn.Module, linears: dict[str, nn.Linear], tok
     embed = model.get_input_embeddings()
     try:
         with torch.enable_grad(), reporter.task("guided Hessians: gradients", len(tokens)) as task:
-            for batch in torch.split(tokens, batch_size):
+            for batch in torch.split(tokens, BACKWARD_SEQUENCES):
                 inputs = embed(batch.to(device)).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits
                 predictions = logits.detach().argmax(-1)
