@@ -23,7 +23,13 @@
 
 /* Lane l of a 16-lane chunk of `bits`-bit values starts at bit l * bits: the byte permute gathers
  * bytes [b, b + 3] (b = l * bits / 8) into lane l, and the variable shift drops l * bits mod 8. */
-INLINE void unpack_constants(int bits, __m512i *perm, __m512i *shift) {
+typedef struct {
+    __m512i perm, shift, mask;
+    __mmask64 bytes; /* the chunk's 2 * bits bytes */
+    int bits;
+} unpacker_t;
+
+INLINE unpacker_t unpacker(int bits) {
     uint8_t p[64];
     uint32_t s[16];
     for (int l = 0; l < 16; l++) {
@@ -31,18 +37,36 @@ INLINE void unpack_constants(int bits, __m512i *perm, __m512i *shift) {
         for (int i = 0; i < 4; i++) p[4 * l + i] = (uint8_t)((bit >> 3) + i);
         s[l] = (uint32_t)(bit & 7);
     }
-    *perm = _mm512_loadu_si512(p);
-    *shift = _mm512_loadu_si512(s);
+    return (unpacker_t){.perm = _mm512_loadu_si512(p), .shift = _mm512_loadu_si512(s),
+                        .mask = _mm512_set1_epi32((1 << bits) - 1), .bytes = (__mmask64)((1ull << (2 * bits)) - 1),
+                        .bits = bits};
 }
 
-INLINE __m512i unpack16_int(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
-    const __m512i v = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(bytes, src));
-    return _mm512_and_si512(_mm512_srlv_epi32(v, shift), mask);
+/* The 16 codes of a row's packed stream `row` from column `col` (a multiple of 16). */
+INLINE __m512i unpack16_int(const unpacker_t *u, const uint8_t *row, int64_t col) {
+    const __m512i v = _mm512_permutexvar_epi8(u->perm, _mm512_maskz_loadu_epi8(u->bytes, row + col * u->bits / 8));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, u->shift), u->mask);
 }
 
-INLINE __m512 unpack16(const uint8_t *src, __mmask64 bytes, __m512i perm, __m512i shift, __m512i mask) {
-    return _mm512_cvtepi32_ps(unpack16_int(src, bytes, perm, shift, mask));
+INLINE __m512 unpack16(const unpacker_t *u, const uint8_t *row, int64_t col) {
+    return _mm512_cvtepi32_ps(unpack16_int(u, row, col));
 }
+
+/* Runs ROWS(io, S, lo, hi, b0, NB[, extra]) on each chunk of at most MAX_BATCH activation rows, NB a
+ * constant in every case, so that the kernels' loops over it unroll. */
+#define BATCH_CHUNKS(ROWS, S, ...)                                               \
+    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {                      \
+        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {       \
+        case 1: ROWS(io, S, lo, hi, b0, 1, ##__VA_ARGS__); break;                \
+        case 2: ROWS(io, S, lo, hi, b0, 2, ##__VA_ARGS__); break;                \
+        case 3: ROWS(io, S, lo, hi, b0, 3, ##__VA_ARGS__); break;                \
+        case 4: ROWS(io, S, lo, hi, b0, 4, ##__VA_ARGS__); break;                \
+        case 5: ROWS(io, S, lo, hi, b0, 5, ##__VA_ARGS__); break;                \
+        case 6: ROWS(io, S, lo, hi, b0, 6, ##__VA_ARGS__); break;                \
+        case 7: ROWS(io, S, lo, hi, b0, 7, ##__VA_ARGS__); break;                \
+        default: ROWS(io, S, lo, hi, b0, 8, ##__VA_ARGS__); break;               \
+        }                                                                        \
+    }
 
 /* ----------------------------------------------------------------------------------------------
  * Integer grids */
@@ -51,10 +75,7 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
     const int64_t groups = (cols + gs - 1) / gs;
     const int bits = g->bits;
-    __m512i perm, shift;
-    unpack_constants(bits, &perm, &shift);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    const unpacker_t u = unpacker(bits);
     const float *x[MAX_BATCH];
     for (int b = 0; b < NB; b++) x[b] = io->x + (b0 + b) * cols;
     float xsum[MAX_BATCH * groups];
@@ -85,7 +106,7 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
             for (int b = 0; b < NB; b++) part[b] = _mm512_setzero_ps();
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
             for (int64_t col = j * gs; col < end; col += 16) {
-                const __m512 q = unpack16(row + col * bits / 8, bytes, perm, shift, mask);
+                const __m512 q = unpack16(&u, row, col);
                 for (int b = 0; b < NB; b++) part[b] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[b] + col), part[b]);
             }
             const float scale = g->scales ? half_to_float(g->scales[r * groups + j]) : g->scale;
@@ -109,18 +130,7 @@ AVX512 static void grid_matvec(const io_t *io, const grid_t *g, int64_t lo, int6
         kernels_avx2.grid_matvec(io, g, lo, hi);
         return;
     }
-    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
-        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {
-        case 1: grid_rows(io, g, lo, hi, b0, 1); break;
-        case 2: grid_rows(io, g, lo, hi, b0, 2); break;
-        case 3: grid_rows(io, g, lo, hi, b0, 3); break;
-        case 4: grid_rows(io, g, lo, hi, b0, 4); break;
-        case 5: grid_rows(io, g, lo, hi, b0, 5); break;
-        case 6: grid_rows(io, g, lo, hi, b0, 6); break;
-        case 7: grid_rows(io, g, lo, hi, b0, 7); break;
-        default: grid_rows(io, g, lo, hi, b0, 8); break;
-        }
-    }
+    BATCH_CHUNKS(grid_rows, g)
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -133,18 +143,14 @@ INLINE __m512 table_levels(const table_t *t, int64_t r) {
 
 INLINE void table_rows(const io_t *io, const table_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB) {
     const int64_t cols = io->cols;
-    const int bits = t->bits;
-    __m512i perm, shift;
-    unpack_constants(bits, &perm, &shift);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    const unpacker_t u = unpacker(t->bits);
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = t->codes + r * t->row_bytes;
         const __m512 levels = table_levels(t, r);
         __m512 acc[MAX_BATCH];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
         for (int64_t col = 0; col < cols; col += 16) {
-            const __m512 w = _mm512_permutexvar_ps(unpack16_int(row + col * bits / 8, bytes, perm, shift, mask), levels);
+            const __m512 w = _mm512_permutexvar_ps(unpack16_int(&u, row, col), levels);
             for (int b = 0; b < NB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(io->x + (b0 + b) * cols + col), acc[b]);
         }
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = _mm512_reduce_add_ps(acc[b]);
@@ -156,18 +162,7 @@ AVX512 static void table_matvec(const io_t *io, const table_t *t, int64_t lo, in
         kernels_avx2.table_matvec(io, t, lo, hi);
         return;
     }
-    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
-        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {
-        case 1: table_rows(io, t, lo, hi, b0, 1); break;
-        case 2: table_rows(io, t, lo, hi, b0, 2); break;
-        case 3: table_rows(io, t, lo, hi, b0, 3); break;
-        case 4: table_rows(io, t, lo, hi, b0, 4); break;
-        case 5: table_rows(io, t, lo, hi, b0, 5); break;
-        case 6: table_rows(io, t, lo, hi, b0, 6); break;
-        case 7: table_rows(io, t, lo, hi, b0, 7); break;
-        default: table_rows(io, t, lo, hi, b0, 8); break;
-        }
-    }
+    BATCH_CHUNKS(table_rows, t)
 }
 
 AVX512 static void table_decode(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
@@ -176,18 +171,13 @@ AVX512 static void table_decode(const io_t *io, const table_t *t, int64_t lo, in
         kernels_avx2.table_decode(io, t, lo, hi);
         return;
     }
-    const int bits = t->bits;
-    __m512i perm, shift;
-    unpack_constants(bits, &perm, &shift);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    const unpacker_t u = unpacker(t->bits);
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = t->codes + r * t->row_bytes;
         const __m512 levels = table_levels(t, r);
         float *w = io->y + (r - io->row0) * cols;
         for (int64_t col = 0; col < cols; col += 16)
-            _mm512_storeu_ps(w + col, _mm512_permutexvar_ps(unpack16_int(row + col * bits / 8, bytes, perm, shift, mask),
-                                                            levels));
+            _mm512_storeu_ps(w + col, _mm512_permutexvar_ps(unpack16_int(&u, row, col), levels));
     }
 }
 
@@ -302,27 +292,13 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     free(group_sums);
 }
 
-#define LATTICE_CASES(second)                                                \
-    switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {       \
-    case 1: lattice_rows(io, l, lo, hi, b0, 1, second); break;               \
-    case 2: lattice_rows(io, l, lo, hi, b0, 2, second); break;               \
-    case 3: lattice_rows(io, l, lo, hi, b0, 3, second); break;               \
-    case 4: lattice_rows(io, l, lo, hi, b0, 4, second); break;               \
-    case 5: lattice_rows(io, l, lo, hi, b0, 5, second); break;               \
-    case 6: lattice_rows(io, l, lo, hi, b0, 6, second); break;               \
-    case 7: lattice_rows(io, l, lo, hi, b0, 7, second); break;               \
-    default: lattice_rows(io, l, lo, hi, b0, 8, second); break;              \
-    }
-
 AVX512 static void lattice_matvec(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
-    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {
-        if (l->second == 0) {
-            LATTICE_CASES(0)
-        } else if (l->second == 1) {
-            LATTICE_CASES(1)
-        } else {
-            LATTICE_CASES(2)
-        }
+    if (l->second == 0) {
+        BATCH_CHUNKS(lattice_rows, l, 0)
+    } else if (l->second == 1) {
+        BATCH_CHUNKS(lattice_rows, l, 1)
+    } else {
+        BATCH_CHUNKS(lattice_rows, l, 2)
     }
 }
 
@@ -568,10 +544,7 @@ AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int6
     }
     const int64_t gs = g->scales ? g->group_size : cols, groups = (cols + gs - 1) / gs;
     const int bits = g->bits;
-    __m512i perm, shift;
-    unpack_constants(bits, &perm, &shift);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __mmask64 bytes = (__mmask64)((1ull << (2 * bits)) - 1);
+    const unpacker_t u = unpacker(bits);
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         float *w = io->y + (r - io->row0) * cols;
@@ -587,8 +560,7 @@ AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int6
             const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
             for (int64_t col = j * gs; col < end; col += 16)
-                _mm512_storeu_ps(w + col, _mm512_mul_ps(s, _mm512_sub_ps(unpack16(row + col * bits / 8, bytes, perm, shift,
-                                                                                 mask), z)));
+                _mm512_storeu_ps(w + col, _mm512_mul_ps(s, _mm512_sub_ps(unpack16(&u, row, col), z)));
         }
     }
 }
