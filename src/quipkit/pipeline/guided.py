@@ -17,8 +17,8 @@ from quipkit.console import Reporter
 
 ROW_BLOCK = 16  # a group holds a multiple of this many rows: the trellis codebook's tile height
 # Sequences per backward pass. A pass holds every activation of the model: 1.8 GB per 512-token
-# sequence of the 135M reference model (measured), so the calibration batch of 8 went past 24 GB;
-# on the CPU one at a time costs no throughput (2.7 s per sequence either way).
+# sequence of the 135M reference model (measured), 14 GB for the calibration batch of 8; on the CPU
+# one at a time costs no throughput (2.7 s per sequence either way).
 BACKWARD_SEQUENCES = 1
 
 
