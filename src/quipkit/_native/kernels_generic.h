@@ -276,7 +276,8 @@ KERNEL_TARGET static int64_t FN(row_outliers)(const outlier_split_t *o, int64_t 
     return found;
 }
 
-/* Row r's outlier value and (the inliers' kernel's) inlier value of each of its `found` outliers. */
+/* Row r's outlier value and (the inliers' kernel's) inlier value, unless `inlier` is NULL, of each of
+ * its `found` outliers. */
 KERNEL_TARGET static void FN(outlier_values)(const outlier_split_t *o, int64_t r, int64_t found, const int64_t *at,
                                              const int32_t *code, float *outlier, float *inlier) {
     const int bits = o->grid.bits;
@@ -290,6 +291,7 @@ KERNEL_TARGET static void FN(outlier_values)(const outlier_split_t *o, int64_t r
     for (int64_t i = 0; i < found; i++) {
         const float magnitude = low + step * (float)(code[i] & (half - 1));
         outlier[i] = code[i] >= half ? -magnitude : magnitude;
+        if (inlier == NULL) continue;
         if (o->table.levels != NULL) {
             inlier[i] = levels[code[i]];
             continue;
@@ -324,14 +326,14 @@ KERNEL_TARGET void FN(outlier_matvec)(const io_t *io, const outlier_split_t *o, 
 KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, int64_t lo, int64_t hi) {
     int64_t *at = calloc(o->per_row + 1, sizeof(int64_t));
     int32_t *code = calloc(o->per_row + 1, sizeof(int32_t));
-    float *outlier = malloc(sizeof(float) * (o->per_row + 1)), *inlier = malloc(sizeof(float) * (o->per_row + 1));
+    float *outlier = malloc(sizeof(float) * (o->per_row + 1));
     for (int64_t r = lo; r < hi; r++) {
         float *w = io->y + (r - io->row0) * io->cols;
         const int64_t found = FN(row_outliers)(o, r, io->cols, at, code);
-        FN(outlier_values)(o, r, found, at, code, outlier, inlier);
+        FN(outlier_values)(o, r, found, at, code, outlier, NULL); /* the decoded row needs no inlier values */
         for (int64_t i = 0; i < found; i++) w[at[i]] = outlier[i];
     }
-    free(at), free(code), free(outlier), free(inlier);
+    free(at), free(code), free(outlier);
 }
 
 /* ----------------------------------------------------------------------------------------------

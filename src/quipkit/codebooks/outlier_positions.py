@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from quipkit.errors import QuipkitError
 from quipkit.layers.packing import pack_bits, unpack_bits
 
 WIDTHS = range(1, 17)  # symbol widths tried (pack_bits's range)
@@ -64,13 +65,15 @@ def row_starts(stream: Tensor, per_row: int, rows: int, width: int) -> Tensor:
     """int64 [rows]: the symbol where each row's code starts in `stream` (uint8 [bytes]) when every row
     holds `per_row` outliers: one past the previous row's last outlier symbol (what a kernel needs to
     decode one row without walking the rows before it)."""
+    if per_row and width not in WIDTHS:  # a width outside them would never end a kernel's walk
+        raise QuipkitError(f"the outlier index's symbol width is {width}, not 1 to 16: the checkpoint is damaged")
     starts = torch.zeros(rows, dtype=torch.int64, device=stream.device)
     if per_row == 0 or rows < 2:
         return starts
     symbols = unpack_bits(stream, width, stream.shape[0] * 8 // width)
     outlier_at = (symbols != (1 << width) - 1).nonzero().squeeze(1)
     if outlier_at.shape[0] < per_row * (rows - 1):
-        raise ValueError("the outlier index holds fewer outliers than its rows need; the checkpoint is damaged")
+        raise QuipkitError("the outlier index holds fewer outliers than its rows need: the checkpoint is damaged")
     starts[1:] = outlier_at[per_row - 1 : per_row * (rows - 1) : per_row] + 1
     return starts
 
