@@ -74,15 +74,16 @@ typedef struct {
  * 2^(b-1))), negative when q >= 2^(b-1) (low, step fp16 [rows]). Their columns are a gap code
  * (codebooks/outlier_positions.py): positions[0] is the symbol width B, then B-bit symbols; the escape
  * 2^B - 1 skips that many inlier columns, a symbol s < escape skips s and marks the next column. Row r's
- * symbols start at symbol offsets[r] (int64 [rows], found once per layer). A call runs the inliers'
- * kernel over the whole row, then the outlier kernel corrects the few outlier columns. */
+ * symbols start at symbol offsets[r] (int64 [rows + 1], found once per layer; offsets[rows] = `symbols`,
+ * the whole symbols the stream holds). A call runs the inliers' kernel over the whole row, then the
+ * outlier kernel corrects the few outlier columns. */
 typedef struct {
     grid_t grid;
     table_t table;
     const uint16_t *low, *step;
     const uint8_t *positions;
     const int64_t *offsets;
-    int64_t per_row;
+    int64_t per_row, symbols;
 } outlier_split_t;
 
 /* Dense bf16 weight [rows, cols] (the unquantized embeddings and head), fp32 arithmetic. */

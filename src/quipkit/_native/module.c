@@ -83,10 +83,14 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
     case GRID: k->grid_matvec(&c->io, &c->grid, lo, hi); break;
     case LATTICE: k->lattice_matvec(&c->io, &c->lattice, lo, hi); break;
     case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
-    case OUTLIER: /* the inliers' kernel over whole rows, then the outliers' corrections */
-        if (c->outlier.table.levels) k->table_matvec(&c->io, &c->outlier.table, lo, hi);
-        else k->grid_matvec(&c->io, &c->outlier.grid, lo, hi);
-        k->outlier_matvec(&c->io, &c->outlier, lo, hi);
+    case OUTLIER: /* the inliers' kernel over whole rows, then the outliers' corrections, 64 rows at a
+                   * time: the corrections read the codes again, while they are still in cache */
+        for (int64_t start = lo; start < hi; start += 64) {
+            const int64_t end = start + 64 < hi ? start + 64 : hi;
+            if (c->outlier.table.levels) k->table_matvec(&c->io, &c->outlier.table, start, end);
+            else k->grid_matvec(&c->io, &c->outlier.grid, start, end);
+            k->outlier_matvec(&c->io, &c->outlier, start, end);
+        }
         break;
     case BF16: k->bf16_matvec(&c->io, &c->bf16, lo, hi); break;
     case HADAMARD: k->hadamard(&c->io, &c->hadamard, lo, hi); break;
@@ -220,6 +224,7 @@ static PyObject *py_outlier(PyObject *self, PyObject *args) {
     c.outlier.step = (const uint16_t *)step;
     c.outlier.positions = (const uint8_t *)positions;
     c.outlier.offsets = (const int64_t *)offsets;
+    c.outlier.symbols = c.outlier.offsets[c.io.rows];
     return launch(&c, &ep, decode, lo, hi, threads, x, y, 16);
 }
 

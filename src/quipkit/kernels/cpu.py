@@ -111,11 +111,14 @@ _ROW_STARTS = WeakTensorKeyDictionary()
 
 
 def _row_starts(positions: Tensor, rows: int, per_row: int) -> Tensor:
-    """Where each row's outlier code starts (outlier_positions.row_starts), remembered per positions
-    tensor until it changes (`_version`), so a call costs no walk over the stream."""
+    """int64 [rows + 1]: where each row's outlier code starts (outlier_positions.row_starts), then the
+    whole symbols the stream holds (the kernel's bound); remembered per positions tensor until it
+    changes (`_version`), so a call costs no walk over the stream."""
     held = _ROW_STARTS.get(positions)
-    if held is None or held[0] != positions._version or held[1].shape[0] != rows:
-        held = (positions._version, row_starts(positions[1:], per_row, rows, int(positions[0])).contiguous())
+    if held is None or held[0] != positions._version or held[1].shape[0] != rows + 1:
+        width = int(positions[0])
+        symbols = torch.tensor([(positions.shape[0] - 1) * 8 // width if per_row else 0])
+        held = (positions._version, torch.cat([row_starts(positions[1:], per_row, rows, width), symbols]))
         _ROW_STARTS[positions] = held
     return held[1]
 
