@@ -262,8 +262,10 @@ KERNEL_TARGET static int64_t FN(row_outliers)(const outlier_split_t *o, int64_t 
     const uint32_t escape = (1u << width) - 1;
     const uint8_t *stream = o->positions + 1;
     const int64_t loadable = ((o->symbols * width) >> 3) - 8; /* a load from a byte up to here stays inside */
+    const int64_t per_row = o->per_row, symbols = o->symbols; /* locals: the stores to `at` may alias `o` */
+    const uint8_t *row = o->grid.codes + r * o->grid.row_bytes;
     int64_t column = -1, found = 0;
-    for (int64_t j = o->offsets[r]; found < o->per_row && j < o->symbols; j++) {
+    for (int64_t j = o->offsets[r]; found < per_row && j < symbols; j++) {
         const int64_t bit = j * width;
         uint32_t s;
         if ((bit >> 3) <= loadable) {
@@ -276,10 +278,9 @@ KERNEL_TARGET static int64_t FN(row_outliers)(const outlier_split_t *o, int64_t 
         column += s == escape ? (int64_t)escape : (int64_t)s + 1;
         if (column >= cols) break;
         at[found] = column; /* written always, kept only for an outlier: no branch on the symbol */
+        code[found] = (int32_t)FN(bits_at)(row, bits * column, bits); /* its load overlaps the walk */
         found += s != escape;
     }
-    const uint8_t *row = o->grid.codes + r * o->grid.row_bytes;
-    for (int64_t i = 0; i < found; i++) code[i] = (int32_t)FN(bits_at)(row, bits * at[i], bits);
     return found;
 }
 
