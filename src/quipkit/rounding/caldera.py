@@ -4,9 +4,9 @@ Minimises ||(W - Q - L R) H^(1/2)||_F^2 per layer. L R starts as the quantized r
 the plain Frobenius norm, and the codes' scale is set once, from what W's float plain rank-k fit
 leaves: LDLQ's error grows with the RMS of what it rounds, whatever its direction, so the first term
 takes the directions that lower that RMS most (and the rest, smaller than W, would waste the
-codebook's grid at W's scale). Starting from the H-weighted fit instead left
-a larger RMS to Q, and a 5% higher proxy on every layer of block 3 of the reference model at rank 32.
-Then, `outer_iters` times:
+codebook's grid at W's scale). Starting from the H-weighted fit instead left a larger RMS to Q, and
+a 5% higher proxy on every layer of block 3 of the reference model at rank 32. Then, `outer_iters`
+times:
   Q <- LDLQ(W - L R), kept if it lowers the loss under the current L R;
   L R <- the better of a fresh and a warm-started fit of W - Q, kept if it lowers the loss. A fit is
        the SVD of (W - Q) C (H = C C^T), singular values split evenly between L and R, or the current
