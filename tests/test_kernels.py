@@ -9,6 +9,7 @@ import torch
 
 from quipkit import native
 from quipkit.codebooks import make_codebook
+from quipkit.errors import QuipkitError
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, hadamard
 from quipkit.kernels.reference import reference_hadamard, reference_matmul
@@ -122,6 +123,17 @@ def test_icquant_kernels_match_the_reference(spec, tier):
             assert_matches(kernel.run(x, stored, codebook, rows, cols), reference_matmul(x, stored, codebook, rows, cols))
         dense = codebook.dequantize(dict(zip(codebook.storage(rows, cols), stored)), rows, cols)
         assert torch.equal(cpu.decode_rows(stored, codebook, rows, cols, 7, rows - 3), dense[7 : rows - 3])
+
+
+@needs_native
+@pytest.mark.parametrize("width", [0, 17])
+def test_a_damaged_outlier_index_width_is_a_one_line_error(width):
+    # width 0 would never end the kernel's walk; both must stop before any kernel reads the stream
+    codebook, stored = icquant_stored({"name": "icquant", "bits": 2, "ratio": 0.05}, 64, 256, seed=3)
+    damaged = stored[-1].clone()
+    damaged[0] = width
+    with pytest.raises(QuipkitError, match=f"symbol width is {width}, not 1 to 16"):
+        cpu.matvec(torch.randn(1, 256), stored[:-1] + [damaged], codebook, 64, 256)
 
 
 @needs_native

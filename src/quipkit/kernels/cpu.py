@@ -117,8 +117,9 @@ def _row_starts(positions: Tensor, rows: int, per_row: int) -> Tensor:
     held = _ROW_STARTS.get(positions)
     if held is None or held[0] != positions._version or held[1].shape[0] != rows + 1:
         width = int(positions[0])
+        starts = row_starts(positions[1:], per_row, rows, width)  # first: it rejects a damaged width (0 too)
         symbols = torch.tensor([(positions.shape[0] - 1) * 8 // width if per_row else 0])
-        held = (positions._version, torch.cat([row_starts(positions[1:], per_row, rows, width), symbols]))
+        held = (positions._version, torch.cat([starts, symbols]))
         _ROW_STARTS[positions] = held
     return held[1]
 
