@@ -9,6 +9,14 @@
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, KERNEL_SUFFIX)
 
+/* `whole` bytes of `bits`-bit values (bits 2, 4 or 8) into out [whole * 8 / bits]. Always inlined with
+ * a constant `bits`, so the inner loop unrolls and the outer one vectorises. */
+KERNEL_TARGET static inline __attribute__((always_inline)) void FN(unpack_bytes)(const uint8_t *p, int64_t whole,
+                                                                                 const int bits, int32_t *out) {
+    for (int64_t i = 0; i < whole; i++)
+        for (int k = 0; k < 8 / bits; k++) out[i * (8 / bits) + k] = (int32_t)((p[i] >> (k * bits)) & ((1u << bits) - 1));
+}
+
 /* Unpack `count` b-bit values of a little-endian bit stream starting at value `first`. */
 KERNEL_TARGET static void FN(unpack)(const uint8_t *stream, int bits, int64_t first, int64_t count, int32_t *out) {
     const uint32_t mask = (1u << bits) - 1;
@@ -17,11 +25,9 @@ KERNEL_TARGET static void FN(unpack)(const uint8_t *stream, int bits, int64_t fi
         const int per_byte = 8 / bits;
         const uint8_t *p = stream + (bit >> 3);
         const int64_t whole = count / per_byte;
-#define UNPACK_BYTES(B) /* B a constant: the inner loop unrolls and the outer one vectorises */      \
-    for (int64_t i = 0; i < whole; i++)                                                            \
-        for (int k = 0; k < 8 / (B); k++) out[i * (8 / (B)) + k] = (int32_t)((p[i] >> (k * (B))) & ((1u << (B)) - 1));
-        if (bits == 2) UNPACK_BYTES(2) else if (bits == 4) UNPACK_BYTES(4) else UNPACK_BYTES(8)
-#undef UNPACK_BYTES
+        if (bits == 2) FN(unpack_bytes)(p, whole, 2, out);
+        else if (bits == 4) FN(unpack_bytes)(p, whole, 4, out);
+        else FN(unpack_bytes)(p, whole, 8, out);
         for (int64_t i = whole * per_byte; i < count; i++)
             out[i] = (int32_t)((p[i / per_byte] >> ((i % per_byte) * bits)) & mask);
         return;
