@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--models", required=True, help="comma-separated quantized checkpoint folders")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--frozen-factors", action="store_true", help="keep CALDERA's factors out of training")
     parser.add_argument("--ppl", default="wt2-512x40")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--targets", help="a file caching the float model's targets between runs")
@@ -42,7 +43,7 @@ def main() -> None:
     proto = protocol(args.ppl)
     reference, tokenizer, source = load_model(None)
     tokens = calibration_tokens(tokenizer, CalibrationConfig(nsamples=args.nsamples))
-    options = FinetuneOptions(lr=args.lr, epochs=args.epochs)
+    options = FinetuneOptions(lr=args.lr, epochs=args.epochs, factors=not args.frozen_factors)
     start = time.perf_counter()
     targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, options.top_k))
     teacher_seconds = time.perf_counter() - start

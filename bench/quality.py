@@ -46,6 +46,7 @@ def main() -> None:
                         help="fine-tune each quantized model (see quipkit quantize --help)")
     parser.add_argument("--ft-epochs", type=int, default=3)
     parser.add_argument("--ft-lr", type=float, default=2e-3)
+    parser.add_argument("--ft-frozen-factors", action="store_true", help="keep CALDERA's factors out of training")
     parser.add_argument("--targets", help="a file caching the float model's fine-tuning targets between runs")
     parser.add_argument("--hessian", choices=("input", "guided"), default="input",
                         help="layer Hessians from the inputs, or guided by the model's loss (see quipkit quantize --help)")
@@ -81,12 +82,14 @@ def main() -> None:
     for config in configs:
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        ft_options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs)
+        ft_options = FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs, factors=not args.ft_frozen_factors)
         result = quantize(model, tokenizer, config, calibration, device, model_id=source.describe(),
                           hessian_cache=args.hessian_cache,
                           block_finetune=ft_options if args.finetune in ("block", "all") else None)
         seconds = time.perf_counter() - start
         finetuned = {"finetune": [block_record(result.block_finetune)] if result.block_finetune else []}
+        if args.finetune and config.low_rank is not None:
+            finetuned["ft_factors"] = ft_options.factors
         if args.finetune in ("e2e", "all"):
             if targets is None:
                 targets = cached_targets(args.targets, lambda: teacher_targets(reference, tokens, ft_options.top_k))
@@ -102,6 +105,7 @@ def main() -> None:
             suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()) if k not in ("propagate", "sequential"))
             suffix += "-guided" if args.hessian == "guided" else ""
             suffix += f"-ft{args.finetune}" if args.finetune else ""
+            suffix += "-frozen" if args.finetune and args.ft_frozen_factors else ""
             save(model, tokenizer, f"{args.save_dir}/{config.method}{config.bits}{suffix}", config, calibration,
                  finetuned or None, overwrite=True)
         report(label, model)

@@ -126,7 +126,7 @@ def _preflight(args: argparse.Namespace):
 def _finetune_options(args: argparse.Namespace):
     from quipkit.pipeline.finetune import FinetuneOptions
 
-    return FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs, seed=args.seed or 0)
+    return FinetuneOptions(lr=args.ft_lr, epochs=args.ft_epochs, seed=args.seed or 0, factors=not args.ft_frozen_factors)
 
 
 def quantize_model(args: argparse.Namespace, reporter, checked=None, need_model: bool = True
@@ -730,6 +730,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     f.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning: passes over the calibration sequences [3]")
     f.add_argument("--ft-lr", type=float, default=2e-3,
                    help="fine-tuning: Adam step relative to each tensor's RMS [2e-3]")
+    f.add_argument("--ft-frozen-factors", action="store_true",
+                   help="fine-tuning: keep CALDERA's low-rank factors as rounded (by default they train too, "
+                   "rounded to their grid in every step)")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration sequences [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence [512]")

@@ -56,9 +56,20 @@ class LowRank:
         return _joined(self.codebook.pack(*left), self.codebook.pack(*right))
 
     def factors(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[Tensor, Tensor]:
-        """The stored tensors -> (L [rows, k], R [k, cols]), float32."""
-        left, right = ({k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)} for prefix in (LEFT, RIGHT))
+        """The stored tensors (a layer's, others' ignored) -> (L [rows, k], R [k, cols]), float32."""
+        left, right = _split(stored)
         return (self.codebook.dequantize(left, rows, self.rank), self.codebook.dequantize(right, self.rank, cols))
+
+    def unpacked(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[tuple[Tensor, Params], tuple[Tensor, Params]]:
+        """The stored tensors (a layer's, others' ignored) -> (codes, params) of L [rows, k] and of R [k, cols]:
+        `pack`'s inverse."""
+        left, right = _split(stored)
+        return self.codebook.unpack(left, rows, self.rank), self.codebook.unpack(right, self.rank, cols)
+
+
+def _split(stored: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """L's tensors and R's, their prefixes taken off."""
+    return tuple({k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)} for prefix in (LEFT, RIGHT))
 
 
 def _joined(left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class FinetuneOptions:
     top_k: int = 128
     batch: int = 1
     seed: int = 0
+    factors: bool = True  # train CALDERA's low-rank factors too (rounded to their grid in every forward)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and self.epochs >= 1 and 0 < self.holdout < 1 and self.evals_per_epoch >= 1
@@ -98,29 +99,66 @@ def topk_kl(logits: Tensor, indices: Tensor, logp: Tensor, log_rest: Tensor) -> 
 class DecodedLinear(nn.Module):
     """A quantized layer while it trains: y = sv ⊙ (A (su ⊙ x)) + b with A = Had_m W~ Had_n^T [out, in],
     its codes decoded and both Hadamard transforms applied once (frozen, so a step costs what a float
-    layer's does), and su [in], sv [out] (and the bias) trainable in float32."""
+    layer's does), and su [in], sv [out] (and the bias) trainable in float32.
 
-    def __init__(self, layer: QuantizedLinear) -> None:
+    With `factors`, a CALDERA layer's W~ = Q + L R keeps only Q frozen: L [out, k] and R [k, in] train
+    like a LoRA adapter, each rounded to its stored grid (the scales it was stored with) in every
+    forward with straight-through gradients, so what trains is what `write_back` stores."""
+
+    def __init__(self, layer: QuantizedLinear, factors: bool = False) -> None:
         super().__init__()
-        layer.keep_decoded(True)
-        rows_rotated = hadamard(layer.decoded, None, None, transpose=False)  # W~ Had_n^T, row by row
-        layer.keep_decoded(False)
-        self.register_buffer("weight", hadamard(rows_rotated.t().contiguous(), None, None, transpose=False).t().contiguous())
+        self.factor_codebook = None
+        if factors and layer.low_rank is not None:
+            (left, self.left_params), (right, self.right_params) = layer.low_rank.unpacked(
+                layer.stored_tensors(), layer.out_features, layer.in_features)
+            self.factor_codebook = layer.low_rank.codebook
+            self.left = nn.Parameter(self.factor_codebook.decode(left, self.left_params))  # [out, k]
+            self.right = nn.Parameter(self.factor_codebook.decode(right, self.right_params))  # [k, in]
+            weight = layer.codebook.dequantize(layer.codebook_tensors(), layer.out_features, layer.in_features)
+        else:
+            layer.keep_decoded(True)
+            weight = layer.decoded
+            layer.keep_decoded(False)
+        self.register_buffer("weight", _both_sides_rotated(weight))
         self.su = nn.Parameter(layer.su.float().clone())
         self.sv = nn.Parameter(layer.sv.float().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
+    def _rounded(self, factor: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """`factor` [r, c] on its grid; the gradient passes straight through the rounding."""
+        columns = torch.arange(factor.shape[1], device=factor.device)
+        return factor + (self.factor_codebook.quantize(factor.detach(), params, columns)[1] - factor).detach()
+
     def forward(self, x: Tensor) -> Tensor:
-        y = ((x * self.su.to(x.dtype)) @ self.weight.to(x.dtype).t()) * self.sv.to(x.dtype)
+        x = x * self.su.to(x.dtype)
+        y = x @ self.weight.to(x.dtype).t()
+        if self.factor_codebook is not None:  # (x R'^T) L'^T with L' = Had_m L, R' = R Had_n^T
+            right = hadamard(self._rounded(self.right, self.right_params), None, None, transpose=False)
+            left = hadamard(self._rounded(self.left, self.left_params).t().contiguous(), None, None, transpose=False)
+            y = y + (x @ right.to(x.dtype).t()) @ left.to(x.dtype)
+        y = y * self.sv.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def write_back(self, layer: QuantizedLinear) -> None:
-        """Store the trained vectors in `layer` (fp16, as the checkpoint holds them)."""
+        """Store the trained vectors in `layer` (fp16, as the checkpoint holds them), and the trained
+        factors' codes beside their unchanged scales."""
         layer.su = self.su.detach().half().contiguous()
         layer.sv = self.sv.detach().half().contiguous()
+        if self.factor_codebook is not None:
+            codes = [self.factor_codebook.quantize(f.detach(), params, torch.arange(f.shape[1], device=f.device))[0]
+                     for f, params in ((self.left, self.left_params), (self.right, self.right_params))]
+            stored = layer.low_rank.pack((codes[0], self.left_params), (codes[1], self.right_params))
+            for name, tensor in stored.items():
+                setattr(layer, name, tensor.to(getattr(layer, name).device))
         if self.bias is not None:
             layer.bias.data.copy_(self.bias.detach())
+
+
+def _both_sides_rotated(weight: Tensor) -> Tensor:
+    """Had_m W Had_n^T for W [m, n]: the Hadamard transform of every row, then of every column."""
+    rows_rotated = hadamard(weight, None, None, transpose=False)
+    return hadamard(rows_rotated.t().contiguous(), None, None, transpose=False).t().contiguous()
 
 
 class DecodedBlockScales(nn.Module):
@@ -157,14 +195,15 @@ class DecodedBlockScales(nn.Module):
             layer.bias.data.copy_(self.bias.detach())
 
 
-def _training_form(module: nn.Module) -> nn.Module | None:
-    """The trainable stand-in of a quantized layer (DecodedLinear, DecodedBlockScales), or None."""
+def _training_form(module: nn.Module, factors: bool) -> nn.Module | None:
+    """The trainable stand-in of a quantized layer (DecodedLinear, its low-rank factors trained with
+    `factors`; DecodedBlockScales), or None."""
     from quipkit.codebooks.ggml_blocks import GgmlBlocks
 
     if not isinstance(module, QuantizedLinear):
         return None
     if module.transform.name == "rht":
-        return DecodedLinear(module)
+        return DecodedLinear(module, factors)
     if type(module.codebook) is GgmlBlocks and module.low_rank is None:  # not the k-quants' tied scales
         return DecodedBlockScales(module)
     return None
@@ -177,11 +216,12 @@ def _is_norm(module: nn.Module) -> bool:
 
 class _Trainable:
     """The model prepared for training: quantized RHT layers swapped for DecodedLinear (llama.cpp block
-    formats for DecodedBlockScales), every parameter frozen but theirs and the norms'. `restore()`
+    formats for DecodedBlockScales; CALDERA's factors train with `factors`), every parameter frozen but
+    theirs and the norms'. `restore()`
     writes the trained values back, puts the layers back and gives every parameter its former
     requires_grad."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, factors: bool) -> None:
         self.model = model
         self.swapped: dict[str, tuple[QuantizedLinear, DecodedLinear | DecodedBlockScales]] = {}
         self.wanted_grad = {p: p.requires_grad for p in model.parameters()}  # given back by restore()
@@ -189,7 +229,7 @@ class _Trainable:
             p.requires_grad_(False)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in list(model.named_modules()):
-            decoded = _training_form(module) if module is not head else None
+            decoded = _training_form(module, factors) if module is not head else None
             if decoded is not None:
                 set_module(model, name, decoded)
                 self.swapped[name] = (module, decoded)
@@ -244,7 +284,7 @@ def finetune_block(block: nn.Module, inputs, targets, kwargs: list[dict], option
             return sum(float(loss_of(i)) for i in held) / len(held)
 
     start = time.perf_counter()
-    trainable = _Trainable(block)
+    trainable = _Trainable(block, options.factors)
     try:
         with torch.enable_grad():
             params = trainable.params
@@ -323,7 +363,7 @@ def finetune_e2e(model: nn.Module, tokens: Tensor, targets: TeacherTargets, opti
     held = order[: max(1, round(count * options.holdout))]
     train = order[len(held):]
     device = next(model.parameters()).device
-    trainable = _Trainable(model)
+    trainable = _Trainable(model, options.factors)
     try:
         params = trainable.params
         optimizer = _adam(params, options.lr)
