@@ -722,7 +722,7 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     f = p.add_argument_group("fine-tuning (after rounding; codes stay fixed)")
     f.add_argument("--finetune", choices=("block", "e2e", "all"),
                    help="train the sign vectors (as real scales, the output one carrying the layer scale; for "
-                   "gguf-q4_0/q4_1/q8_0/iq4_nl each block's scale) and the "
+                   "gguf-q4_0/q4_1/q8_0/iq4_nl each block's scale), CALDERA's low-rank factors (on their grid) and the "
                    "norms, codes fixed, a tenth of the calibration held out for early stopping. block: each block "
                    "right after its rounding, to reproduce the float block's outputs (MSE); e2e: the whole model "
                    "afterwards, to match the float model's next-token distribution (KL), resuming when interrupted; "

@@ -1,10 +1,10 @@
 """Fine-tuning of a quantized model's continuous parameters: end to end (QuIP#'s second stage) and
 block by block while quantizing (its first).
 
-The codes stay fixed. Every quantized layer with the random Hadamard transform trains its two
+The main codes stay fixed. Every quantized layer with the random Hadamard transform trains its two
 diagonals (`su`, `sv`: the sign vectors relaxed to real scales, `sv` carrying the layer's scale) on
-its weight decoded once for the whole run; norms and biases train too; embeddings and the head stay
-frozen. The loss is the KL divergence from the float model's next-token distribution, kept per
+its weight decoded once for the whole run, and a CALDERA layer its low-rank factors on their grid;
+norms and biases train too; embeddings and the head stay frozen. The loss is the KL divergence from the float model's next-token distribution, kept per
 position as its top-K log-probabilities plus the log of the rest's mass (a few MB where whole
 distributions would be GBs). A held-out slice of the calibration sequences stops training early and
 picks the best state. With a work folder, the state is saved at every evaluation and an interrupted
