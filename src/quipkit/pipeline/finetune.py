@@ -4,9 +4,9 @@ block by block while quantizing (its first).
 The main codes stay fixed. Every quantized layer with the random Hadamard transform trains its two
 diagonals (`su`, `sv`: the sign vectors relaxed to real scales, `sv` carrying the layer's scale) on
 its weight decoded once for the whole run, and a CALDERA layer its low-rank factors on their grid;
-norms and biases train too; embeddings and the head stay frozen. The loss is the KL divergence from the float model's next-token distribution, kept per
-position as its top-K log-probabilities plus the log of the rest's mass (a few MB where whole
-distributions would be GBs). A held-out slice of the calibration sequences stops training early and
+norms and biases train too; embeddings and the head stay frozen. The loss is the KL divergence from
+the float model's next-token distribution, kept per position as its top-K log-probabilities plus the
+log of the rest's mass (a few MB where whole distributions would be GBs). A held-out slice of the calibration sequences stops training early and
 picks the best state. With a work folder, the state is saved at every evaluation and an interrupted
 run resumes from there, to the same result. A block, right after its layers are rounded, trains the
 same parameters (its own) to reproduce the float block's outputs on the calibration activations.
@@ -124,10 +124,14 @@ class DecodedLinear(nn.Module):
         self.sv = nn.Parameter(layer.sv.float().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
+    def _on_grid(self, factor: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(codes, values) of `factor` [r, c] rounded to its stored grid `params`."""
+        columns = torch.arange(factor.shape[1], device=factor.device)
+        return self.factor_codebook.quantize(factor.detach(), params, columns)
+
     def _rounded(self, factor: Tensor, params: dict[str, Tensor]) -> Tensor:
         """`factor` [r, c] on its grid; the gradient passes straight through the rounding."""
-        columns = torch.arange(factor.shape[1], device=factor.device)
-        return factor + (self.factor_codebook.quantize(factor.detach(), params, columns)[1] - factor).detach()
+        return factor + (self._on_grid(factor, params)[1] - factor).detach()
 
     def forward(self, x: Tensor) -> Tensor:
         x = x * self.su.to(x.dtype)
@@ -146,9 +150,8 @@ class DecodedLinear(nn.Module):
         layer.su = self.su.detach().half().contiguous()
         layer.sv = self.sv.detach().half().contiguous()
         if self.factor_codebook is not None:
-            codes = [self.factor_codebook.quantize(f.detach(), params, torch.arange(f.shape[1], device=f.device))[0]
-                     for f, params in ((self.left, self.left_params), (self.right, self.right_params))]
-            stored = layer.low_rank.pack((codes[0], self.left_params), (codes[1], self.right_params))
+            stored = layer.low_rank.pack((self._on_grid(self.left, self.left_params)[0], self.left_params),
+                                         (self._on_grid(self.right, self.right_params)[0], self.right_params))
             for name, tensor in stored.items():
                 setattr(layer, name, tensor.to(getattr(layer, name).device))
         if self.bias is not None:
@@ -217,9 +220,8 @@ def _is_norm(module: nn.Module) -> bool:
 class _Trainable:
     """The model prepared for training: quantized RHT layers swapped for DecodedLinear (llama.cpp block
     formats for DecodedBlockScales; CALDERA's factors train with `factors`), every parameter frozen but
-    theirs and the norms'. `restore()`
-    writes the trained values back, puts the layers back and gives every parameter its former
-    requires_grad."""
+    theirs and the norms'. `restore()` writes the trained values back, puts the layers back and gives
+    every parameter its former requires_grad."""
 
     def __init__(self, model: nn.Module, factors: bool) -> None:
         self.model = model
