@@ -225,7 +225,8 @@ def test_caldera_factors_train_on_their_grid_and_the_layer_stores_what_trained(l
         torch.testing.assert_close(DecodedLinear(layer, factors=True)(x), layer(x), rtol=1e-5, atol=1e-5)
     tokens = _tokens(seed=1)
     targets = teacher_targets(reference, tokens, OPTIONS.top_k)
-    held = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(OPTIONS.seed))[:round(len(tokens) * OPTIONS.holdout)]
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(OPTIONS.seed))  # finetune_e2e's split
+    held = order[:round(len(tokens) * OPTIONS.holdout)]
     runs = {}
     for factors in (False, True):
         tuned = copy.deepcopy(model)

@@ -60,7 +60,8 @@ class LowRank:
         left, right = _split(stored)
         return (self.codebook.dequantize(left, rows, self.rank), self.codebook.dequantize(right, self.rank, cols))
 
-    def unpacked(self, stored: dict[str, Tensor], rows: int, cols: int) -> tuple[tuple[Tensor, Params], tuple[Tensor, Params]]:
+    def unpacked(self, stored: dict[str, Tensor], rows: int,
+                 cols: int) -> tuple[tuple[Tensor, Params], tuple[Tensor, Params]]:
         """The stored tensors (a layer's, others' ignored) -> (codes, params) of L [rows, k] and of R [k, cols]:
         `pack`'s inverse."""
         left, right = _split(stored)

@@ -6,10 +6,11 @@ diagonals (`su`, `sv`: the sign vectors relaxed to real scales, `sv` carrying th
 its weight decoded once for the whole run, and a CALDERA layer its low-rank factors on their grid;
 norms and biases train too; embeddings and the head stay frozen. The loss is the KL divergence from
 the float model's next-token distribution, kept per position as its top-K log-probabilities plus the
-log of the rest's mass (a few MB where whole distributions would be GBs). A held-out slice of the calibration sequences stops training early and
-picks the best state. With a work folder, the state is saved at every evaluation and an interrupted
-run resumes from there, to the same result. A block, right after its layers are rounded, trains the
-same parameters (its own) to reproduce the float block's outputs on the calibration activations.
+log of the rest's mass (a few MB where whole distributions would be GBs). A held-out slice of the
+calibration sequences stops training early and picks the best state. With a work folder, the state
+is saved at every evaluation and an interrupted run resumes from there, to the same result. A block,
+right after its layers are rounded, trains the same parameters (its own) to reproduce the float
+block's outputs on the calibration activations.
 """
 
 from __future__ import annotations
