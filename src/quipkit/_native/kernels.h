@@ -3,8 +3,8 @@
  * tensors (raw pointers into torch tensors, see quipkit/kernels/cpu.py) and its static spec.
  *
  * Every kernel exists once in portable C (kernels_generic.h, compiled for the baseline and, on x86,
- * again for AVX2 + FMA) and, for the hot paths, in AVX-512 intrinsics (kernels_avx512.c). isa.c picks
- * the tier at run time. Row ranges [lo, hi) let the thread pool split a call over output rows.
+ * again for AVX2 + FMA) and, for the hot paths, in AVX2 and AVX-512 intrinsics (kernels_avx2.c,
+ * kernels_avx512.c). isa.c picks the tier at run time. Row ranges [lo, hi) let the thread pool split a call over output rows.
  */
 #ifndef QUIPKIT_KERNELS_H
 #define QUIPKIT_KERNELS_H
@@ -118,10 +118,11 @@ typedef struct {
 
 extern const kernel_set_t kernels_portable;
 #if defined(__x86_64__)
-extern const kernel_set_t kernels_avx2;
-extern const kernel_set_t kernels_avx512;
-/* The outlier corrections (a few scalar updates per row) have no AVX-512 version: that tier runs
- * their AVX2 build. */
+extern const kernel_set_t kernels_avx2_auto; /* the portable source compiled for AVX2 + FMA */
+extern const kernel_set_t kernels_avx2;      /* hand-written where it pays, else kernels_avx2_auto's */
+extern const kernel_set_t kernels_avx512;    /* hand-written where it pays, else kernels_avx2's */
+/* The outlier corrections (a few scalar updates per row) are not hand-written: the AVX2 and AVX-512
+ * tiers run their auto-vectorised AVX2 build. */
 void outlier_matvec_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 void outlier_decode_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 #endif

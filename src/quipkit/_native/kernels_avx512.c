@@ -19,7 +19,6 @@
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vnni,avx512vpopcntdq,avx512bitalg,fma,f16c,popcnt")))
 #define INLINE AVX512 static inline __attribute__((always_inline))
-#define MAX_BATCH 8
 
 /* Lane l of a 16-lane chunk of `bits`-bit values starts at bit l * bits: the byte permute gathers
  * bytes [b, b + 3] (b = l * bits / 8) into lane l, and the variable shift drops l * bits mod 8. */
@@ -51,22 +50,6 @@ INLINE __m512i unpack16_int(const unpacker_t *u, const uint8_t *row, int64_t col
 INLINE __m512 unpack16(const unpacker_t *u, const uint8_t *row, int64_t col) {
     return _mm512_cvtepi32_ps(unpack16_int(u, row, col));
 }
-
-/* Runs ROWS(io, S, lo, hi, b0, NB[, extra]) on each chunk of at most MAX_BATCH activation rows, NB a
- * constant in every case, so that the kernels' loops over it unroll. */
-#define BATCH_CHUNKS(ROWS, S, ...)                                               \
-    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {                      \
-        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {       \
-        case 1: ROWS(io, S, lo, hi, b0, 1, ##__VA_ARGS__); break;                \
-        case 2: ROWS(io, S, lo, hi, b0, 2, ##__VA_ARGS__); break;                \
-        case 3: ROWS(io, S, lo, hi, b0, 3, ##__VA_ARGS__); break;                \
-        case 4: ROWS(io, S, lo, hi, b0, 4, ##__VA_ARGS__); break;                \
-        case 5: ROWS(io, S, lo, hi, b0, 5, ##__VA_ARGS__); break;                \
-        case 6: ROWS(io, S, lo, hi, b0, 6, ##__VA_ARGS__); break;                \
-        case 7: ROWS(io, S, lo, hi, b0, 7, ##__VA_ARGS__); break;                \
-        default: ROWS(io, S, lo, hi, b0, 8, ##__VA_ARGS__); break;               \
-        }                                                                        \
-    }
 
 /* ----------------------------------------------------------------------------------------------
  * Integer grids */

@@ -12,6 +12,25 @@
 #define ONE_MAD_SCALE (1.0f / 147.800537f)
 #define THREE_INST_SCALE (1.0f / 1.244f)
 
+/* The hand-written kernels multiply each decoded weight against up to MAX_BATCH activation rows. */
+#define MAX_BATCH 8
+
+/* Runs ROWS(io, S, lo, hi, b0, NB[, extra]) on each chunk of at most MAX_BATCH activation rows, NB a
+ * constant in every case, so that the kernels' loops over it unroll. */
+#define BATCH_CHUNKS(ROWS, S, ...)                                               \
+    for (int64_t b0 = 0; b0 < io->batch; b0 += MAX_BATCH) {                      \
+        switch (io->batch - b0 < MAX_BATCH ? io->batch - b0 : MAX_BATCH) {       \
+        case 1: ROWS(io, S, lo, hi, b0, 1, ##__VA_ARGS__); break;                \
+        case 2: ROWS(io, S, lo, hi, b0, 2, ##__VA_ARGS__); break;                \
+        case 3: ROWS(io, S, lo, hi, b0, 3, ##__VA_ARGS__); break;                \
+        case 4: ROWS(io, S, lo, hi, b0, 4, ##__VA_ARGS__); break;                \
+        case 5: ROWS(io, S, lo, hi, b0, 5, ##__VA_ARGS__); break;                \
+        case 6: ROWS(io, S, lo, hi, b0, 6, ##__VA_ARGS__); break;                \
+        case 7: ROWS(io, S, lo, hi, b0, 7, ##__VA_ARGS__); break;                \
+        default: ROWS(io, S, lo, hi, b0, 8, ##__VA_ARGS__); break;               \
+        }                                                                        \
+    }
+
 /* IEEE half -> float, exact for every input (normals, subnormals, infinities, NaN). */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;

@@ -1,5 +1,5 @@
 /* The portable kernels (kernels_generic.h), instantiated for the baseline instruction set and, on
- * x86, for AVX2 + FMA. */
+ * x86, for AVX2 + FMA (kernels_avx2_auto: what kernels_avx2.c does not hand-write). */
 #include "kernels_common.h"
 
 #define KERNEL_SUFFIX _portable
@@ -15,7 +15,7 @@
 #if defined(__x86_64__)
 #define KERNEL_SUFFIX _avx2
 #define KERNEL_TARGET __attribute__((target("avx2,fma,f16c,popcnt")))
-#define KERNEL_SET kernels_avx2
+#define KERNEL_SET kernels_avx2_auto
 #define KERNEL_NAME "avx2"
 #include "kernels_generic.h"
 #endif
