@@ -32,6 +32,16 @@ INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Independent sums per activation row: one sum would be a chain of dependent FMAs (4 cycles each on
+ * Zen 3 and most cores) that stalls a single-row kernel; a batch of rows has chains enough. */
+#define CHAINS(NB) ((NB) == 1 ? 4 : (NB) == 2 ? 2 : 1)
+
+INLINE __m256 sum_chains(const __m256 *chains, int count) {
+    __m256 s = chains[0];
+    for (int u = 1; u < count; u++) s = _mm256_add_ps(s, chains[u]);
+    return s;
+}
+
 /* ----------------------------------------------------------------------------------------------
  * Integer grids */
 
@@ -112,17 +122,25 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
         float offset[MAX_BATCH];
         for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps(), offset[b] = 0.0f;
         for (int64_t j = 0; j < groups; j++) {
-            __m256 part[MAX_BATCH];
-            for (int b = 0; b < NB; b++) part[b] = _mm256_setzero_ps();
+            __m256 part[MAX_BATCH][CHAINS(NB)];
+            for (int b = 0; b < NB; b++)
+                for (int v = 0; v < CHAINS(NB); v++) part[b][v] = _mm256_setzero_ps();
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
-            for (int64_t col = j * gs; col < end; col += 8) {
+            int64_t col = j * gs;
+            for (; col + 8 * CHAINS(NB) <= end; col += 8 * CHAINS(NB))
+                for (int v = 0; v < CHAINS(NB); v++) {
+                    const int64_t c = col + 8 * v;
+                    const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_at(row, g->row_bytes, c, g->bits, pad)));
+                    for (int b = 0; b < NB; b++) part[b][v] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + c), part[b][v]);
+                }
+            for (; col < end; col += 8) {
                 const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_at(row, g->row_bytes, col, g->bits, pad)));
-                for (int b = 0; b < NB; b++) part[b] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + col), part[b]);
+                for (int b = 0; b < NB; b++) part[b][0] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + col), part[b][0]);
             }
-            const float scale = g->scales ? half_to_float(g->scales[r * groups + j]) : g->scale;
+            const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
             const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
             for (int b = 0; b < NB; b++) {
-                acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), part[b], acc[b]);
+                acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), sum_chains(part[b], CHAINS(NB)), acc[b]);
                 offset[b] += scale * zero * xsum[b * groups + j];
             }
         }
@@ -156,7 +174,7 @@ AVX2 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_
         const uint8_t *row = g->codes + r * g->row_bytes;
         float *w = io->y + (r - io->row0) * cols;
         for (int64_t j = 0; j < groups; j++) {
-            const float scale = g->scales ? half_to_float(g->scales[r * groups + j]) : g->scale;
+            const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
             const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
             const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
@@ -196,13 +214,17 @@ INLINE void table_rows(const io_t *io, const table_t *t, int64_t lo, int64_t hi,
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = t->codes + r * t->row_bytes;
         const levels_t lv = table_levels(t, r);
-        __m256 acc[MAX_BATCH];
-        for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();
-        for (int64_t col = 0; col < cols; col += 8) {
-            const __m256 w = table_lookup(&lv, unpack8_int(&u, chunk_at(row, t->row_bytes, col, t->bits, pad)), t->bits);
-            for (int b = 0; b < NB; b++) acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(io->x + (b0 + b) * cols + col), acc[b]);
-        }
-        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = hsum8(acc[b]);
+        __m256 acc[MAX_BATCH][CHAINS(NB)];
+        for (int b = 0; b < NB; b++)
+            for (int v = 0; v < CHAINS(NB); v++) acc[b][v] = _mm256_setzero_ps();
+        for (int64_t col0 = 0; col0 < cols; col0 += 8 * CHAINS(NB))
+            for (int v = 0; v < CHAINS(NB); v++) {
+                const int64_t col = col0 + 8 * v;
+                if (col >= cols) break;
+                const __m256 w = table_lookup(&lv, unpack8_int(&u, chunk_at(row, t->row_bytes, col, t->bits, pad)), t->bits);
+                for (int b = 0; b < NB; b++) acc[b][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(io->x + (b0 + b) * cols + col), acc[b][v]);
+            }
+        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = hsum8(sum_chains(acc[b], CHAINS(NB)));
     }
 }
 
@@ -284,28 +306,36 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
         const uint16_t *codes2 = second == 2 ? (const uint16_t *)l->codes2 + r * groups : NULL;
         const uint8_t *bytes2 = second == 1 ? (const uint8_t *)l->codes2 + r * groups : NULL;
-        __m256 acc[MAX_BATCH], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
-        for (int b = 0; b < NB; b++) acc[b] = acc2[b] = up[b] = up2[b] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            if (g % 8 == 0 && g < whole)
+        __m256 acc[MAX_BATCH][CHAINS(NB)], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
+        for (int b = 0; b < NB; b++) {
+            for (int v = 0; v < CHAINS(NB); v++) acc[b][v] = _mm256_setzero_ps();
+            acc2[b] = up[b] = up2[b] = _mm256_setzero_ps();
+        }
+        for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+            if (g0 < whole)
                 for (int b = 0; b < NB; b++) {
-                    up[b] = e8p_shifts(up[b], codes + g, group_sums + b * groups + g);
-                    if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g, group_sums + b * groups + g);
+                    up[b] = e8p_shifts(up[b], codes + g0, group_sums + b * groups + g0);
+                    if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g0, group_sums + b * groups + g0);
                 }
-            const __m256 w = e8p_point(table, codes[g]);
-            __m256 w2 = _mm256_setzero_ps();
-            if (second == 2) w2 = e8p_point(table, codes2[g]);
-            if (second == 1) w2 = _mm256_loadu_ps(l->second_table + 8 * bytes2[g]);
-            for (int b = 0; b < NB; b++) {
-                const __m256 xv = _mm256_loadu_ps(x[b] + 8 * g);
-                acc[b] = _mm256_fmadd_ps(w, xv, acc[b]);
-                if (second) acc2[b] = _mm256_fmadd_ps(w2, xv, acc2[b]);
+#pragma GCC unroll 8
+            for (int v = 0; v < 8; v++) {
+                const int64_t g = g0 + v;
+                if (g >= groups) break;
+                const __m256 w = e8p_point(table, codes[g]);
+                __m256 w2 = _mm256_setzero_ps();
+                if (second == 2) w2 = e8p_point(table, codes2[g]);
+                if (second == 1) w2 = _mm256_loadu_ps(l->second_table + 8 * bytes2[g]);
+                for (int b = 0; b < NB; b++) {
+                    const __m256 xv = _mm256_loadu_ps(x[b] + 8 * g);
+                    acc[b][v % CHAINS(NB)] = _mm256_fmadd_ps(w, xv, acc[b][v % CHAINS(NB)]);
+                    if (second) acc2[b] = _mm256_fmadd_ps(w2, xv, acc2[b]);
+                }
             }
         }
         for (int b = 0; b < NB; b++) {
             const float *sums = group_sums + b * groups;
             const float shifts = hsum8(up[b]) + e8p_shift_tail(codes, sums, whole, groups);
-            float y = hsum8(acc[b]) + 0.5f * shifts - 0.25f * xsum[b];
+            float y = hsum8(sum_chains(acc[b], CHAINS(NB))) + 0.5f * shifts - 0.25f * xsum[b];
             if (second == 1) y += l->inv_residual * hsum8(acc2[b]);
             if (second == 2) {
                 const float shifts2 = hsum8(up2[b]) + e8p_shift_tail(codes2, sums, whole, groups);
@@ -399,13 +429,40 @@ INLINE __m256 trellis_row8(__m256i bytes, int half, int code, const window_t *wi
 static float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
 static float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }
 
-/* The 16 bytes of tile row rr's window; the last rows' windows wrap around to the tile's start. */
-INLINE __m256i trellis_row_bytes(const uint8_t *tile, int rr, int k) {
+/* Where each tile row's 16 window bytes come from. The first rows' windows run past the tile's end
+ * and wrap around to its start: those take bytes from the tile's last 16 (`from_tail`) and first 16
+ * (`from_head`) with two shuffles (building them in memory stalled on store forwarding). */
+typedef struct {
+    int wraps[16];
+    __m128i from_tail[16], from_head[16];
+} windows_t;
+
+INLINE void window_sources(int k, windows_t *w) {
+    const int bytes = 32 * k;
+    for (int rr = 0; rr < 16; rr++) {
+        const int base = (30 - 2 * rr) * k;
+        w->wraps[rr] = base + 16 > bytes;
+        uint8_t tail[16], head[16];
+        for (int i = 0; i < 16; i++) {
+            const int at = base + i;
+            tail[i] = at < bytes ? (uint8_t)(at - (bytes - 16)) : 0x80;
+            head[i] = at < bytes ? 0x80 : (uint8_t)(at - bytes);
+        }
+        w->from_tail[rr] = _mm_loadu_si128((const __m128i *)tail);
+        w->from_head[rr] = _mm_loadu_si128((const __m128i *)head);
+    }
+}
+
+/* The 16 bytes of tile row rr's window, in both 128-bit halves. */
+INLINE __m256i trellis_row_bytes(const uint8_t *tile, int rr, int k, const windows_t *w) {
     const int base = (30 - 2 * rr) * k, bytes = 32 * k;
-    if (base + 16 <= bytes) return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tile + base)));
-    uint8_t ring[16];
-    for (int i = 0; i < 16; i++) ring[i] = tile[(base + i) % bytes];
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)ring));
+    __m128i v;
+    if (!w->wraps[rr])
+        v = _mm_loadu_si128((const __m128i *)(tile + base));
+    else
+        v = _mm_or_si128(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(tile + bytes - 16)), w->from_tail[rr]),
+                         _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)tile), w->from_head[rr]));
+    return _mm256_broadcastsi128_si256(v);
 }
 
 /* One tile row at a time across the whole strip of tiles: two accumulators per activation row stay
@@ -415,6 +472,8 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     const int64_t cols = io->cols, tiles_n = cols / 16;
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
+    windows_t sources;
+    window_sources(k, &sources);
     const float scale = code_scale(code), offset = code_offset(code);
     float xsum[MAX_BATCH];
     for (int b = 0; b < NB; b++) {
@@ -425,20 +484,25 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         const uint8_t *strip = t->codes + i * tiles_n * bytes;
         for (int rr = 0; rr < 16; rr++) {
-            __m256 acc[MAX_BATCH][2];
-            for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < tiles_n; j++) {
-                const __m256i row = trellis_row_bytes(strip + j * bytes, rr, k);
-                const __m256 w0 = trellis_row8(row, 0, code, &win), w1 = trellis_row8(row, 1, code, &win);
-                for (int b = 0; b < NB; b++) {
-                    const float *x = io->x + (b0 + b) * cols + 16 * j;
-                    acc[b][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[b][0]);
-                    acc[b][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), acc[b][1]);
-                }
-            }
+            /* two chains per half of the tile row for a single activation row: even and odd tiles */
+            const int sets = NB == 1 ? 2 : 1;
+            __m256 acc[MAX_BATCH][4];
             for (int b = 0; b < NB; b++)
-                io->y[(b0 + b) * io->rows + 16 * i + rr] =
-                    scale * (hsum8(_mm256_add_ps(acc[b][0], acc[b][1])) - offset * xsum[b]);
+                for (int v = 0; v < 4; v++) acc[b][v] = _mm256_setzero_ps();
+            for (int64_t j0 = 0; j0 < tiles_n; j0 += sets)
+                for (int v = 0; v < sets; v++) {
+                    const int64_t j = j0 + v;
+                    if (j >= tiles_n) break;
+                    const __m256i row = trellis_row_bytes(strip + j * bytes, rr, k, &sources);
+                    const __m256 w0 = trellis_row8(row, 0, code, &win), w1 = trellis_row8(row, 1, code, &win);
+                    for (int b = 0; b < NB; b++) {
+                        const float *x = io->x + (b0 + b) * cols + 16 * j;
+                        acc[b][2 * v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[b][2 * v]);
+                        acc[b][2 * v + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), acc[b][2 * v + 1]);
+                    }
+                }
+            for (int b = 0; b < NB; b++)
+                io->y[(b0 + b) * io->rows + 16 * i + rr] = scale * (hsum8(sum_chains(acc[b], 4)) - offset * xsum[b]);
         }
     }
 }
@@ -478,13 +542,15 @@ AVX2 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_
     const int64_t cols = io->cols, tiles_n = cols / 16;
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
+    windows_t sources;
+    window_sources(k, &sources);
     const __m256 scale = _mm256_set1_ps(code_scale(t->code)), offset = _mm256_set1_ps(code_offset(t->code));
     for (int64_t i = lo / 16; i < hi / 16; i++)
         for (int64_t j = 0; j < tiles_n; j++) {
             const uint8_t *tile = t->codes + (i * tiles_n + j) * bytes;
             for (int rr = 0; rr < 16; rr++) {
                 float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
-                const __m256i row = trellis_row_bytes(tile, rr, k);
+                const __m256i row = trellis_row_bytes(tile, rr, k, &sources);
                 for (int half = 0; half < 2; half++) {
                     const __m256 raw = t->code == CODE_1MAD ? trellis_row8(row, half, CODE_1MAD, &win)
                                                             : trellis_row8(row, half, CODE_3INST, &win);
