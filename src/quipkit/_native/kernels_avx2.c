@@ -34,7 +34,7 @@ INLINE float hsum8(__m256 v) {
 
 /* Independent sums per activation row: one sum would be a chain of dependent FMAs (4 cycles each on
  * Zen 3 and most cores) that stalls a single-row kernel; a batch of rows has chains enough. */
-#define CHAINS(NB) ((NB) == 1 ? 4 : (NB) == 2 ? 2 : 1)
+#define CHAINS(NB) ((NB) == 1 ? 4 : (NB) == 2 ? 2 : 1) /* at most 4: arrays of chains are [.][4] */
 
 INLINE __m256 sum_chains(const __m256 *chains, int count) {
     __m256 s = chains[0];
@@ -68,30 +68,26 @@ INLINE unpacker_t unpacker(int bits) {
                         .mask = _mm256_set1_epi32((1 << bits) - 1), .bits = bits};
 }
 
-/* The 8 codes of the chunk whose first byte is p; the 8 bytes from p must be readable. */
-INLINE __m256i unpack8_int(const unpacker_t *u, const uint8_t *p) {
-    if (u->bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i v;
-    if (u->bits <= 4) {
-        int32_t word;
-        memcpy(&word, p, 4);
-        v = _mm256_set1_epi32(word);
-    } else {
-        int64_t word;
-        memcpy(&word, p, 8);
-        v = _mm256_shuffle_epi8(_mm256_set1_epi64x(word), u->gather);
-    }
+/* The 8 codes of a chunk, given its (up to) 8 bytes as a little-endian word. */
+INLINE __m256i unpack8_int(const unpacker_t *u, uint64_t word) {
+    if (u->bits == 8) return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)word));
+    const __m256i v = u->bits <= 4 ? _mm256_set1_epi32((int)(uint32_t)word)
+                                   : _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)word), u->gather);
     return _mm256_and_si256(_mm256_srlv_epi32(v, u->shift), u->mask);
 }
 
-/* The chunk at column `col` (a multiple of 8) of a packed row of `row_bytes` bytes: read in place,
- * or, for the last chunks of a row, from a copy padded with zeros so no load passes the row's end. */
-INLINE const uint8_t *chunk_at(const uint8_t *row, int64_t row_bytes, int64_t col, int bits, uint8_t pad[8]) {
-    const int64_t byte = col * bits / 8;
-    if (byte + 8 <= row_bytes) return row + byte;
-    memset(pad, 0, 8);
-    memcpy(pad, row + byte, (size_t)(row_bytes - byte));
-    return pad;
+/* The bytes of the chunk at column `col` (a multiple of 8) of a packed row of `row_bytes` bytes; the
+ * last chunks of a row read only what is left of it. (No library call in here: one in the loop made
+ * the compiler keep every sum on the stack.) */
+INLINE uint64_t chunk_word(const uint8_t *row, int64_t row_bytes, int64_t col, int bits) {
+    const int64_t byte = (col * bits) >> 3;
+    uint64_t word = 0;
+    if (byte + 8 <= row_bytes) {
+        memcpy(&word, row + byte, 8);
+        return word;
+    }
+    for (int64_t i = byte; i < row_bytes; i++) word |= (uint64_t)row[i] << (8 * (i - byte));
+    return word;
 }
 
 INLINE int32_t zero_point(const grid_t *g, int64_t index) {
@@ -101,13 +97,60 @@ INLINE int32_t zero_point(const grid_t *g, int64_t index) {
     return (int32_t)((word >> (bit & 7)) & ((1u << g->bits) - 1));
 }
 
+/* One activation row (decoding): four sums in named variables, which the compiler keeps in registers
+ * (as an array indexed in the loops below they lived on the stack, loaded and stored on every FMA). */
+INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0) {
+    const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
+    const int64_t groups = (cols + gs - 1) / gs;
+    const unpacker_t u = unpacker(g->bits);
+    const float *x = io->x + b0 * cols;
+    float xsum[groups];
+    for (int64_t j = 0; j < groups; j++) {
+        __m256 s = _mm256_setzero_ps();
+        const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+        for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + c));
+        xsum[j] = hsum8(s);
+    }
+#define GRID_CHUNK(c) _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, (c), g->bits)))
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = g->codes + r * g->row_bytes;
+        __m256 acc = _mm256_setzero_ps();
+        float offset = 0.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+            const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+            int64_t col = j * gs;
+            for (; col + 32 <= end; col += 32) {
+                p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
+                p1 = _mm256_fmadd_ps(GRID_CHUNK(col + 8), _mm256_loadu_ps(x + col + 8), p1);
+                p2 = _mm256_fmadd_ps(GRID_CHUNK(col + 16), _mm256_loadu_ps(x + col + 16), p2);
+                p3 = _mm256_fmadd_ps(GRID_CHUNK(col + 24), _mm256_loadu_ps(x + col + 24), p3);
+            }
+            for (; col < end; col += 8) p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
+            const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
+            const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), acc);
+            offset += scale * zero * xsum[j];
+        }
+        io->y[b0 * io->rows + r] = hsum8(acc) - offset;
+    }
+#undef GRID_CHUNK
+}
+
+/* A batch of activation rows: each decoded chunk feeds every row's sum. */
 INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int NB) {
+    if (NB == 1) {
+        grid_rows_single(io, g, lo, hi, b0);
+        return;
+    }
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
     const int64_t groups = (cols + gs - 1) / gs;
     const unpacker_t u = unpacker(g->bits);
     const float *x[MAX_BATCH];
+    #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) x[b] = io->x + (b0 + b) * cols;
     float xsum[MAX_BATCH * groups];
+    #pragma GCC unroll 8
     for (int b = 0; b < NB; b++)
         for (int64_t j = 0; j < groups; j++) {
             __m256 s = _mm256_setzero_ps();
@@ -115,35 +158,31 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
             for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x[b] + c));
             xsum[b * groups + j] = hsum8(s);
         }
-    uint8_t pad[8];
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         __m256 acc[MAX_BATCH];
         float offset[MAX_BATCH];
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps(), offset[b] = 0.0f;
         for (int64_t j = 0; j < groups; j++) {
-            __m256 part[MAX_BATCH][CHAINS(NB)];
-            for (int b = 0; b < NB; b++)
-                for (int v = 0; v < CHAINS(NB); v++) part[b][v] = _mm256_setzero_ps();
+            __m256 part[MAX_BATCH];
+            #pragma GCC unroll 8
+            for (int b = 0; b < NB; b++) part[b] = _mm256_setzero_ps();
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
-            int64_t col = j * gs;
-            for (; col + 8 * CHAINS(NB) <= end; col += 8 * CHAINS(NB))
-                for (int v = 0; v < CHAINS(NB); v++) {
-                    const int64_t c = col + 8 * v;
-                    const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_at(row, g->row_bytes, c, g->bits, pad)));
-                    for (int b = 0; b < NB; b++) part[b][v] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + c), part[b][v]);
-                }
-            for (; col < end; col += 8) {
-                const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_at(row, g->row_bytes, col, g->bits, pad)));
-                for (int b = 0; b < NB; b++) part[b][0] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + col), part[b][0]);
+            for (int64_t col = j * gs; col < end; col += 8) {
+                const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, col, g->bits)));
+                #pragma GCC unroll 8
+                for (int b = 0; b < NB; b++) part[b] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + col), part[b]);
             }
             const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
             const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
+            #pragma GCC unroll 8
             for (int b = 0; b < NB; b++) {
-                acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), sum_chains(part[b], CHAINS(NB)), acc[b]);
+                acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), part[b], acc[b]);
                 offset[b] += scale * zero * xsum[b * groups + j];
             }
         }
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = hsum8(acc[b]) - offset[b];
     }
 }
@@ -169,7 +208,6 @@ AVX2 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_
     }
     const int64_t gs = g->scales ? g->group_size : cols, groups = (cols + gs - 1) / gs;
     const unpacker_t u = unpacker(g->bits);
-    uint8_t pad[8];
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         float *w = io->y + (r - io->row0) * cols;
@@ -179,7 +217,7 @@ AVX2 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_
             const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
             for (int64_t col = j * gs; col < end; col += 8) {
-                const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_at(row, g->row_bytes, col, g->bits, pad)));
+                const __m256 q = _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, col, g->bits)));
                 _mm256_storeu_ps(w + col, _mm256_mul_ps(s, _mm256_sub_ps(q, z)));
             }
         }
@@ -210,20 +248,22 @@ INLINE __m256 table_lookup(const levels_t *lv, __m256i q, int bits) {
 INLINE void table_rows(const io_t *io, const table_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB) {
     const int64_t cols = io->cols;
     const unpacker_t u = unpacker(t->bits);
-    uint8_t pad[8];
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = t->codes + r * t->row_bytes;
         const levels_t lv = table_levels(t, r);
-        __m256 acc[MAX_BATCH][CHAINS(NB)];
+        __m256 acc[MAX_BATCH][4];
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++)
             for (int v = 0; v < CHAINS(NB); v++) acc[b][v] = _mm256_setzero_ps();
         for (int64_t col0 = 0; col0 < cols; col0 += 8 * CHAINS(NB))
             for (int v = 0; v < CHAINS(NB); v++) {
                 const int64_t col = col0 + 8 * v;
                 if (col >= cols) break;
-                const __m256 w = table_lookup(&lv, unpack8_int(&u, chunk_at(row, t->row_bytes, col, t->bits, pad)), t->bits);
+                const __m256 w = table_lookup(&lv, unpack8_int(&u, chunk_word(row, t->row_bytes, col, t->bits)), t->bits);
+                #pragma GCC unroll 8
                 for (int b = 0; b < NB; b++) acc[b][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(io->x + (b0 + b) * cols + col), acc[b][v]);
             }
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = hsum8(sum_chains(acc[b], CHAINS(NB)));
     }
 }
@@ -243,13 +283,12 @@ AVX2 static void table_decode(const io_t *io, const table_t *t, int64_t lo, int6
         return;
     }
     const unpacker_t u = unpacker(t->bits);
-    uint8_t pad[8];
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = t->codes + r * t->row_bytes;
         const levels_t lv = table_levels(t, r);
         float *w = io->y + (r - io->row0) * cols;
         for (int64_t col = 0; col < cols; col += 8)
-            _mm256_storeu_ps(w + col, table_lookup(&lv, unpack8_int(&u, chunk_at(row, t->row_bytes, col, t->bits, pad)), t->bits));
+            _mm256_storeu_ps(w + col, table_lookup(&lv, unpack8_int(&u, chunk_word(row, t->row_bytes, col, t->bits)), t->bits));
     }
 }
 
@@ -290,6 +329,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     const float *x[MAX_BATCH];
     float *group_sums = malloc(sizeof(float) * (size_t)(NB * groups));
     float xsum[MAX_BATCH];
+    #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) {
         x[b] = io->x + (b0 + b) * cols;
         float total = 0.0f;
@@ -306,13 +346,15 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
         const uint16_t *codes2 = second == 2 ? (const uint16_t *)l->codes2 + r * groups : NULL;
         const uint8_t *bytes2 = second == 1 ? (const uint8_t *)l->codes2 + r * groups : NULL;
-        __m256 acc[MAX_BATCH][CHAINS(NB)], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
+        __m256 acc[MAX_BATCH][4], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) {
             for (int v = 0; v < CHAINS(NB); v++) acc[b][v] = _mm256_setzero_ps();
             acc2[b] = up[b] = up2[b] = _mm256_setzero_ps();
         }
         for (int64_t g0 = 0; g0 < groups; g0 += 8) {
             if (g0 < whole)
+                #pragma GCC unroll 8
                 for (int b = 0; b < NB; b++) {
                     up[b] = e8p_shifts(up[b], codes + g0, group_sums + b * groups + g0);
                     if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g0, group_sums + b * groups + g0);
@@ -325,6 +367,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
                 __m256 w2 = _mm256_setzero_ps();
                 if (second == 2) w2 = e8p_point(table, codes2[g]);
                 if (second == 1) w2 = _mm256_loadu_ps(l->second_table + 8 * bytes2[g]);
+                #pragma GCC unroll 8
                 for (int b = 0; b < NB; b++) {
                     const __m256 xv = _mm256_loadu_ps(x[b] + 8 * g);
                     acc[b][v % CHAINS(NB)] = _mm256_fmadd_ps(w, xv, acc[b][v % CHAINS(NB)]);
@@ -332,6 +375,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
                 }
             }
         }
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) {
             const float *sums = group_sums + b * groups;
             const float shifts = hsum8(up[b]) + e8p_shift_tail(codes, sums, whole, groups);
@@ -476,6 +520,7 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     window_sources(k, &sources);
     const float scale = code_scale(code), offset = code_offset(code);
     float xsum[MAX_BATCH];
+    #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) {
         __m256 s = _mm256_setzero_ps();
         for (int64_t c = 0; c < cols; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(io->x + (b0 + b) * cols + c));
@@ -487,20 +532,25 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
             /* two chains per half of the tile row for a single activation row: even and odd tiles */
             const int sets = NB == 1 ? 2 : 1;
             __m256 acc[MAX_BATCH][4];
+            #pragma GCC unroll 8
             for (int b = 0; b < NB; b++)
+                #pragma GCC unroll 8
                 for (int v = 0; v < 4; v++) acc[b][v] = _mm256_setzero_ps();
             for (int64_t j0 = 0; j0 < tiles_n; j0 += sets)
+                #pragma GCC unroll 8
                 for (int v = 0; v < sets; v++) {
                     const int64_t j = j0 + v;
                     if (j >= tiles_n) break;
                     const __m256i row = trellis_row_bytes(strip + j * bytes, rr, k, &sources);
                     const __m256 w0 = trellis_row8(row, 0, code, &win), w1 = trellis_row8(row, 1, code, &win);
+                    #pragma GCC unroll 8
                     for (int b = 0; b < NB; b++) {
                         const float *x = io->x + (b0 + b) * cols + 16 * j;
                         acc[b][2 * v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[b][2 * v]);
                         acc[b][2 * v + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), acc[b][2 * v + 1]);
                     }
                 }
+            #pragma GCC unroll 8
             for (int b = 0; b < NB; b++)
                 io->y[(b0 + b) * io->rows + 16 * i + rr] = scale * (hsum8(sum_chains(acc[b], 4)) - offset * xsum[b]);
         }
