@@ -123,8 +123,10 @@ extern const kernel_set_t kernels_avx2;      /* hand-written where it pays, else
 extern const kernel_set_t kernels_avx512;    /* hand-written where it pays, else kernels_avx2's */
 /* The outlier corrections (a few scalar updates per row) are not hand-written: the AVX2 and AVX-512
  * tiers run their auto-vectorised AVX2 build. */
-void outlier_matvec_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
-void outlier_decode_avx2(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
+void outlier_matvec_avx2_auto(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
+void outlier_decode_avx2_auto(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
+/* The AVX-512 tier runs the AVX2 Hadamard transform (kernels_avx2.c). */
+void hadamard_avx2(const io_t *, const hadamard_t *, int64_t lo, int64_t hi);
 #endif
 
 /* The tier in use: the best the CPU supports, or QUIPKIT_ISA=portable|avx2|avx512 (never above it). */

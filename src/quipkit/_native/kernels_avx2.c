@@ -676,7 +676,7 @@ AVX2 static void fwht8(float *v, int64_t n) {
 
 INLINE __m256 half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-AVX2 static void hadamard(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
+AVX2 void hadamard_avx2(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
     const int64_t n = h->n, K = h->K, p = n / K;
     if (p % 8) {
         kernels_avx2_auto.hadamard(io, h, lo, hi);
@@ -733,9 +733,9 @@ const kernel_set_t kernels_avx2 = {
     .trellis_decode = trellis_decode,
     .table_matvec = table_matvec,
     .table_decode = table_decode,
-    .outlier_matvec = outlier_matvec_avx2,
-    .outlier_decode = outlier_decode_avx2,
+    .outlier_matvec = outlier_matvec_avx2_auto,
+    .outlier_decode = outlier_decode_avx2_auto,
     .bf16_matvec = bf16_matvec,
-    .hadamard = hadamard,
+    .hadamard = hadamard_avx2,
 };
 #endif

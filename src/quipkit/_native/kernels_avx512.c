@@ -10,7 +10,8 @@
  *            (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two fp16 halves)
  *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
  * Shapes these paths do not cover (rows not in 16-lane chunks, HYB and LUT trellis codes) go to the AVX2 kernels,
- * and so do ICQuant's outlier corrections (scalar updates at a few columns per row).
+ * and so do ICQuant's outlier corrections (scalar updates at a few columns per row) and the Hadamard transform
+ * (O(n log n) on the activations, next to the layer's O(n^2) matvec: eight lanes do).
  */
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -440,83 +441,6 @@ AVX512 static void bf16_matvec(const io_t *io, const bf16_t *d, int64_t lo, int6
 }
 
 /* ----------------------------------------------------------------------------------------------
- * Hadamard transform: butterflies of span 1-8 inside a 16-lane register, wider ones across them */
-
-INLINE __m512 butterfly_in_register(__m512 v, __m512i partner, __mmask16 upper) {
-    const __m512 other = _mm512_permutexvar_ps(partner, v);
-    return _mm512_mask_sub_ps(_mm512_add_ps(v, other), upper, other, v);
-}
-
-AVX512 static void fwht16(float *v, int64_t n) {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    __m512i partner[4];
-    __mmask16 upper[4];
-    for (int s = 0; s < 4; s++) {
-        partner[s] = _mm512_xor_si512(lane, _mm512_set1_epi32(1 << s));
-        upper[s] = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(1 << s));
-    }
-    for (int64_t c = 0; c < n; c += 16) {
-        __m512 x = _mm512_loadu_ps(v + c);
-        for (int s = 0; s < 4; s++) x = butterfly_in_register(x, partner[s], upper[s]);
-        _mm512_storeu_ps(v + c, x);
-    }
-    for (int64_t h = 16; h < n; h *= 2)
-        for (int64_t start = 0; start < n; start += 2 * h)
-            for (int64_t i = start; i < start + h; i += 16) {
-                const __m512 a = _mm512_loadu_ps(v + i), b = _mm512_loadu_ps(v + i + h);
-                _mm512_storeu_ps(v + i, _mm512_add_ps(a, b));
-                _mm512_storeu_ps(v + i + h, _mm512_sub_ps(a, b));
-            }
-}
-
-AVX512 static void hadamard(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
-    const int64_t n = h->n, K = h->K, p = n / K;
-    if (p % 16) {
-        kernels_avx2.hadamard(io, h, lo, hi);
-        return;
-    }
-    const __m512 norm = _mm512_set1_ps(1.0f / sqrtf((float)n));
-    float *mixed = K > 1 ? malloc(sizeof(float) * n) : NULL;
-    for (int64_t r = lo; r < hi; r++) {
-        float *y = io->y + r * n;
-        const float *x = io->x + r * n;
-        for (int64_t c = 0; c < n; c += 16) {
-            __m512 v = _mm512_loadu_ps(x + c);
-            if (h->pre) v = _mm512_mul_ps(v, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h->pre + c))));
-            _mm512_storeu_ps(y + c, v);
-        }
-        for (int64_t j = 0; j < K; j++) fwht16(y + j * p, p);
-        const float *src = y;
-        if (K > 1) { /* mixed [K, p] = M [K, K] @ y [K, p], four rows of M at a time */
-            for (int64_t c = 0; c < p; c += 16) {
-                int64_t i = 0;
-                for (; i + 4 <= K; i += 4) {
-                    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                    for (int64_t j = 0; j < K; j++) {
-                        const __m512 v = _mm512_loadu_ps(y + j * p + c);
-                        for (int q = 0; q < 4; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(h->hk[(i + q) * K + j]), v, acc[q]);
-                    }
-                    for (int q = 0; q < 4; q++) _mm512_storeu_ps(mixed + (i + q) * p + c, acc[q]);
-                }
-                for (; i < K; i++) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < K; j++)
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(h->hk[i * K + j]), _mm512_loadu_ps(y + j * p + c), acc);
-                    _mm512_storeu_ps(mixed + i * p + c, acc);
-                }
-            }
-            src = mixed;
-        }
-        for (int64_t c = 0; c < n; c += 16) {
-            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + c), norm);
-            if (h->post) v = _mm512_mul_ps(v, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h->post + c))));
-            _mm512_storeu_ps(y + c, v);
-        }
-    }
-    free(mixed);
-}
-
-/* ----------------------------------------------------------------------------------------------
  * Rows of W for a prefill GEMM, decoded as the matvecs decode them */
 
 AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
@@ -593,9 +517,9 @@ const kernel_set_t kernels_avx512 = {
     .trellis_decode = trellis_decode,
     .table_matvec = table_matvec,
     .table_decode = table_decode,
-    .outlier_matvec = outlier_matvec_avx2,
-    .outlier_decode = outlier_decode_avx2,
+    .outlier_matvec = outlier_matvec_avx2_auto,
+    .outlier_decode = outlier_decode_avx2_auto,
     .bf16_matvec = bf16_matvec,
-    .hadamard = hadamard,
+    .hadamard = hadamard_avx2,
 };
 #endif

@@ -13,7 +13,7 @@
 #undef KERNEL_NAME
 
 #if defined(__x86_64__)
-#define KERNEL_SUFFIX _avx2
+#define KERNEL_SUFFIX _avx2_auto
 #define KERNEL_TARGET __attribute__((target("avx2,fma,f16c,popcnt")))
 #define KERNEL_SET kernels_avx2_auto
 #define KERNEL_NAME "avx2"
