@@ -6,9 +6,9 @@
  * MAX_BATCH activation rows.
  *   grid     8 codes of b bits: one broadcast load, (b = 5-7: one in-lane byte shuffle,) one variable
  *            shift, one mask
- *   E8P      one code: its 8-float pattern row (the parity already applied) and its 7 signs as a
- *            row of a 128 x 8 table of sign masks, one xor; the +-1/4 shifts of 8 codes at a time
- *            enter as sums of x over each code's columns
+ *   E8P      one code: its 8-float pattern row and its 7 sign bits' row of a 128 x 8 table of sign
+ *            masks (coordinate 7's sign, which the parities decide, split between them), one xor;
+ *            the +-1/4 shifts of 8 codes at a time enter as sums of x over each code's columns
  *   trellis  8 states of a tile row: one broadcast load of the row's 16 bytes, one in-lane shuffle,
  *            one variable shift, then the code (1MAD: multiply-add and two multiply-adds against
  *            ones for the byte sum; 3INST: multiply-add, mask and two fp16 halves)
@@ -295,20 +295,22 @@ AVX2 static void table_decode(const io_t *io, const table_t *t, int64_t lo, int6
 /* ----------------------------------------------------------------------------------------------
  * E8P and residual lattice codes */
 
-/* Row s of sign_masks flips coordinate i < 7 of a pattern iff bit i of s is set (-0.0f's bits). */
+/* Row s of sign_masks (s: a code's 7 sign bits) flips coordinate i < 7 of a pattern iff bit i of s is set,
+ * and coordinate 7 iff s has odd parity (-0.0f's bits). */
 #define SIGN_(s, i) ((((s) >> (i)) & 1u) << 31)
-#define SIGNS_1(s) {SIGN_(s, 0), SIGN_(s, 1), SIGN_(s, 2), SIGN_(s, 3), SIGN_(s, 4), SIGN_(s, 5), SIGN_(s, 6), 0}
+#define PARITY_(s) ((((s) ^ ((s) >> 1) ^ ((s) >> 2) ^ ((s) >> 3) ^ ((s) >> 4) ^ ((s) >> 5) ^ ((s) >> 6)) & 1u) << 31)
+#define SIGNS_1(s) {SIGN_(s, 0), SIGN_(s, 1), SIGN_(s, 2), SIGN_(s, 3), SIGN_(s, 4), SIGN_(s, 5), SIGN_(s, 6), PARITY_(s)}
 #define SIGNS_4(s) SIGNS_1(s), SIGNS_1(s + 1), SIGNS_1(s + 2), SIGNS_1(s + 3)
 #define SIGNS_16(s) SIGNS_4(s), SIGNS_4(s + 4), SIGNS_4(s + 8), SIGNS_4(s + 12)
 #define SIGNS_64(s) SIGNS_16(s), SIGNS_16(s + 16), SIGNS_16(s + 32), SIGNS_16(s + 48)
 static const uint32_t sign_masks[128][8] __attribute__((aligned(32))) = {SIGNS_64(0u), SIGNS_64(64u)};
 
-/* One code's 8 weights without its +-1/4 shift: its row of the 512-row table (pattern index, plus
- * 256 when its 7 sign bits have odd parity, which decides coordinate 7's sign), signs 0-6 flipped. */
+/* One code's 8 weights without its +-1/4 shift. Coordinate 7's sign makes the sum even: it is the
+ * pattern's parity xor that of the 7 sign bits. Rows 0-255 of the signed table have coordinate 7
+ * negated iff the pattern's parity is odd, and the sign mask flips it iff the signs' parity is odd. */
 INLINE __m256 e8p_point(const float *table, uint32_t code) {
-    const uint32_t signs7 = (code >> 8) & 0x7F;
-    const float *row = table + 8 * ((code & 0xFF) | (((uint32_t)__builtin_popcount(signs7) & 1) << 8));
-    return _mm256_xor_ps(_mm256_loadu_ps(row), _mm256_load_ps((const float *)sign_masks[signs7]));
+    const float *row = table + 8 * (code & 0xFF);
+    return _mm256_xor_ps(_mm256_loadu_ps(row), _mm256_load_ps((const float *)sign_masks[(code >> 8) & 0x7F]));
 }
 
 /* up += the group sums of those of 8 codes (from codes[0]) that carry the +1/4 shift (bit 15). */
