@@ -97,12 +97,22 @@ INLINE int32_t zero_point(const grid_t *g, int64_t index) {
     return (int32_t)((word >> (bit & 7)) & ((1u << g->bits) - 1));
 }
 
-/* One activation row (decoding): four sums in named variables, which the compiler keeps in registers
- * (as an array indexed in the loops below they lived on the stack, loaded and stored on every FMA). */
-INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0) {
+/* The 8 codes of a chunk of BITS <= 4 bits at p, its 4 bytes from p readable: one broadcast load. */
+INLINE __m256i unpack8_at(const unpacker_t *u, const uint8_t *p) {
+    int32_t word;
+    memcpy(&word, p, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), u->shift), u->mask);
+}
+
+/* One activation row (decoding), BITS a constant (0: any other width): four sums in named variables, which the
+ * compiler keeps in registers (as an array indexed in loops they lived on the stack, loaded and
+ * stored on every FMA). Chunks that start below `safe` columns are read in place. */
+INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int BITS) {
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
     const int64_t groups = (cols + gs - 1) / gs;
-    const unpacker_t u = unpacker(g->bits);
+    const int bits = BITS ? BITS : g->bits;
+    const unpacker_t u = unpacker(bits);
+    const int64_t safe = g->row_bytes >= 8 ? (g->row_bytes - 8) * 8 / bits + 1 : 0;
     const float *x = io->x + b0 * cols;
     float xsum[groups];
     for (int64_t j = 0; j < groups; j++) {
@@ -111,7 +121,10 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
         for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + c));
         xsum[j] = hsum8(s);
     }
-#define GRID_CHUNK(c) _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, (c), g->bits)))
+#define GRID_FAST(c) _mm256_cvtepi32_ps(                                                              \
+        BITS == 8 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (c))))                   \
+        : BITS && BITS <= 4 ? unpack8_at(&u, row + (((c) * BITS) >> 3)) : unpack8_int(&u, chunk_word(row, g->row_bytes, (c), bits)))
+#define GRID_CHUNK(c) _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, (c), bits)))
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         __m256 acc = _mm256_setzero_ps();
@@ -120,11 +133,11 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
             __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
             int64_t col = j * gs;
-            for (; col + 32 <= end; col += 32) {
-                p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
-                p1 = _mm256_fmadd_ps(GRID_CHUNK(col + 8), _mm256_loadu_ps(x + col + 8), p1);
-                p2 = _mm256_fmadd_ps(GRID_CHUNK(col + 16), _mm256_loadu_ps(x + col + 16), p2);
-                p3 = _mm256_fmadd_ps(GRID_CHUNK(col + 24), _mm256_loadu_ps(x + col + 24), p3);
+            for (; col + 32 <= end && col + 24 < safe; col += 32) {
+                p0 = _mm256_fmadd_ps(GRID_FAST(col), _mm256_loadu_ps(x + col), p0);
+                p1 = _mm256_fmadd_ps(GRID_FAST(col + 8), _mm256_loadu_ps(x + col + 8), p1);
+                p2 = _mm256_fmadd_ps(GRID_FAST(col + 16), _mm256_loadu_ps(x + col + 16), p2);
+                p3 = _mm256_fmadd_ps(GRID_FAST(col + 24), _mm256_loadu_ps(x + col + 24), p3);
             }
             for (; col < end; col += 8) p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
             const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
@@ -134,13 +147,20 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
         }
         io->y[b0 * io->rows + r] = hsum8(acc) - offset;
     }
+#undef GRID_FAST
 #undef GRID_CHUNK
 }
 
 /* A batch of activation rows: each decoded chunk feeds every row's sum. */
 INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int NB) {
     if (NB == 1) {
-        grid_rows_single(io, g, lo, hi, b0);
+        switch (g->bits) {
+        case 2: grid_rows_single(io, g, lo, hi, b0, 2); break;
+        case 3: grid_rows_single(io, g, lo, hi, b0, 3); break;
+        case 4: grid_rows_single(io, g, lo, hi, b0, 4); break;
+        case 8: grid_rows_single(io, g, lo, hi, b0, 8); break;
+        default: grid_rows_single(io, g, lo, hi, b0, 0); break;
+        }
         return;
     }
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
