@@ -14,6 +14,8 @@
  *            ones for the byte sum; 3INST: multiply-add, mask and two fp16 halves)
  *   table    8 codes unpacked as for the grid, one permute into the row's 2^b levels (two and a
  *            blend for 16 levels)
+ *   Hadamard butterflies of span 1, 2 and 4 inside a register, wider ones across registers (the
+ *            AVX-512 tier runs this one too)
  * Everything else (HYB and LUT trellis codes, rows or groups not in 8-column chunks, ICQuant's
  * outlier corrections) runs the portable source compiled for AVX2 (kernels_avx2_auto).
  */
@@ -22,7 +24,7 @@
 
 #include "kernels_common.h"
 
-#define AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define INLINE AVX2 static inline __attribute__((always_inline))
 
 INLINE float hsum8(__m256 v) {
