@@ -4,7 +4,8 @@
  *
  * Every kernel exists once in portable C (kernels_generic.h, compiled for the baseline and, on x86,
  * again for AVX2 + FMA) and, for the hot paths, in AVX2 and AVX-512 intrinsics (kernels_avx2.c,
- * kernels_avx512.c). isa.c picks the tier at run time. Row ranges [lo, hi) let the thread pool split a call over output rows.
+ * kernels_avx512.c). isa.c picks the tier at run time. Row ranges [lo, hi) let the thread pool split
+ * a call over output rows.
  */
 #ifndef QUIPKIT_KERNELS_H
 #define QUIPKIT_KERNELS_H

@@ -125,7 +125,8 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
     }
 #define GRID_FAST(c) _mm256_cvtepi32_ps(                                                              \
         BITS == 8 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (c))))                   \
-        : BITS && BITS <= 4 ? unpack8_at(&u, row + (((c) * BITS) >> 3)) : unpack8_int(&u, chunk_word(row, g->row_bytes, (c), bits)))
+        : BITS && BITS <= 4 ? unpack8_at(&u, row + (((c) * BITS) >> 3))                                  \
+                            : unpack8_int(&u, chunk_word(row, g->row_bytes, (c), bits)))
 #define GRID_CHUNK(c) _mm256_cvtepi32_ps(unpack8_int(&u, chunk_word(row, g->row_bytes, (c), bits)))
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
@@ -283,7 +284,8 @@ INLINE void table_rows(const io_t *io, const table_t *t, int64_t lo, int64_t hi,
                 if (col >= cols) break;
                 const __m256 w = table_lookup(&lv, unpack8_int(&u, chunk_word(row, t->row_bytes, col, t->bits)), t->bits);
                 #pragma GCC unroll 8
-                for (int b = 0; b < NB; b++) acc[b][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(io->x + (b0 + b) * cols + col), acc[b][v]);
+                for (int b = 0; b < NB; b++)
+                    acc[b][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(io->x + (b0 + b) * cols + col), acc[b][v]);
             }
         #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = hsum8(sum_chains(acc[b], CHAINS(NB)));
@@ -436,12 +438,14 @@ AVX2 static void lattice_decode(const io_t *io, const lattice_t *l, int64_t lo, 
     for (int64_t r = lo; r < hi; r++) {
         float *w = io->y + (r - io->row0) * cols;
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
+        const uint16_t *codes2 = l->second == 2 ? (const uint16_t *)l->codes2 + r * groups : NULL;
+        const uint8_t *bytes2 = l->second == 1 ? (const uint8_t *)l->codes2 + r * groups : NULL;
         for (int64_t g = 0; g < groups; g++) {
             __m256 v = e8p_point_shifted(l->signed_patterns, codes[g]);
             if (l->second == 2)
-                v = _mm256_fmadd_ps(e8p_point_shifted(l->signed_patterns, ((const uint16_t *)l->codes2)[r * groups + g]), inv, v);
+                v = _mm256_fmadd_ps(e8p_point_shifted(l->signed_patterns, codes2[g]), inv, v);
             else if (l->second == 1)
-                v = _mm256_fmadd_ps(_mm256_loadu_ps(l->second_table + 8 * ((const uint8_t *)l->codes2)[r * groups + g]), inv, v);
+                v = _mm256_fmadd_ps(_mm256_loadu_ps(l->second_table + 8 * bytes2[g]), inv, v);
             _mm256_storeu_ps(w + 8 * g, v);
         }
     }
