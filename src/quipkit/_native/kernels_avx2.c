@@ -92,12 +92,6 @@ INLINE uint64_t chunk_word(const uint8_t *row, int64_t row_bytes, int64_t col, i
     return word;
 }
 
-INLINE int32_t zero_point(const grid_t *g, int64_t index) {
-    const int64_t bit = index * g->bits;
-    uint32_t word = g->zeros[bit >> 3];
-    if (((bit & 7) + g->bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
-    return (int32_t)((word >> (bit & 7)) & ((1u << g->bits) - 1));
-}
 
 /* The 8 codes of a chunk of BITS <= 4 bits at p, its 4 bytes from p readable: one broadcast load. */
 INLINE __m256i unpack8_at(const unpacker_t *u, const uint8_t *p) {
@@ -144,7 +138,7 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
             }
             for (; col < end; col += 8) p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
             const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
-            const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
+            const float zero = g->scales ? (float)grid_zero_point(g, r * groups + j) : g->zero;
             acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), acc);
             offset += scale * zero * xsum[j];
         }
@@ -198,7 +192,7 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
                 for (int b = 0; b < NB; b++) part[b] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[b] + col), part[b]);
             }
             const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
-            const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
+            const float zero = g->scales ? (float)grid_zero_point(g, r * groups + j) : g->zero;
             #pragma GCC unroll 8
             for (int b = 0; b < NB; b++) {
                 acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), part[b], acc[b]);
@@ -236,7 +230,7 @@ AVX2 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int64_
         float *w = io->y + (r - io->row0) * cols;
         for (int64_t j = 0; j < groups; j++) {
             const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
-            const float zero = g->scales ? (float)zero_point(g, r * groups + j) : g->zero;
+            const float zero = g->scales ? (float)grid_zero_point(g, r * groups + j) : g->zero;
             const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
             for (int64_t col = j * gs; col < end; col += 8) {
@@ -358,14 +352,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) {
         x[b] = io->x + (b0 + b) * cols;
-        float total = 0.0f;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int i = 0; i < 8; i++) s += x[b][8 * g + i];
-            group_sums[b * groups + g] = s;
-            total += s;
-        }
-        xsum[b] = total;
+        xsum[b] = e8p_group_sums(x[b], groups, group_sums + b * groups);
     }
     const float *table = l->signed_patterns;
     for (int64_t r = lo; r < hi; r++) {

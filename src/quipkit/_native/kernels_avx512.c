@@ -73,15 +73,8 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
     int32_t zeros[groups];
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
-        if (g->scales) {
-            const int64_t first = r * groups * bits;
-            for (int64_t j = 0; j < groups; j++) { /* the zero points: one b-bit stream over all rows */
-                const int64_t bit = first + j * bits;
-                uint32_t word = g->zeros[bit >> 3];
-                if (((bit & 7) + bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
-                zeros[j] = (int32_t)((word >> (bit & 7)) & ((1u << bits) - 1));
-            }
-        }
+        if (g->scales)
+            for (int64_t j = 0; j < groups; j++) zeros[j] = grid_zero_point(g, r * groups + j);
         __m512 acc[MAX_BATCH];
         float offset[MAX_BATCH];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps(), offset[b] = 0.0f;
@@ -218,14 +211,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     float xsum[MAX_BATCH];
     for (int b = 0; b < NB; b++) {
         x[b] = io->x + (b0 + b) * cols;
-        float total = 0.0f;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int i = 0; i < 8; i++) s += x[b][8 * g + i];
-            group_sums[b * (groups + 32) + g] = s;
-            total += s;
-        }
-        xsum[b] = total;
+        xsum[b] = e8p_group_sums(x[b], groups, group_sums + b * (groups + 32));
     }
     const float *table = l->signed_patterns;
     e8p_block_t blk, blk2;
@@ -458,11 +444,8 @@ AVX512 static void grid_decode(const io_t *io, const grid_t *g, int64_t lo, int6
         for (int64_t j = 0; j < groups; j++) {
             float scale = g->scale, zero = g->zero;
             if (g->scales) {
-                const int64_t bit = (r * groups + j) * bits;
-                uint32_t word = g->zeros[bit >> 3];
-                if (((bit & 7) + bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
                 scale = half_to_float(g->scales[r * groups + j]);
-                zero = (float)((word >> (bit & 7)) & ((1u << bits) - 1));
+                zero = (float)grid_zero_point(g, r * groups + j);
             }
             const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;

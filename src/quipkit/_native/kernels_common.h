@@ -31,6 +31,26 @@
         }                                                                        \
     }
 
+/* Zero point `index` of a grid's b-bit zero-point stream (one stream over all rows' groups). */
+static inline int32_t grid_zero_point(const grid_t *g, int64_t index) {
+    const int64_t bit = index * g->bits;
+    uint32_t word = g->zeros[bit >> 3];
+    if (((bit & 7) + g->bits) > 8) word |= (uint32_t)g->zeros[(bit >> 3) + 1] << 8;
+    return (int32_t)((word >> (bit & 7)) & ((1u << g->bits) - 1));
+}
+
+/* x [8 groups] summed over each E8P code's 8 columns into sums [groups]; returns their total. */
+static inline float e8p_group_sums(const float *x, int64_t groups, float *sums) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float s = 0.0f;
+        for (int i = 0; i < 8; i++) s += x[8 * g + i];
+        sums[g] = s;
+        total += s;
+    }
+    return total;
+}
+
 /* IEEE half -> float, exact for every input (normals, subnormals, infinities, NaN). */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
