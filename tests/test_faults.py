@@ -264,6 +264,8 @@ def _kill_and_resume(capsys, tmp_path: Path, source: Path, points: list[str]) ->
         CASES["SIGKILL + resume"] += 1
 
 
+# a kill at every write of a whole run: 73 s on a 2-core Zen 3 (the other resume tests stay in the default suite)
+@pytest.mark.slow
 def test_a_run_killed_at_any_write_resumes_to_identical_bytes(capsys, tmp_path, tiny_source):
     _kill_and_resume(capsys, tmp_path, tiny_source, KILL_POINTS)
 

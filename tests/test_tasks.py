@@ -86,6 +86,8 @@ def test_task_run_is_reproducible_and_cli_writes_json(tmp_path, capsys, smol_tok
     assert "unknown task 'hellaswag'" in capsys.readouterr().err
 
 
+# the reference model end to end in two processes: 2.5 min on a 2-core Zen 3
+@pytest.mark.slow
 def test_reference_model_scores_the_same_digits_in_two_processes(tmp_path):
     """The real SmolLM2 on PIQA, two separate runs of the CLI: every digit of every metric agrees."""
     outputs = []
