@@ -92,6 +92,15 @@ INLINE uint64_t chunk_word(const uint8_t *row, int64_t row_bytes, int64_t col, i
     return word;
 }
 
+/* x summed over each group of columns (gs of them, the last group shorter): sums [groups]. */
+INLINE void group_sums(const float *x, int64_t cols, int64_t gs, int64_t groups, float *sums) {
+    for (int64_t j = 0; j < groups; j++) {
+        __m256 s = _mm256_setzero_ps();
+        const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
+        for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + c));
+        sums[j] = hsum8(s);
+    }
+}
 
 /* The 8 codes of a chunk of BITS <= 4 bits at p, its 4 bytes from p readable: one broadcast load. */
 INLINE __m256i unpack8_at(const unpacker_t *u, const uint8_t *p) {
@@ -100,9 +109,9 @@ INLINE __m256i unpack8_at(const unpacker_t *u, const uint8_t *p) {
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), u->shift), u->mask);
 }
 
-/* One activation row (decoding), BITS a constant (0: any other width): four sums in named variables, which the
- * compiler keeps in registers (as an array indexed in loops they lived on the stack, loaded and
- * stored on every FMA). Chunks that start below `safe` columns are read in place. */
+/* One activation row (decoding), BITS a constant (0: any other width): four sums in named variables,
+ * which the compiler keeps in registers (as an array indexed in loops they lived on the stack, loaded
+ * and stored on every FMA). Chunks that start below `safe` columns are read in place. */
 INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int BITS) {
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols;
     const int64_t groups = (cols + gs - 1) / gs;
@@ -111,12 +120,7 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
     const int64_t safe = g->row_bytes >= 8 ? (g->row_bytes - 8) * 8 / bits + 1 : 0;
     const float *x = io->x + b0 * cols;
     float xsum[groups];
-    for (int64_t j = 0; j < groups; j++) {
-        __m256 s = _mm256_setzero_ps();
-        const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
-        for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + c));
-        xsum[j] = hsum8(s);
-    }
+    group_sums(x, cols, gs, groups, xsum);
 #define GRID_FAST(c) _mm256_cvtepi32_ps(                                                              \
         BITS == 8 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (c))))                   \
         : BITS && BITS <= 4 ? unpack8_at(&u, row + (((c) * BITS) >> 3))                                  \
@@ -167,14 +171,7 @@ INLINE void grid_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, i
     #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) x[b] = io->x + (b0 + b) * cols;
     float xsum[MAX_BATCH * groups];
-    #pragma GCC unroll 8
-    for (int b = 0; b < NB; b++)
-        for (int64_t j = 0; j < groups; j++) {
-            __m256 s = _mm256_setzero_ps();
-            const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
-            for (int64_t c = j * gs; c < end; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x[b] + c));
-            xsum[b * groups + j] = hsum8(s);
-        }
+    for (int b = 0; b < NB; b++) group_sums(x[b], cols, gs, groups, xsum + b * groups);
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         __m256 acc[MAX_BATCH];
@@ -372,7 +369,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
                     up[b] = e8p_shifts(up[b], codes + g0, group_sums + b * groups + g0);
                     if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g0, group_sums + b * groups + g0);
                 }
-#pragma GCC unroll 8
+            #pragma GCC unroll 8
             for (int v = 0; v < 8; v++) {
                 const int64_t g = g0 + v;
                 if (g >= groups) break;
@@ -485,9 +482,6 @@ INLINE __m256 trellis_row8(__m256i bytes, int half, int code, const window_t *wi
     return _mm256_add_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(joined)), _mm256_cvtph_ps(_mm256_extracti128_si256(joined, 1)));
 }
 
-static float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
-static float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }
-
 /* Where each tile row's 16 window bytes come from. The first rows' windows run past the tile's end
  * and wrap around to its start: those take bytes from the tile's last 16 (`from_tail`) and first 16
  * (`from_head`) with two shuffles (building them in memory stalled on store forwarding). */
@@ -524,8 +518,9 @@ INLINE __m256i trellis_row_bytes(const uint8_t *tile, int rr, int k, const windo
     return _mm256_broadcastsi128_si256(v);
 }
 
-/* One tile row at a time across the whole strip of tiles: two accumulators per activation row stay
- * in registers, and the strip's codes (32 k bytes per tile) stay in cache for the 16 passes. */
+/* One tile row at a time across the whole strip of tiles: two sums per activation row (four for a
+ * single row: even and odd tiles) stay in registers, and the strip's codes (32 k bytes per tile)
+ * stay in cache for the 16 passes. */
 INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int code) {
     const int64_t cols = io->cols, tiles_n = cols / 16;
@@ -544,7 +539,6 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         const uint8_t *strip = t->codes + i * tiles_n * bytes;
         for (int rr = 0; rr < 16; rr++) {
-            /* two chains per half of the tile row for a single activation row: even and odd tiles */
             const int sets = NB == 1 ? 2 : 1;
             __m256 acc[MAX_BATCH][4];
             #pragma GCC unroll 8
@@ -572,14 +566,6 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     }
 }
 
-#define TRELLIS_CASES(code)                                                  \
-    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                       \
-    case 1: trellis_rows(io, t, lo, hi, b0, 1, code); break;                 \
-    case 2: trellis_rows(io, t, lo, hi, b0, 2, code); break;                 \
-    case 3: trellis_rows(io, t, lo, hi, b0, 3, code); break;                 \
-    default: trellis_rows(io, t, lo, hi, b0, 4, code); break;                \
-    }
-
 /* Computed codes with one value per state, k <= 4 and L <= 16 (the 16-byte window above). */
 static int trellis_fits(const trellis_layer_t *t) {
     return t->V == 1 && (t->code == CODE_1MAD || t->code == CODE_3INST) && t->k <= 4 && t->L <= 16;
@@ -592,9 +578,9 @@ AVX2 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int64_
     }
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
         if (t->code == CODE_1MAD) {
-            TRELLIS_CASES(CODE_1MAD)
+            TRELLIS_CASES(trellis_rows, CODE_1MAD)
         } else {
-            TRELLIS_CASES(CODE_3INST)
+            TRELLIS_CASES(trellis_rows, CODE_3INST)
         }
     }
 }

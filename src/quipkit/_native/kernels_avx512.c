@@ -293,7 +293,7 @@ INLINE window_t window_constants(int k, int L) {
     return w;
 }
 
-/* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale below). */
+/* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale, kernels_common.h). */
 INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const window_t *win) {
     const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
     const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift),
@@ -309,9 +309,6 @@ INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const 
     const __m512 high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
     return _mm512_add_ps(low, high);
 }
-
-static float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
-static float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }
 
 INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int code) {
@@ -347,14 +344,6 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     }
 }
 
-#define TRELLIS_CASES(code)                                                  \
-    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                       \
-    case 1: trellis_rows(io, t, lo, hi, b0, 1, code); break;                 \
-    case 2: trellis_rows(io, t, lo, hi, b0, 2, code); break;                 \
-    case 3: trellis_rows(io, t, lo, hi, b0, 3, code); break;                 \
-    default: trellis_rows(io, t, lo, hi, b0, 4, code); break;                \
-    }
-
 AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {
         kernels_avx2.trellis_matvec(io, t, lo, hi);
@@ -362,9 +351,9 @@ AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int6
     }
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
         if (t->code == CODE_1MAD) {
-            TRELLIS_CASES(CODE_1MAD)
+            TRELLIS_CASES(trellis_rows, CODE_1MAD)
         } else {
-            TRELLIS_CASES(CODE_3INST)
+            TRELLIS_CASES(trellis_rows, CODE_3INST)
         }
     }
 }

@@ -31,6 +31,20 @@
         }                                                                        \
     }
 
+/* Runs ROWS(io, t, lo, hi, b0, NB, code) on the trellis kernels' chunk of at most 4 activation rows
+ * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case. */
+#define TRELLIS_CASES(ROWS, code)                                                \
+    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                           \
+    case 1: ROWS(io, t, lo, hi, b0, 1, code); break;                             \
+    case 2: ROWS(io, t, lo, hi, b0, 2, code); break;                             \
+    case 3: ROWS(io, t, lo, hi, b0, 3, code); break;                             \
+    default: ROWS(io, t, lo, hi, b0, 4, code); break;                            \
+    }
+
+/* A computed trellis code's value is (raw - code_offset) * code_scale. */
+static inline float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
+static inline float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }
+
 /* Zero point `index` of a grid's b-bit zero-point stream (one stream over all rows' groups). */
 static inline int32_t grid_zero_point(const grid_t *g, int64_t index) {
     const int64_t bit = index * g->bits;
