@@ -18,23 +18,25 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides):
-    """A randomly initialised causal LM of `family` (llama, qwen2, mistral, gemma), in eval mode."""
+    """A randomly initialised causal LM of `family` (llama, qwen2, qwen3, mistral, gemma), in eval mode."""
     import transformers
 
     configs = {
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
         "gemma": transformers.GemmaConfig,
     }
     models = {
         "llama": transformers.LlamaForCausalLM,
         "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
         "mistral": transformers.MistralForCausalLM,
         "gemma": transformers.GemmaForCausalLM,
     }
     kwargs = {**TINY, "vocab_size": vocab_size, **overrides}
-    if family == "gemma":
+    if family in ("gemma", "qwen3"):
         kwargs["head_dim"] = 16
     torch.manual_seed(seed)
     return models[family](configs[family](**kwargs)).eval()

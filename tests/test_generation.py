@@ -37,6 +37,7 @@ def test_dynamic_cache_when_no_static_one_fits(monkeypatch):
     ids = _tokens(seed=9)[:1, :7]
     expected, _ = generate(model, ids, 6)
     monkeypatch.setattr(generation, "_static_cache", lambda model, length: None)
+    monkeypatch.setattr(generation.LeanDecoder, "build", classmethod(lambda cls, model, length: None))
     assert generate(model, ids, 6)[0] == expected == _transformers_tokens(model, ids, 6)
 
 

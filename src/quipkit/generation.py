@@ -2,11 +2,13 @@
 
 transformers' `generate` spends several milliseconds per token on logits processors, stopping
 criteria and cache bookkeeping, which is as much as a quantized small model's whole forward on a
-CPU. This loop does what gpt-fast does: a static KV cache sized for the prompt and the new tokens,
-one prefill forward that computes the last position's logits only, then one forward and one argmax
-per token. Models whose forward takes no static cache get their own dynamic one. `compile=True`
-wraps the decode step in torch.compile, with CUDA graphs on a GPU; on the CPU it was measured slower
-than eager (46 against 39 ms per token for QuIP# 2-bit on the reference model), so it is opt-in.
+CPU. This loop does what gpt-fast does: a cache sized for the prompt and the new tokens, one prefill
+forward that computes the last position's logits only, then one forward and one argmax per token.
+The forward is `LeanDecoder` (lean_decoder.py) for the Llama layout it accepts, else the model's
+own with a static KV cache (a dynamic one for models whose forward takes no static cache).
+`compile=True` wraps the model's own decode step in torch.compile, with CUDA graphs on a GPU; on
+the CPU it was measured slower than eager (46 against 39 ms per token for QuIP# 2-bit on the
+reference model), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from quipkit.lean_decoder import LeanDecoder
+
 
 @dataclass
 class GenerationStats:
@@ -31,6 +35,7 @@ class GenerationStats:
     decode_seconds: float
     model_bytes: int  # every parameter and buffer of the model, counted once
     peak_rss_bytes: int  # the process's peak resident memory
+    forward: str = "transformers"  # whose forward decoded: "lean" (LeanDecoder) or "transformers"
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -100,20 +105,14 @@ def generate(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     prompt = input_ids.shape[1]
-    keyword = _cache_keyword(model)
-    cache = _static_cache(model, prompt + max_new_tokens)
-    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    extra = {"logits_to_keep": 1} if takes_logits_to_keep else {}
-
-    def forward(ids: Tensor, positions: Tensor, past) -> tuple[Tensor, object]:
-        out = model(input_ids=ids, cache_position=positions, use_cache=True, **{keyword: past}, **extra)
-        return out.logits[:, -1], (past if past is not None and cache is not None else out.past_key_values)
-
-    # on a GPU, CUDA graphs replay the whole step ("reduce-overhead"); CPUs have no such replay
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    step = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
+    lean = None if compile else LeanDecoder.build(model, prompt + max_new_tokens)
+    if lean is not None:
+        prefill = lean.prefill
+        step = lambda ids, position: lean.step(ids)  # noqa: E731 - the decoder tracks the position
+    else:
+        prefill, step = _transformers_steps(model, prompt + max_new_tokens, device, compile)
     start = time.perf_counter()
-    logits, past = forward(input_ids, torch.arange(prompt, device=device), cache)
+    logits = prefill(input_ids)
     token = int(logits.argmax(-1))
     prefilled = time.perf_counter()
     tokens = [token]
@@ -121,15 +120,43 @@ def generate(
         on_token(token)
     position = prompt
     while len(tokens) < max_new_tokens and token not in eos_token_ids:
-        logits, past = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), past)
+        logits = step(torch.tensor([[token]], device=device), position)
         token = int(logits.argmax(-1))
         tokens.append(token)
         position += 1
         if on_token is not None:
             on_token(token)
     done = time.perf_counter()
-    stats = GenerationStats(prompt, len(tokens), prefilled - start, done - prefilled, model_bytes(model), peak_rss_bytes())
+    stats = GenerationStats(prompt, len(tokens), prefilled - start, done - prefilled, model_bytes(model), peak_rss_bytes(),
+                            "lean" if lean is not None else "transformers")
     return tokens, stats
+
+
+def _transformers_steps(model: nn.Module, length: int, device: torch.device, compile: bool):
+    """(prefill(ids [1, T]), step(ids [1, 1], position)) -> last logits [1, vocab], through the
+    model's own forward with a static cache of `length` positions (or the dynamic one it returns)."""
+    keyword = _cache_keyword(model)
+    cache = _static_cache(model, length)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    past = [cache]
+
+    def forward(ids: Tensor, positions: Tensor, held) -> tuple[Tensor, object]:
+        out = model(input_ids=ids, cache_position=positions, use_cache=True, **{keyword: held}, **extra)
+        return out.logits[:, -1], (held if held is not None and cache is not None else out.past_key_values)
+
+    # on a GPU, CUDA graphs replay the whole step ("reduce-overhead"); CPUs have no such replay
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    compiled = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
+
+    def prefill(ids: Tensor) -> Tensor:
+        logits, past[0] = forward(ids, torch.arange(ids.shape[1], device=device), past[0])
+        return logits
+
+    def step(ids: Tensor, position: int) -> Tensor:
+        logits, past[0] = compiled(ids, torch.tensor([position], device=device), past[0])
+        return logits
+
+    return prefill, step
 
 
 def eos_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
