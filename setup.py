@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 native = Extension(
     "quipkit._native",
     sources=[f"src/quipkit/_native/{name}.c" for name in
-             ("module", "e8p", "viterbi", "threads", "isa", "kernels_generic", "kernels_avx2",
+             ("module", "e8p", "viterbi", "decoder_step", "threads", "isa", "kernels_generic", "kernels_avx2",
               "kernels_avx512")],
     depends=[f"src/quipkit/_native/{name}.h" for name in
              ("native", "viterbi_step", "kernels", "kernels_common", "kernels_generic")],

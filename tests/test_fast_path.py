@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import quipkit
+from quipkit import native
 from quipkit.config import make_config
 from quipkit.kernels import dispatch
 from quipkit.layers.packing import pack_bits, unpack_bits
@@ -118,3 +119,34 @@ def test_a_layer_on_the_dct_fallback_matches_the_reference(monkeypatch):
             monkeypatch.delenv("QUIPKIT_KERNELS")
             dispatch.forget_choices()
     assert_matches(fast, reference)  # sums of 10920 products: float32 rounding relative to the output scale
+
+
+@pytest.mark.parametrize("method,bits,options", [("quip#", 2, {}), ("qtip", 2, {"L": 10}), ("gptq", 4, {"group_size": 32}),
+                                                 ("caldera", 2, {"rank": 8})])
+def test_bound_one_row_calls_give_the_layers_forward(method, bits, options, monkeypatch):
+    """The lean decoder's per-layer calls with the tensors fixed: the layer's own output for one row;
+    none for a layer the one-call path does not cover (a low-rank term) or in reference-only mode."""
+    from quipkit.layers.quantized_linear import QuantizedLinear
+
+    model, _ = _quantized(method=method, bits=bits, **options)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for i, layer in enumerate(layers):
+        call = layer.bound_one_row_call()
+        if layer.low_rank is not None or not native.available():
+            assert call is None
+            continue
+        x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            torch.testing.assert_close(call(x), layer(x), rtol=0, atol=0)
+            torch.testing.assert_close(call(x), _reference_output(layer, x, monkeypatch), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(dispatch, "REFERENCE_ONLY", True)
+    assert all(layer.bound_one_row_call() is None for layer in layers)
+
+
+def _reference_output(layer, x, monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(dispatch, "REFERENCE_ONLY", True)
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        monkeypatch.setattr(dispatch, "REFERENCE_ONLY", False)

@@ -5,10 +5,12 @@ transformers' forward spends most of a small quantized model's decode step outsi
 layer and token it builds masks, rotary tables and cache views through a stack of decorators, about
 0.8 ms of Python and tiny ops on a CPU, more than the layer's 2-bit kernels. This forward calls the
 model's own modules for every weight (quantized or not, so every kernel and the eager reference
-still apply) and does the rest with about fifteen ops per layer: one fused RMS norm, the rotary
-embedding as one batched multiply by a rotation matrix built once per step for all layers, the
-attention of one new token as two small matmuls over the cache. Tests hold its logits to
-transformers' forward on every architecture it accepts.
+still apply) and does the rest in few calls: in float32 on a CPU with the compiled extension, one
+call per norm and one for the new position's attention (rotary embedding, cache write, softmax;
+_native/decoder_step.c); elsewhere, and for the prefill, torch ops: the RMS norm fused, the rotary
+embedding as a batched multiply by rotation matrices built once per step for all layers, the
+attention of one position as two small matmuls over the cache. The torch path is the extension's
+reference; tests hold both to transformers' forward on every architecture this accepts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from quipkit import native
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -29,12 +33,28 @@ def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     return norm(x)
 
 
+def _native_rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """The same for x [..., d] float32, contiguous, on the CPU with a float32 weight, in one C call."""
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    native.module().rms_norm(x.data_ptr(), x.numel() // n, n, norm.weight.data_ptr(), norm.variance_epsilon,
+                             out.data_ptr())
+    return out
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
         return True
     except AttributeError:
         return False
+
+
+def _one_row_call(module: nn.Module):
+    """module's forward for one float32 row: a quantized layer's bound call where it has one."""
+    bound = getattr(module, "bound_one_row_call", None)
+    call = bound() if bound is not None else None
+    return call if call is not None else module
 
 
 def _rotations(cos: Tensor, sin: Tensor) -> Tensor:
@@ -89,6 +109,13 @@ class LeanDecoder:
         self.keys = torch.zeros(shape, dtype=embedding.dtype, device=embedding.device)
         self.values = torch.zeros_like(self.keys)
         self.filled = 0
+        norms = [body.norm] + [n for layer in body.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms += [n for layer in body.layers for n in (getattr(layer.self_attn, "q_norm", None),
+                                                       getattr(layer.self_attn, "k_norm", None)) if n is not None]
+        self.native = (native.available() and self.keys.device.type == "cpu" and self.keys.dtype is torch.float32
+                       and all(n.weight.dtype is torch.float32 and n.weight.is_contiguous() for n in norms))
+        # per layer: q, k, v, o, gate, up, down as called for one position (a quantized layer's bound call)
+        self.one_row = [tuple(_one_row_call(layer.get_submodule(n)) for n in _LAYER_MODULES[:7]) for layer in body.layers]
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -118,31 +145,42 @@ class LeanDecoder:
         x = self.body.embed_tokens(ids)[0]  # [T, hidden]
         positions = torch.arange(start, end, device=x.device)[None]
         cos, sin = self.body.rotary_emb(x, positions)
-        rotation = _rotations(cos[0], sin[0])  # [T, D, D]
-        query_rotation = rotation * self.scaling  # folds the attention's scale into the queries
+        in_c = self.native and count == 1
+        norm = _native_rms_norm if in_c else _rms_norm
+        if in_c:
+            rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
+        else:
+            rotation = _rotations(cos[0], sin[0])  # [T, D, D]
+            rope = (rotation * self.scaling, rotation)  # the attention's scale folded into the queries'
         for index, layer in enumerate(self.body.layers):
-            attention = layer.self_attn
-            h = _rms_norm(x, layer.input_layernorm)
-            q = attention.q_proj(h).view(count, self.heads, self.head_dim)
-            k = attention.k_proj(h).view(count, self.kv_heads, self.head_dim)
-            v = attention.v_proj(h).view(count, self.kv_heads, self.head_dim)
+            attention, mlp = layer.self_attn, layer.mlp
+            if in_c:
+                q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = self.one_row[index]
+            else:
+                q_proj, k_proj, v_proj, o_proj = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+                gate_proj, up_proj, down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            h = norm(x, layer.input_layernorm)
+            q = q_proj(h).view(count, self.heads, self.head_dim)
+            k = k_proj(h).view(count, self.kv_heads, self.head_dim)
+            v = v_proj(h).view(count, self.kv_heads, self.head_dim)
             if self.qk_norms:
-                q, k = _rms_norm(q, attention.q_norm), _rms_norm(k, attention.k_norm)
-            q, k = torch.bmm(q, query_rotation), torch.bmm(k, rotation)
-            keys, values = self.keys[index], self.values[index]
-            keys[:, start:end] = k.transpose(0, 1)
-            values[:, start:end] = v.transpose(0, 1)
-            out = self._attend(q, keys[:, :end], values[:, :end], start)
-            x = x + attention.o_proj(out)
-            h = _rms_norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)).mul_(mlp.up_proj(h)))
+                q, k = norm(q, attention.q_norm), norm(k, attention.k_norm)
+            attend = self._attend_in_c if in_c else self._attend
+            x = x + o_proj(attend(index, q, k, v, rope, start))
+            h = norm(x, layer.post_attention_layernorm)
+            x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
         self.filled = end
-        return self.model.lm_head(_rms_norm(x[-1:], self.body.norm))
+        return self.model.lm_head(norm(x[-1:].contiguous(), self.body.norm))
 
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
-        """Queries [T, heads, D] (scaled) over keys/values [kv_heads, n, D] -> [T, heads * D]."""
+    def _attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
+        """Queries q [T, heads, D], new keys and values [T, kv_heads, D] at positions start.. ->
+        [T, heads * D]; rope: the rotations [T, D, D] for queries (scaled) and keys."""
         count, group = q.shape[0], self.heads // self.kv_heads
+        q, k = torch.bmm(q, rope[0]), torch.bmm(k, rope[1])
+        keys, values = self.keys[index], self.values[index]
+        keys[:, start:start + count] = k.transpose(0, 1)
+        values[:, start:start + count] = v.transpose(0, 1)
+        keys, values = keys[:, :start + count], values[:, :start + count]
         if count == 1:  # two small matmuls: cheaper than SDPA's setup for one query
             q = q.view(self.kv_heads, group, self.head_dim)
             scores = torch.bmm(q, keys.transpose(1, 2))
@@ -153,3 +191,13 @@ class LeanDecoder:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
                                              scale=1.0, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(count, self.heads * self.head_dim)
+
+    def _attend_in_c(self, index: int, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor],
+                     start: int) -> Tensor:
+        """The same for one position in one call of the extension; rope: cos and sin [D]."""
+        out = torch.empty(1, self.heads * self.head_dim)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        native.module().attention_step(q.data_ptr(), k.data_ptr(), v.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr(),
+                                       self.scaling, self.keys[index].data_ptr(), self.values[index].data_ptr(), start,
+                                       self.length, self.heads, self.kv_heads, self.head_dim, out.data_ptr())
+        return out

@@ -262,6 +262,28 @@ static PyObject *py_hadamard(PyObject *self, PyObject *args) {
     return launch(&c, &ep, 0, lo, hi, threads, x, y, 1);
 }
 
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, weight, out;
+    long long rows, n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KLLKfK", &x, &rows, &n, &weight, &eps, &out)) return NULL;
+    rms_norm((const float *)x, rows, n, (const float *)weight, eps, (float *)out);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attention_step(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, cos, sin, keys, values, out;
+    float scale;
+    long long position, length, heads, kv_heads, dim;
+    if (!PyArg_ParseTuple(args, "KKKKKfKKLLLLLK", &q, &k, &v, &cos, &sin, &scale, &keys, &values, &position, &length,
+                          &heads, &kv_heads, &dim, &out))
+        return NULL;
+    if (attention_step((const float *)q, (const float *)k, (const float *)v, (const float *)cos, (const float *)sin,
+                       scale, (float *)keys, (float *)values, position, length, heads, kv_heads, dim, (float *)out))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isa(PyObject *self, PyObject *args) {
     const char *name = NULL;
     if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
@@ -286,6 +308,11 @@ static PyMethodDef methods[] = {
     {"outlier", py_outlier, METH_VARARGS, "ICQuant kernel (kernels.h: outlier_split_t)"},
     {"bf16", py_bf16, METH_VARARGS, "dense bf16 matvec (kernels.h: bf16_t)"},
     {"hadamard", py_hadamard, METH_VARARGS, "orthonormal Hadamard transform of rows (kernels.h: hadamard_t)"},
+    {"rms_norm", py_rms_norm, METH_VARARGS,
+     "rms_norm(x, rows, n, weight, eps, out): float32 [rows, n] (decoder_step.c)"},
+    {"attention_step", py_attention_step, METH_VARARGS,
+     "attention_step(q, k, v, cos, sin, scale, keys, values, position, length, heads, kv_heads, dim, out): "
+     "one position's rotary embedding, KV cache write and attention, float32 (decoder_step.c)"},
     {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},
     {NULL, NULL, 0, NULL},
 };

@@ -222,6 +222,26 @@ class OneCallLinear:
         return y
 
 
+    def bound(self, tensors: Sequence[Tensor], su: Tensor | None, sv: Tensor | None,
+              bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+        """The call with the layer's tensors fixed: x [1, cols] (float32, contiguous, CPU) -> [1, rows].
+        Reads every address once, so it is for a loop over tokens in which the layer does not change
+        (the lean decoder's); it holds the tensors alive."""
+        in_k, hk_in, out_k, hk_out = self.static_epilogue
+        rows, cols, function = self.rows, self.cols, self.plan.function
+        held = list(tensors) + [su, sv, bias] + list(self.plan.arguments(tensors))
+        fixed = (in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias),
+                 *[_ptr(t) for t in self.plan.arguments(tensors)], *self.plan.static)
+
+        def call(x: Tensor) -> Tensor:
+            y = torch.empty(1, rows)
+            function(0, 0, 0, torch.get_num_threads(), x.data_ptr(), 1, rows, cols, y.data_ptr(), *fixed)
+            return y
+
+        call.held = held  # type: ignore[attr-defined]
+        return call
+
+
 def one_call_linear(codebook, rows: int, cols: int, transform: str, tensors: Sequence[Tensor],
                     vectors: Sequence[Tensor | None]) -> OneCallLinear | None:
     """The fast path for a layer whose stored `tensors` and sign/bias `vectors` are as the extension

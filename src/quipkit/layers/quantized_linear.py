@@ -10,7 +10,7 @@ shapes and dtypes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -181,6 +181,16 @@ class QuantizedLinear(KeepsStoredFormats):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def bound_one_row_call(self) -> Callable[[Tensor], Tensor] | None:
+        """forward for one activation row x [1, in] (float32, contiguous, CPU) with this layer's tensors
+        fixed (cpu.OneCallLinear.bound), for a decode loop in which the layer does not change; None
+        where the one-call path does not apply."""
+        fast = self._one_call if self._one_call is not False else self._fast_path()
+        if fast is None or self.decoded is not None or dispatch.REFERENCE_ONLY:
+            return None
+        buffers = self._buffers
+        return fast.bound([buffers[n] for n in self._codebook_names], buffers.get("su"), buffers.get("sv"), self.bias)
 
     def _low_rank_term(self, x: Tensor) -> Tensor:
         """(x [..., in] R^T) L^T -> [..., out], each factor decoded by its codebook's kernel (never held)."""
