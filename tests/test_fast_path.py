@@ -27,15 +27,20 @@ def quip_sharp_model():
     return model
 
 
-def _reference_logits(model, tokens, monkeypatch) -> torch.Tensor:
+def _in_reference_mode(run, monkeypatch):
+    """run() with every layer routed to the eager reference (QUIPKIT_KERNELS=reference)."""
     monkeypatch.setenv("QUIPKIT_KERNELS", "reference")
     dispatch.forget_choices()
     try:
         with torch.no_grad():
-            return model(tokens).logits
+            return run()
     finally:
         monkeypatch.delenv("QUIPKIT_KERNELS")
         dispatch.forget_choices()
+
+
+def _reference_logits(model, tokens, monkeypatch) -> torch.Tensor:
+    return _in_reference_mode(lambda: model(tokens).logits, monkeypatch)
 
 
 @pytest.mark.parametrize("method,bits,options", [("quip#", 2, {}), ("quip#", 4, {}), ("qtip", 2, {"L": 10}),
@@ -138,15 +143,6 @@ def test_bound_one_row_calls_give_the_layers_forward(method, bits, options, monk
         x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
             torch.testing.assert_close(call(x), layer(x), rtol=0, atol=0)
-            torch.testing.assert_close(call(x), _reference_output(layer, x, monkeypatch), rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr(dispatch, "REFERENCE_ONLY", True)
-    assert all(layer.bound_one_row_call() is None for layer in layers)
-
-
-def _reference_output(layer, x, monkeypatch) -> torch.Tensor:
-    monkeypatch.setattr(dispatch, "REFERENCE_ONLY", True)
-    try:
-        with torch.no_grad():
-            return layer(x)
-    finally:
-        monkeypatch.setattr(dispatch, "REFERENCE_ONLY", False)
+            expected = _in_reference_mode(lambda: layer(x), monkeypatch)
+            torch.testing.assert_close(call(x), expected, rtol=1e-4, atol=1e-5)
+    assert _in_reference_mode(lambda: [layer.bound_one_row_call() for layer in layers], monkeypatch) == [None] * len(layers)
