@@ -95,7 +95,8 @@ def _why_not(model: nn.Module, length: int) -> str | None:
 class LeanDecoder:
     """Greedy decoding's forward for one sequence: `prefill(ids)` from an empty cache, then `step(ids)`
     per token; both return the last position's logits [1, vocab]. Holds keys and values [layers,
-    kv_heads, length, head_dim] for up to `length` positions."""
+    kv_heads, length, head_dim] for up to `length` positions, and the quantized layers' calls with
+    their tensors bound: build one per generation, and a new one after changing the model."""
 
     def __init__(self, model: nn.Module, length: int) -> None:
         body, config = model.model, model.config

@@ -340,6 +340,20 @@ INLINE float e8p_shift_tail(const uint16_t *codes, const float *group_sums, int6
     return s;
 }
 
+/* lattice_rows' step: code g into chain `chain` of each activation row's sums */
+#define LATTICE_CODE(g, chain)                                                                        \
+    do {                                                                                              \
+        const __m256 w = e8p_point(table, codes[g]);                                                  \
+        __m256 w2 = _mm256_setzero_ps();                                                              \
+        if (second == 2) w2 = e8p_point(table, codes2[g]);                                            \
+        if (second == 1) w2 = _mm256_loadu_ps(l->second_table + 8 * bytes2[g]);                       \
+        _Pragma("GCC unroll 8") for (int b = 0; b < NB; b++) {                                        \
+            const __m256 xv = _mm256_loadu_ps(x[b] + 8 * (g));                                        \
+            acc[b][chain] = _mm256_fmadd_ps(w, xv, acc[b][chain]);                                    \
+            if (second) acc2[b] = _mm256_fmadd_ps(w2, xv, acc2[b]);                                   \
+        }                                                                                             \
+    } while (0)
+
 INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int second) {
     const int64_t cols = io->cols, groups = cols / 8, whole = groups - groups % 8;
@@ -362,29 +376,17 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
             for (int v = 0; v < CHAINS(NB); v++) acc[b][v] = _mm256_setzero_ps();
             acc2[b] = up[b] = up2[b] = _mm256_setzero_ps();
         }
-        for (int64_t g0 = 0; g0 < groups; g0 += 8) {
-            if (g0 < whole)
-                #pragma GCC unroll 8
-                for (int b = 0; b < NB; b++) {
-                    up[b] = e8p_shifts(up[b], codes + g0, group_sums + b * groups + g0);
-                    if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g0, group_sums + b * groups + g0);
-                }
+        /* whole blocks of 8 codes without a bound check per code, then the last few */
+        for (int64_t g0 = 0; g0 < whole; g0 += 8) {
             #pragma GCC unroll 8
-            for (int v = 0; v < 8; v++) {
-                const int64_t g = g0 + v;
-                if (g >= groups) break;
-                const __m256 w = e8p_point(table, codes[g]);
-                __m256 w2 = _mm256_setzero_ps();
-                if (second == 2) w2 = e8p_point(table, codes2[g]);
-                if (second == 1) w2 = _mm256_loadu_ps(l->second_table + 8 * bytes2[g]);
-                #pragma GCC unroll 8
-                for (int b = 0; b < NB; b++) {
-                    const __m256 xv = _mm256_loadu_ps(x[b] + 8 * g);
-                    acc[b][v % CHAINS(NB)] = _mm256_fmadd_ps(w, xv, acc[b][v % CHAINS(NB)]);
-                    if (second) acc2[b] = _mm256_fmadd_ps(w2, xv, acc2[b]);
-                }
+            for (int b = 0; b < NB; b++) {
+                up[b] = e8p_shifts(up[b], codes + g0, group_sums + b * groups + g0);
+                if (second == 2) up2[b] = e8p_shifts(up2[b], codes2 + g0, group_sums + b * groups + g0);
             }
+            #pragma GCC unroll 8
+            for (int v = 0; v < 8; v++) LATTICE_CODE(g0 + v, v % CHAINS(NB));
         }
+        for (int64_t g = whole; g < groups; g++) LATTICE_CODE(g, 0);
         #pragma GCC unroll 8
         for (int b = 0; b < NB; b++) {
             const float *sums = group_sums + b * groups;
@@ -400,6 +402,8 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     }
     free(group_sums);
 }
+
+#undef LATTICE_CODE
 
 AVX2 static void lattice_matvec(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
     if (l->second == 0) {
