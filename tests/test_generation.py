@@ -68,6 +68,7 @@ def test_cli_generate_stats_and_info_kernels(capsys, tmp_path, smol_tokenizer):
     assert code == 0
     stats = json.loads(out[out.index("{"):])
     assert stats["new_tokens"] <= 3 and stats["threads"] == 1 and stats["kernels"].startswith("no quantized layers")
+    assert stats["forward"] == "lean"
     assert cli.main(["info", "--kernels", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     listed = {row["codebook"] for row in info["kernels"]}

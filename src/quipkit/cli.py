@@ -477,6 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                  stats.decode_tokens_per_second, stats.model_bytes / 1e6, stats.peak_rss_bytes / 1e6,
                  row["threads"]]])
         print(f"kernels: {row['kernels']}")
+        print(f"forward: {stats.forward}" + (" (quipkit's Llama-layout decoder)" if stats.forward == "lean" else ""))
 
 
 # ---------------------------------------------------------------------------------------------
