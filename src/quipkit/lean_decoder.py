@@ -3,7 +3,7 @@ preallocated KV cache: what the lean generation loop runs wherever `LeanDecoder.
 
 transformers' forward spends most of a small quantized model's decode step outside the weights: per
 layer and token it builds masks, rotary tables and cache views through a stack of decorators, about
-0.8 ms of Python and tiny ops on a CPU, more than the layer's 2-bit kernels. This forward calls the
+0.8-1 ms of Python and tiny ops on a CPU, more than the layer's 2-bit kernels. This forward calls the
 model's own modules for every weight (quantized or not, so every kernel and the eager reference
 still apply) and does the rest in few calls: in float32 on a CPU with the compiled extension, one
 call per norm and one for the new position's attention (rotary embedding, cache write, softmax;
