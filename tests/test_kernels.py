@@ -205,3 +205,24 @@ def test_reference_only_mode_routes_everything_to_the_reference(monkeypatch):
     finally:
         monkeypatch.delenv("QUIPKIT_KERNELS")
         dispatch.forget_choices()
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [{"name": "e8p", "bits": 2}, {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"},
+                                  {"name": "trellis", "bits": 2, "L": 12, "code": "1mad"},
+                                  {"name": "scalar", "bits": 4, "group_size": 32}, {"name": "dense", "bits": 16}],
+                         ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_bound_calls_match_the_one_call_path(spec):
+    """OneCallLinear.bound (the lean decoder's per-layer call) reads the addresses once; what it reads
+    must stay alive: HYB's float table is made for the call, and freed memory is refilled with NaN."""
+    codebook = make_codebook(spec)
+    rows, cols = 64, 128
+    stored = random_stored(codebook, rows, cols, seed=3)
+    bias = torch.randn(rows)
+    fast = cpu.one_call_linear(codebook, rows, cols, "identity", stored, (None, None, bias))
+    call = fast.bound(stored, None, None, bias)
+    refill = [torch.full((512, 2), float("nan")) for _ in range(64)]  # reuses anything the binding let go
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(4))
+    expected = reference_matmul(x, stored, codebook, rows, cols) + bias
+    assert_matches(call(x), expected)
+    assert torch.equal(call(x), fast(x, stored, None, None, bias)) and len(refill) == 64

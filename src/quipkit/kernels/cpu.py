@@ -221,7 +221,6 @@ class OneCallLinear:
                          (in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias)))
         return y
 
-
     def bound(self, tensors: Sequence[Tensor], su: Tensor | None, sv: Tensor | None,
               bias: Tensor | None) -> Callable[[Tensor], Tensor]:
         """The call with the layer's tensors fixed: x [1, cols] (float32, contiguous, CPU) -> [1, rows].
@@ -229,9 +228,10 @@ class OneCallLinear:
         (the lean decoder's); it holds the tensors alive."""
         in_k, hk_in, out_k, hk_out = self.static_epilogue
         rows, cols, function = self.rows, self.cols, self.plan.function
-        held = list(tensors) + [su, sv, bias] + list(self.plan.arguments(tensors))
-        fixed = (in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias),
-                 *[_ptr(t) for t in self.plan.arguments(tensors)], *self.plan.static)
+        arguments = list(self.plan.arguments(tensors))  # some are made here (HYB's float table): held below
+        held = list(tensors) + [su, sv, bias] + arguments
+        fixed = (in_k, hk_in, _ptr(su), out_k, hk_out, _ptr(sv), _ptr(bias), *[_ptr(t) for t in arguments],
+                 *self.plan.static)
 
         def call(x: Tensor) -> Tensor:
             y = torch.empty(1, rows)
