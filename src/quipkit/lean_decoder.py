@@ -105,7 +105,7 @@ class LeanDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.qk_norms = hasattr(attention, "q_norm")
-        embedding = body.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=self._device()))
+        embedding = body.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
         shape = (len(body.layers), self.kv_heads, length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=embedding.dtype, device=embedding.device)
         self.values = torch.zeros_like(self.keys)
@@ -115,11 +115,9 @@ class LeanDecoder:
                                                        getattr(layer.self_attn, "k_norm", None)) if n is not None]
         self.native = (native.available() and self.keys.device.type == "cpu" and self.keys.dtype is torch.float32
                        and all(n.weight.dtype is torch.float32 and n.weight.is_contiguous() for n in norms))
-        # per layer: q, k, v, o, gate, up, down as called for one position (a quantized layer's bound call)
-        self.one_row = [tuple(_one_row_call(layer.get_submodule(n)) for n in _LAYER_MODULES[:7]) for layer in body.layers]
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # per layer: q, k, v, o, gate, up, down; and as called for one position (quantized layers' bound calls)
+        self.projections = [tuple(layer.get_submodule(n) for n in _LAYER_MODULES[:7]) for layer in body.layers]
+        self.one_row = [tuple(_one_row_call(m) for m in modules) for modules in self.projections]
 
     @classmethod
     def build(cls, model: nn.Module, length: int) -> LeanDecoder | None:
@@ -148,25 +146,21 @@ class LeanDecoder:
         cos, sin = self.body.rotary_emb(x, positions)
         in_c = self.native and count == 1
         norm = _native_rms_norm if in_c else _rms_norm
+        attend, calls = (self._attend_in_c, self.one_row) if in_c else (self._attend, self.projections)
         if in_c:
             rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
         else:
             rotation = _rotations(cos[0], sin[0])  # [T, D, D]
             rope = (rotation * self.scaling, rotation)  # the attention's scale folded into the queries'
         for index, layer in enumerate(self.body.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            if in_c:
-                q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = self.one_row[index]
-            else:
-                q_proj, k_proj, v_proj, o_proj = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
-                gate_proj, up_proj, down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            attention = layer.self_attn
+            q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = calls[index]
             h = norm(x, layer.input_layernorm)
             q = q_proj(h).view(count, self.heads, self.head_dim)
             k = k_proj(h).view(count, self.kv_heads, self.head_dim)
             v = v_proj(h).view(count, self.kv_heads, self.head_dim)
             if self.qk_norms:
                 q, k = norm(q, attention.q_norm), norm(k, attention.k_norm)
-            attend = self._attend_in_c if in_c else self._attend
             x = x + o_proj(attend(index, q, k, v, rope, start))
             h = norm(x, layer.post_attention_layernorm)
             x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
