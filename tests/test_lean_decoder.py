@@ -46,9 +46,10 @@ def test_logits_match_transformers_forward(family, in_c):
     _check_against_forward(model, _tokens(seed=4)[:1, :20], prompt=7, atol=2e-5, in_c=in_c)
 
 
+@pytest.mark.parametrize("head_bits", [16, 8])
 @pytest.mark.parametrize("in_c", [True, False], ids=["c-steps", "torch-steps"])
-def test_quantized_logits_match_and_tokens_match_transformers_generate(in_c):
-    model = _quantized(method="quip#", bits=2)[0]
+def test_quantized_logits_match_and_tokens_match_transformers_generate(in_c, head_bits):
+    model = _quantized(method="quip#", bits=2, head_bits=head_bits)[0]
     ids = _tokens(seed=5)[:1, :18]
     _check_against_forward(model, ids, prompt=6, atol=1e-4, in_c=in_c)
     tokens, stats = generate(model, ids[:, :6], 8)

@@ -118,6 +118,7 @@ class LeanDecoder:
         # per layer: q, k, v, o, gate, up, down; and as called for one position (quantized layers' bound calls)
         self.projections = [tuple(layer.get_submodule(n) for n in _LAYER_MODULES[:7]) for layer in body.layers]
         self.one_row = [tuple(_one_row_call(m) for m in modules) for modules in self.projections]
+        self.head_one_row = _one_row_call(model.lm_head)
 
     @classmethod
     def build(cls, model: nn.Module, length: int) -> LeanDecoder | None:
@@ -147,6 +148,7 @@ class LeanDecoder:
         in_c = self.native and count == 1
         norm = _native_rms_norm if in_c else _rms_norm
         attend, calls = (self._attend_in_c, self.one_row) if in_c else (self._attend, self.projections)
+        head = self.head_one_row if in_c else self.model.lm_head
         if in_c:
             rope = (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
         else:
@@ -165,7 +167,7 @@ class LeanDecoder:
             h = norm(x, layer.post_attention_layernorm)
             x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
         self.filled = end
-        return self.model.lm_head(norm(x[-1:].contiguous(), self.body.norm))
+        return head(norm(x[-1:].contiguous(), self.body.norm))
 
     def _attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
         """Queries q [T, heads, D], new keys and values [T, kv_heads, D] at positions start.. ->

@@ -2,7 +2,7 @@
 
 By default (`head_bits=16`) both are held and stored in bf16, which on a small model with a large
 vocabulary is most of the "2-bit" checkpoint otherwise. `head_bits` 8, 6 or 4 quantize the head on
-a per-group integer grid (groups of HEAD_GROUP), rounded by LDLQ against the Hessian of its input
+a per-group integer grid (`head_group(bits)` columns per group), rounded by LDLQ against the Hessian of its input
 (the final hidden states after the last norm), as llama.cpp and ExLlamaV3 do; `32` keeps float32.
 A tied embedding reads the head's stored tensors, so that matrix is held once. Embeddings that do
 more than look rows up (Gemma scales them) keep their float matrix, and so does a head tied to one.
@@ -20,9 +20,15 @@ from quipkit.pipeline.capture import capture_head_inputs
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.rounding import HessianAccumulator
 
-HEAD_GROUP = 32
 BF16 = {"name": "dense", "bits": 16}
 IDENTITY = {"name": "identity"}
+
+
+def head_group(bits: int) -> int:
+    """Columns per scale of a quantized head: 32 at 6 and 4 bits, where the grid is coarse; 128 at 8 bits, whose
+    grid is fine enough without, and whose matvec then runs 1.5x faster (a group's scale and zero point cost
+    as much as decoding its 32 weights)."""
+    return 128 if bits == 8 else 32
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -78,7 +84,7 @@ def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[T
             calibrated = config.needs_calibration
             head_config = QuantConfig(
                 method="gptq" if calibrated else "rtn", bits=bits, transform=IDENTITY,
-                codebook={"name": "scalar", "bits": bits, "group_size": HEAD_GROUP},
+                codebook={"name": "scalar", "bits": bits, "group_size": head_group(bits)},
                 rounding="ldlq" if calibrated else "nearest", act_order=calibrated, damping=config.damping,
                 seed=config.seed, head_bits=32,
             )
