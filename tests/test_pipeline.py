@@ -56,10 +56,10 @@ def test_gptq_4bit_keeps_logits_close_and_replaces_every_linear(family):
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     if family == "gemma":  # its head shares the matrix of an embedding that scales its rows: kept in float
         assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
-    else:  # the head and the embeddings are held in bf16 (head_bits=16, the default)
-        assert model.lm_head.codebook.spec() == {"name": "dense", "bits": 16}
-        assert model.lm_head.weight.dtype == torch.bfloat16
-        assert model.get_input_embeddings().codebook.spec() == {"name": "dense", "bits": 16}
+    else:  # the head on an 8-bit grid (head_bits=8, the default); the embeddings its rows or bf16
+        assert model.lm_head.codebook.spec()["name"] == "scalar" and model.lm_head.codebook.bits == 8
+        embedding = model.get_input_embeddings()
+        assert embedding.tied or embedding.codebook.spec() == {"name": "dense", "bits": 16}
     if family == "qwen2":  # q/k/v carry biases; they survive quantization
         assert model.model.layers[0].self_attn.q_proj.bias is not None
 
@@ -195,6 +195,7 @@ def test_checkpoint_size_reflects_stored_bits(tmp_path, smol_tokenizer):
 
 def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, monkeypatch):
     import quipkit.pipeline.blockwise as blockwise
+    import quipkit.pipeline.head as head_module
 
     config = make_config("quip#", 2)
     straight = tiny_model()
@@ -203,12 +204,14 @@ def test_hessian_cache_gives_the_same_model_without_forward_passes(tmp_path, mon
     quantize_blockwise(filled, _tokens(), config, CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
     (folder,) = (tmp_path / "h").iterdir()
     assert len(list(folder.glob("block_*.safetensors"))) == 2
+    assert (folder / "head.safetensors").is_file()  # the 8-bit head's Hessian, of the original model
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a complete cache must not run the model")
 
     monkeypatch.setattr(blockwise, "collect_hessians", no_forward)
     monkeypatch.setattr(blockwise, "capture_block_calls", no_forward)
+    monkeypatch.setattr(head_module, "capture_head_inputs", no_forward)
     cached = tiny_model()
     quantize_blockwise(cached, _tokens(), make_config("quip#", 2), CAL, torch.device("cpu"), hessian_cache=tmp_path / "h")
     a, b, c = straight.state_dict(), filled.state_dict(), cached.state_dict()

@@ -711,8 +711,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--propagate", choices=("original", "quantized"),
                    help="next block's inputs come from the original or the quantized block")
     g.add_argument("--head-bits", type=int, choices=(32, 16, 8, 6, 4),
-                   help="output head and (tied) embeddings: 16 = bf16, 32 = float32, 8/6/4 = integer grid in "
-                   "groups of 32 rounded against the head's Hessian [16]")
+                   help="output head and (tied) embeddings: 8/6/4 = integer grid (groups of 128 at 8 bits, of 32 "
+                   "at 6 and 4) rounded against the head's Hessian, 16 = bf16, 32 = float32 [8; gguf-*: 16]")
     g.add_argument("--blocks", metavar="PATH", help="the decoder blocks' list when the structure search picks the "
                    "wrong one, e.g. model.language_model.layers [found: the longest list of blocks under the decoder]")
     g.add_argument("--override", action="append", metavar="REGEX=METHOD:BITS",

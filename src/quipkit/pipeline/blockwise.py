@@ -29,7 +29,7 @@ from quipkit.pipeline.activations import ActivationFolder, OffloadedBatches
 from quipkit.pipeline.capture import capture_block_calls, compute_dtype, move, run_block
 from quipkit.pipeline.distributed import Ranks
 from quipkit.pipeline.expert_hessians import complete_expert_hessians, is_expert
-from quipkit.pipeline.head import compress_head, stored_embedding_dtype
+from quipkit.pipeline.head import compress_head, rounds_head, stored_embedding_dtype
 from quipkit.pipeline.finetune import FinetuneOptions, finetune_block
 from quipkit.pipeline.guided import output_gradient_weights
 from quipkit.pipeline.hessian_cache import HessianCache, HessianGroups, cacheable, weight_signature
@@ -276,7 +276,7 @@ def quantize_blockwise(
     cache = None
     if hessian_cache is not None and cacheable(config):
         identity = {"model": model_id, "weights": weights, "calibration": calibration.to_dict()}
-        cache = HessianCache(hessian_cache, identity, len(blocks))
+        cache = HessianCache(hessian_cache, identity, len(blocks), head=rounds_head(model, config))
     elif hessian_cache is not None:
         reporter.log("not using the Hessian cache: this method's Hessians depend on its own quantized layers")
     use_cache = cache is not None and cache.complete
@@ -363,7 +363,7 @@ def quantize_blockwise(
     returns_tuple = calls.returns_tuple if calls is not None else False
     head_batches = batches or (list(torch.split(tokens, calibration.batch_size)) if tokens.numel() else [])
     head = _outside_blocks(model, blocks, prefix, config, device, head_batches,
-                           inputs if calibrated and inputs else None, returns_tuple, streamed, check)
+                           inputs if calibrated and inputs else None, returns_tuple, streamed, check, cache)
     report.head = head.to_dict() if head is not None else None
     report.seconds["head"] = time.perf_counter() - start
     if space is not None:
@@ -402,7 +402,8 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, batches: list
 
 def _outside_blocks(model: nn.Module, blocks: nn.ModuleList, prefix: str, config: QuantConfig, device: torch.device,
                     batches: list[Tensor], final_outputs: list[Tensor] | None, returns_tuple: bool,
-                    streamed: StreamedModel | None, check: QuickCheck | None) -> LayerRecord | None:
+                    streamed: StreamedModel | None, check: QuickCheck | None,
+                    cache: HessianCache | None) -> LayerRecord | None:
     """The head and embeddings once the blocks are done (returns the head's record), with the quick
     check's float side before the head changes and its quantized side after. A streamed model reads the head (and final norm) first
     and the embeddings once the head is done, so the two are never both in float32 in memory."""
@@ -413,7 +414,7 @@ def _outside_blocks(model: nn.Module, blocks: nn.ModuleList, prefix: str, config
         load_embeddings = lambda: streamed.materialize("", outside=(prefix,))  # noqa: E731
     if check is not None:
         check.finish_float(model, blocks, returns_tuple)
-    head = compress_head(model, config, device, batches, blocks, final_outputs, returns_tuple, load_embeddings)
+    head = compress_head(model, config, device, batches, blocks, final_outputs, returns_tuple, load_embeddings, cache)
     if streamed is not None:
         streamed.materialize("", outside=(prefix,))  # whatever the head's stage left on disk (a float32 head)
     if check is not None:

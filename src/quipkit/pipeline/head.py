@@ -1,9 +1,10 @@
 """The parts of a model outside its decoder blocks: the output head and the token embeddings.
 
-By default (`head_bits=16`) both are held and stored in bf16, which on a small model with a large
-vocabulary is most of the "2-bit" checkpoint otherwise. `head_bits` 8, 6 or 4 quantize the head on
-a per-group integer grid (`head_group(bits)` columns per group), rounded by LDLQ against the Hessian of its input
-(the final hidden states after the last norm), as llama.cpp and ExLlamaV3 do; `32` keeps float32.
+By default (`head_bits=8`) the head is quantized on a per-group integer grid (`head_group(bits)`
+columns per group; 6 and 4 bits also), rounded by LDLQ against the Hessian of its input (the final
+hidden states after the last norm), as llama.cpp and ExLlamaV3 do; a float head is most of a small
+model's "2-bit" checkpoint and a quarter of its decode time. `16` holds and stores the head and the
+embeddings in bf16 (what llama.cpp export needs), `32` keeps float32.
 A tied embedding reads the head's stored tensors, so that matrix is held once. Embeddings that do
 more than look rows up (Gemma scales them) keep their float matrix, and so does a head tied to one.
 """
@@ -56,15 +57,24 @@ def stored_embedding_dtype(model: nn.Module, head_bits: int) -> torch.dtype | No
     return torch.bfloat16
 
 
+def rounds_head(model: nn.Module, config: QuantConfig) -> bool:
+    """Whether `compress_head` rounds the head against the Hessian of its input."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return (config.head_bits in (8, 6, 4) and config.needs_calibration and isinstance(head, nn.Linear)
+            and not (_tied(head, embedding) and not _plain(embedding)))
+
+
 def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
                   blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None,
-                  returns_tuple: bool = False, load_embeddings=None) -> LayerRecord | None:
+                  returns_tuple: bool = False, load_embeddings=None, cache=None) -> LayerRecord | None:
     """Replace the output head and the token embeddings as `config.head_bits` says; returns the head's record.
 
     `batches` (calibration tokens) are needed when the head is rounded against its Hessian; with
     `final_outputs` (the last block's outputs per batch; `returns_tuple`: what blocks return) collecting
-    it runs no block. `load_embeddings()`, when given, is called once the head is done and before the
-    embeddings are needed (a streamed model reads them from disk then, not while the head is in memory).
+    it runs no block. `cache` (a HessianCache) serves that Hessian when it holds it, and is given it
+    otherwise, so a run from the cache rounds the head as the run that filled it did. `load_embeddings()`,
+    when given, is called once the head is done and before the embeddings are needed (a streamed model
+    reads them from disk then, not while the head is in memory).
     """
     bits = config.head_bits
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -89,10 +99,14 @@ def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[T
                 seed=config.seed, head_bits=32,
             )
             hessian = torch.eye(head.in_features, dtype=torch.float64)
-            if calibrated:
+            if calibrated and cache is not None and cache.has_head:
+                hessian = cache.load_head()
+            elif calibrated:
                 accumulator = HessianAccumulator(head.in_features, device)
                 capture_head_inputs(model, blocks, batches, head, accumulator.add, final_outputs, returns_tuple)
                 hessian = accumulator.mean()
+                if cache is not None:
+                    cache.save_head(hessian)
             [(quantized, record)] = quantize_group({name: head}, hessian, head_config, device)
         model.set_output_embeddings(quantized.to(head.weight.device))
         head = quantized

@@ -36,12 +36,14 @@ def weight_signature(model: nn.Module) -> str:
 
 
 class HessianCache:
-    """Hessians of one (model, calibration) pair under `root/<key>/block_NNNN.safetensors`."""
+    """Hessians of one (model, calibration) pair under `root/<key>/block_NNNN.safetensors`, and the
+    output head's (the original model's final hidden states) in `head.safetensors`; `head`: whether
+    this run needs that one, so a cache without it is not complete."""
 
-    def __init__(self, root: Path, identity: dict[str, Any], blocks: int) -> None:
+    def __init__(self, root: Path, identity: dict[str, Any], blocks: int, head: bool = False) -> None:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.folder = Path(root) / key
-        self.blocks = blocks
+        self.blocks, self.head = blocks, head
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "identity.json", json.dumps(identity, sort_keys=True, indent=1, default=str))
 
@@ -50,7 +52,18 @@ class HessianCache:
 
     @property
     def complete(self) -> bool:
-        return all(self._file(i).is_file() for i in range(self.blocks))
+        return all(self._file(i).is_file() for i in range(self.blocks)) and (self.has_head or not self.head)
+
+    @property
+    def has_head(self) -> bool:
+        return (self.folder / "head.safetensors").is_file()
+
+    def save_head(self, hessian: Tensor) -> None:
+        """hessian [in, in] of the output head's input."""
+        atomic_save_tensors(self.folder / "head.safetensors", {"h": hessian.cpu()}, {})
+
+    def load_head(self) -> Tensor:
+        return self._read(self.folder / "head.safetensors")["h"]
 
     def save(self, index: int, groups: HessianGroups) -> None:
         names = [group for group, _ in groups]
@@ -59,10 +72,16 @@ class HessianCache:
 
     def load(self, index: int) -> HessianGroups:
         path = self._file(index)
+        names = json.loads(self._read(path, metadata=True)["groups"])
+        tensors = self._read(path)
+        return [(group, tensors[f"h{i}"]) for i, group in enumerate(names)]
+
+    def _read(self, path: Path, metadata: bool = False) -> dict:
+        """The file's tensors (or its metadata); a truncated or foreign file is named with how to recover."""
         try:
-            with safe_open(str(path), "pt") as handle:
-                names = json.loads(handle.metadata()["groups"])
-            tensors = load_file(str(path))
-            return [(group, tensors[f"h{i}"]) for i, group in enumerate(names)]
-        except Exception as err:  # a truncated or foreign file: name it and how to recover
+            if metadata:
+                with safe_open(str(path), "pt") as handle:
+                    return handle.metadata()
+            return load_file(str(path))
+        except Exception as err:
             raise QuipkitError(f"Hessian cache file {path} is unreadable ({err}); delete {self.folder} and rerun") from None
