@@ -78,18 +78,21 @@ INLINE __m256i unpack8_int(const unpacker_t *u, uint64_t word) {
     return _mm256_and_si256(_mm256_srlv_epi32(v, u->shift), u->mask);
 }
 
-/* The bytes of the chunk at column `col` (a multiple of 8) of a packed row of `row_bytes` bytes; the
- * last chunks of a row read only what is left of it. (No library call in here: one in the loop made
- * the compiler keep every sum on the stack.) */
-INLINE uint64_t chunk_word(const uint8_t *row, int64_t row_bytes, int64_t col, int bits) {
-    const int64_t byte = (col * bits) >> 3;
+/* The (up to) 8 bytes of a `length`-byte stream from `byte` on as a little-endian word; past the end
+ * reads zeros. (No library call in here: one in the loop made the compiler keep every sum on the stack.) */
+INLINE uint64_t stream_word(const uint8_t *stream, int64_t length, int64_t byte) {
     uint64_t word = 0;
-    if (byte + 8 <= row_bytes) {
-        memcpy(&word, row + byte, 8);
+    if (byte + 8 <= length) {
+        memcpy(&word, stream + byte, 8);
         return word;
     }
-    for (int64_t i = byte; i < row_bytes; i++) word |= (uint64_t)row[i] << (8 * (i - byte));
+    for (int64_t i = byte; i < length; i++) word |= (uint64_t)stream[i] << (8 * (i - byte));
     return word;
+}
+
+/* The bytes of the chunk at column `col` (a multiple of 8) of a packed row of `row_bytes` bytes. */
+INLINE uint64_t chunk_word(const uint8_t *row, int64_t row_bytes, int64_t col, int bits) {
+    return stream_word(row, row_bytes, (col * bits) >> 3);
 }
 
 /* x summed over each group of columns (gs of them, the last group shorter): sums [groups]. */
@@ -109,6 +112,34 @@ INLINE __m256i unpack8_at(const unpacker_t *u, const uint8_t *p) {
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), u->shift), u->mask);
 }
 
+/* The 8 zero points from global group index `index` on, of a b-bit stream of `length` bytes. */
+INLINE __m256i zero_points8(const unpacker_t *u, const uint8_t *zeros, int64_t length, int64_t index) {
+    const int64_t bit = index * u->bits;
+    return unpack8_int(u, stream_word(zeros, length, bit >> 3) >> (bit & 7));
+}
+
+/* Row r's group scales as floats into scales [groups]; returns the row's zero-point term
+ * sum_j scale_j zero_j xsum_j, eight groups per step (per group, the scalar fp16 conversion and
+ * bit-stream read cost as much as decoding 32 weights). */
+INLINE float row_scales(const grid_t *g, const unpacker_t *u, int64_t rows, int64_t r, int64_t groups,
+                        const float *xsum, float *scales) {
+    const int64_t first = r * groups, length = (rows * groups * u->bits + 7) / 8;
+    __m256 offset = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= groups; j += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g->scales + first + j)));
+        const __m256 z = _mm256_cvtepi32_ps(zero_points8(u, g->zeros, length, first + j));
+        _mm256_storeu_ps(scales + j, s);
+        offset = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(xsum + j), offset);
+    }
+    float tail = 0.0f;
+    for (; j < groups; j++) {
+        scales[j] = _cvtsh_ss(g->scales[first + j]);
+        tail += scales[j] * (float)grid_zero_point(g, first + j) * xsum[j];
+    }
+    return hsum8(offset) + tail;
+}
+
 /* One activation row (decoding), BITS a constant (0: any other width): four sums in named variables,
  * which the compiler keeps in registers (as an array indexed in loops they lived on the stack, loaded
  * and stored on every FMA). Chunks that start below `safe` columns are read in place. */
@@ -119,8 +150,11 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
     const unpacker_t u = unpacker(bits);
     const int64_t safe = g->row_bytes >= 8 ? (g->row_bytes - 8) * 8 / bits + 1 : 0;
     const float *x = io->x + b0 * cols;
-    float xsum[groups];
+    float xsum[groups], scales[groups], uniform_offset = 0.0f;
     group_sums(x, cols, gs, groups, xsum);
+    if (!g->scales) { /* one scale and zero for the whole matrix */
+        for (int64_t j = 0; j < groups; j++) scales[j] = g->scale, uniform_offset += g->scale * g->zero * xsum[j];
+    }
 #define GRID_FAST(c) _mm256_cvtepi32_ps(                                                              \
         BITS == 8 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (c))))                   \
         : BITS && BITS <= 4 ? unpack8_at(&u, row + (((c) * BITS) >> 3))                                  \
@@ -129,7 +163,7 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
     for (int64_t r = lo; r < hi; r++) {
         const uint8_t *row = g->codes + r * g->row_bytes;
         __m256 acc = _mm256_setzero_ps();
-        float offset = 0.0f;
+        const float offset = g->scales ? row_scales(g, &u, io->rows, r, groups, xsum, scales) : uniform_offset;
         for (int64_t j = 0; j < groups; j++) {
             __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
             const int64_t end = (j + 1) * gs < cols ? (j + 1) * gs : cols;
@@ -141,10 +175,8 @@ INLINE void grid_rows_single(const io_t *io, const grid_t *g, int64_t lo, int64_
                 p3 = _mm256_fmadd_ps(GRID_FAST(col + 24), _mm256_loadu_ps(x + col + 24), p3);
             }
             for (; col < end; col += 8) p0 = _mm256_fmadd_ps(GRID_CHUNK(col), _mm256_loadu_ps(x + col), p0);
-            const float scale = g->scales ? _cvtsh_ss(g->scales[r * groups + j]) : g->scale;
-            const float zero = g->scales ? (float)grid_zero_point(g, r * groups + j) : g->zero;
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)), acc);
-            offset += scale * zero * xsum[j];
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scales + j), _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)),
+                                  acc);
         }
         io->y[b0 * io->rows + r] = hsum8(acc) - offset;
     }
