@@ -203,6 +203,30 @@ INLINE __m512 e8p_shifts(__m512 acc, const e8p_block_t *blk, const float *group_
     return acc;
 }
 
+/* Pair p of a prepared block (codes j + 2p, j + 2p + 1) times x into acc [NB] (and the second stage's
+ * into acc2 [NB]). */
+INLINE void e8p_pair_step(const lattice_t *l, const e8p_block_t *blk, const e8p_block_t *blk2, const uint8_t *bytes2,
+                          const float *const *x, int64_t j, int count, int p, const int NB, const int second,
+                          __m512 *acc, __m512 *acc2) {
+    const int64_t col = 8 * (j + 2 * p);
+    const __mmask16 lanes = 2 * p + 1 < count ? 0xFFFF : 0x00FF;
+    const __m512 w = e8p_pair(l->signed_patterns, blk, p);
+    __m512 w2 = _mm512_setzero_ps();
+    if (second == 2) {
+        w2 = e8p_pair(l->signed_patterns, blk2, p);
+    } else if (second == 1) {
+        w2 = _mm512_zextps256_ps512(_mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p]));
+        if (lanes == 0xFFFF)
+            w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p + 1]), 1);
+    }
+    for (int b = 0; b < NB; b++) {
+        const __m512 xv = lanes == 0xFFFF ? _mm512_loadu_ps(x[b] + col) : _mm512_maskz_loadu_ps(lanes, x[b] + col);
+        acc[b] = _mm512_fmadd_ps(w, xv, acc[b]);
+        if (second) acc2[b] = _mm512_fmadd_ps(w2, xv, acc2[b]);
+    }
+}
+
+/* Four chains of sums per activation row, pairs taken in turn: one chain waited on each FMA's latency. */
 INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int second) {
     const int64_t cols = io->cols, groups = cols / 8;
@@ -213,17 +237,18 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
         x[b] = io->x + (b0 + b) * cols;
         xsum[b] = e8p_group_sums(x[b], groups, group_sums + b * (groups + 32));
     }
-    const float *table = l->signed_patterns;
     e8p_block_t blk, blk2;
     for (int64_t r = lo; r < hi; r++) {
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
         const uint16_t *codes2 = second == 2 ? (const uint16_t *)l->codes2 + r * groups : NULL;
         const uint8_t *bytes2 = second == 1 ? (const uint8_t *)l->codes2 + r * groups : NULL;
-        __m512 acc[MAX_BATCH], acc2[MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
-        for (int b = 0; b < NB; b++)
-            acc[b] = acc2[b] = up[b] = up2[b] = _mm512_setzero_ps();
+        __m512 acc[4][MAX_BATCH], acc2[4][MAX_BATCH], up[MAX_BATCH], up2[MAX_BATCH];
+        for (int b = 0; b < NB; b++) {
+            up[b] = up2[b] = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) acc[c][b] = acc2[c][b] = _mm512_setzero_ps();
+        }
         for (int64_t j = 0; j < groups; j += 32) {
-            const int count = groups - j < 32 ? (int)(groups - j) : 32;
+            const int count = groups - j < 32 ? (int)(groups - j) : 32, pairs = (count + 1) / 2;
             e8p_prepare(codes + j, count, &blk);
             if (second == 2) e8p_prepare(codes2 + j, count, &blk2);
             for (int b = 0; b < NB; b++) {
@@ -231,31 +256,19 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
                 up[b] = e8p_shifts(up[b], &blk, sums, count);
                 if (second == 2) up2[b] = e8p_shifts(up2[b], &blk2, sums, count);
             }
-            for (int p = 0; p < (count + 1) / 2; p++) {
-                const int64_t col = 8 * (j + 2 * p);
-                const __mmask16 lanes = 2 * p + 1 < count ? 0xFFFF : 0x00FF;
-                const __m512 w = e8p_pair(table, &blk, p);
-                __m512 w2 = _mm512_setzero_ps();
-                if (second == 2) {
-                    w2 = e8p_pair(table, &blk2, p);
-                } else if (second == 1) {
-                    w2 = _mm512_zextps256_ps512(_mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p]));
-                    if (lanes == 0xFFFF)
-                        w2 = _mm512_insertf32x8(w2, _mm256_loadu_ps(l->second_table + 8 * bytes2[j + 2 * p + 1]), 1);
-                }
-                for (int b = 0; b < NB; b++) {
-                    const __m512 xv = lanes == 0xFFFF ? _mm512_loadu_ps(x[b] + col) : _mm512_maskz_loadu_ps(lanes, x[b] + col);
-                    acc[b] = _mm512_fmadd_ps(w, xv, acc[b]);
-                    if (second) acc2[b] = _mm512_fmadd_ps(w2, xv, acc2[b]);
-                }
-            }
+            int p = 0;
+            for (; p + 4 <= pairs; p += 4)
+                for (int c = 0; c < 4; c++)
+                    e8p_pair_step(l, &blk, &blk2, bytes2, x, j, count, p + c, NB, second, acc[c], acc2[c]);
+            for (; p < pairs; p++) e8p_pair_step(l, &blk, &blk2, bytes2, x, j, count, p, NB, second, acc[0], acc2[0]);
         }
         for (int b = 0; b < NB; b++) {
-            float y = _mm512_reduce_add_ps(acc[b]) + 0.5f * _mm512_reduce_add_ps(up[b]) - 0.25f * xsum[b];
-            if (second == 1) y += l->inv_residual * _mm512_reduce_add_ps(acc2[b]);
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0][b], acc[1][b]), _mm512_add_ps(acc[2][b], acc[3][b]));
+            const __m512 sum2 = _mm512_add_ps(_mm512_add_ps(acc2[0][b], acc2[1][b]), _mm512_add_ps(acc2[2][b], acc2[3][b]));
+            float y = _mm512_reduce_add_ps(sum) + 0.5f * _mm512_reduce_add_ps(up[b]) - 0.25f * xsum[b];
+            if (second == 1) y += l->inv_residual * _mm512_reduce_add_ps(sum2);
             if (second == 2)
-                y += l->inv_residual *
-                     (_mm512_reduce_add_ps(acc2[b]) + 0.5f * _mm512_reduce_add_ps(up2[b]) - 0.25f * xsum[b]);
+                y += l->inv_residual * (_mm512_reduce_add_ps(sum2) + 0.5f * _mm512_reduce_add_ps(up2[b]) - 0.25f * xsum[b]);
             io->y[(b0 + b) * io->rows + r] = y;
         }
     }
