@@ -63,7 +63,8 @@ class HessianCache:
         atomic_save_tensors(self.folder / "head.safetensors", {"h": hessian.cpu()}, {})
 
     def load_head(self) -> Tensor:
-        return self._read(self.folder / "head.safetensors")["h"]
+        path = self.folder / "head.safetensors"
+        return self._read(path, lambda: load_file(str(path))["h"])
 
     def save(self, index: int, groups: HessianGroups) -> None:
         names = [group for group, _ in groups]
@@ -72,16 +73,18 @@ class HessianCache:
 
     def load(self, index: int) -> HessianGroups:
         path = self._file(index)
-        names = json.loads(self._read(path, metadata=True)["groups"])
-        tensors = self._read(path)
-        return [(group, tensors[f"h{i}"]) for i, group in enumerate(names)]
 
-    def _read(self, path: Path, metadata: bool = False) -> dict:
-        """The file's tensors (or its metadata); a truncated or foreign file is named with how to recover."""
+        def read() -> HessianGroups:
+            with safe_open(str(path), "pt") as handle:
+                names = json.loads(handle.metadata()["groups"])
+            tensors = load_file(str(path))
+            return [(group, tensors[f"h{i}"]) for i, group in enumerate(names)]
+
+        return self._read(path, read)
+
+    def _read(self, path: Path, read):
+        """read(); a truncated or foreign file is named, with how to recover."""
         try:
-            if metadata:
-                with safe_open(str(path), "pt") as handle:
-                    return handle.metadata()
-            return load_file(str(path))
+            return read()
         except Exception as err:
             raise QuipkitError(f"Hessian cache file {path} is unreadable ({err}); delete {self.folder} and rerun") from None
