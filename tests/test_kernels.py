@@ -18,7 +18,7 @@ from quipkit.transforms.rht import random_signs
 needs_native = pytest.mark.skipif(not native.available(), reason="the compiled extension is not built")
 
 SPECS = (
-    [{"name": "scalar", "bits": b, "group_size": g} for b in (2, 3, 4, 8) for g in (128, 32)]
+    [{"name": "scalar", "bits": b, "group_size": g} for b in (2, 3, 4, 6, 8) for g in (128, 32)]
     + [{"name": "scalar", "bits": 4, "group_size": 20}, {"name": "scalar", "bits": 3, "group_size": 64, "symmetric": True}]
     + [{"name": "uniform", "bits": b} for b in (2, 3, 4, 8)]
     + [{"name": "e8p", "bits": 2}, {"name": "rvq", "bits": 3}, {"name": "rvq", "bits": 4}]
