@@ -18,6 +18,7 @@ from quipkit.config import QuantConfig
 from quipkit.layers.quantized_embedding import QuantizedEmbedding
 from quipkit.layers.quantized_linear import QuantizedLinear
 from quipkit.pipeline.capture import capture_head_inputs
+from quipkit.pipeline.hessian_cache import HessianCache
 from quipkit.pipeline.layer_group import LayerRecord, quantize_group
 from quipkit.rounding import HessianAccumulator
 
@@ -66,7 +67,8 @@ def rounds_head(model: nn.Module, config: QuantConfig) -> bool:
 
 def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[Tensor] | None = None,
                   blocks: nn.ModuleList | None = None, final_outputs: list[Tensor] | None = None,
-                  returns_tuple: bool = False, load_embeddings=None, cache=None) -> LayerRecord | None:
+                  returns_tuple: bool = False, load_embeddings=None,
+                  cache: HessianCache | None = None) -> LayerRecord | None:
     """Replace the output head and the token embeddings as `config.head_bits` says; returns the head's record.
 
     `batches` (calibration tokens) are needed when the head is rounded against its Hessian; with

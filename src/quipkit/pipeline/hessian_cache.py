@@ -44,6 +44,7 @@ class HessianCache:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.folder = Path(root) / key
         self.blocks, self.head = blocks, head
+        self._head_file = self.folder / "head.safetensors"
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / "identity.json", json.dumps(identity, sort_keys=True, indent=1, default=str))
 
@@ -56,15 +57,14 @@ class HessianCache:
 
     @property
     def has_head(self) -> bool:
-        return (self.folder / "head.safetensors").is_file()
+        return self._head_file.is_file()
 
     def save_head(self, hessian: Tensor) -> None:
         """hessian [in, in] of the output head's input."""
-        atomic_save_tensors(self.folder / "head.safetensors", {"h": hessian.cpu()}, {})
+        atomic_save_tensors(self._head_file, {"h": hessian.cpu()}, {})
 
     def load_head(self) -> Tensor:
-        path = self.folder / "head.safetensors"
-        return self._read(path, lambda: load_file(str(path))["h"])
+        return self._read(self._head_file, lambda: load_file(str(self._head_file))["h"])
 
     def save(self, index: int, groups: HessianGroups) -> None:
         names = [group for group, _ in groups]
