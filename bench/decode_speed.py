@@ -25,6 +25,8 @@ import torch
 
 from common import machine
 
+from quipkit.kernels.activations import has_integer_kernel, set_activations
+
 REF_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 CODEBOOKS = {
@@ -108,12 +110,20 @@ def bench_matrix(args) -> None:
             for name in names:
                 codebook, stored = _random_stored(make_codebook(CODEBOOKS[name]), rows, cols)
                 packed = sum(t.numel() * t.element_size() for t in stored)
-                dense, fused = _alternating(lambda: torch.nn.functional.linear(x, weight),
-                                            lambda: cpu.matvec(x, stored, codebook, rows, cols), repeats)
-                _emit({"bench": "decode_speed", "part": "matrix", "codebook": name, "shape": [rows, cols],
-                       "threads": threads, "tier": cpu.tier(), "float32_us": dense * 1e6, "fused_us": fused * 1e6,
-                       "speedup": dense / fused, "packed_GBps": packed / fused / 1e9,
-                       "float32_GBps": rows * cols * 4 / dense / 1e9, "repeats": repeats}, args.out)
+                for kind in _kinds(args, codebook, cols):
+                    set_activations(kind)
+                    dense, fused = _alternating(lambda: torch.nn.functional.linear(x, weight),
+                                                lambda: cpu.matvec(x, stored, codebook, rows, cols), repeats)
+                    _emit({"bench": "decode_speed", "part": "matrix", "codebook": name, "shape": [rows, cols],
+                           "activations": kind, "threads": threads, "tier": cpu.tier(), "float32_us": dense * 1e6,
+                           "fused_us": fused * 1e6, "speedup": dense / fused, "packed_GBps": packed / fused / 1e9,
+                           "float32_GBps": rows * cols * 4 / dense / 1e9, "repeats": repeats}, args.out)
+                set_activations("float")
+
+
+def _kinds(args, codebook, cols: int) -> list[str]:
+    """The --activations settings that make a difference to this layer (int8 only where it rounds)."""
+    return [k for k in args.activations.split(",") if k == "float" or has_integer_kernel(codebook, cols)]
 
 
 def _prompt(tokenizer, length: int, offset: int = 0) -> torch.Tensor:
@@ -175,10 +185,13 @@ def bench_model(args) -> None:
 
     reference, tokenizer, source = load_model(args.reference)
     models = {"float32": reference}
+    kind_of = {"float32": "float"}  # each entry's activations setting: a folder+int8 entry is the folder's model
     sizes = {"float32": model_bytes(reference)}  # a float32 safetensors folder holds exactly these bytes
     for folder in [f for f in args.models.split(",") if f]:
-        models[folder] = AutoModelForCausalLM.from_pretrained(folder).eval()
-        sizes[folder] = _folder_bytes(Path(folder))
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        for kind in args.activations.split(","):
+            name = folder if kind == "float" else f"{folder}+{kind}"
+            models[name], kind_of[name], sizes[name] = model, kind, _folder_bytes(Path(folder))
     held = {name: model_bytes(m) for name, m in models.items()}
     for name, model in models.items():
         _emit({"bench": "decode_speed", "part": "memory", "model": name, "model_bytes": held[name],
@@ -194,6 +207,7 @@ def bench_model(args) -> None:
             order = list(models)[round_index % len(models):] + list(models)[:round_index % len(models)]
             for name in order:
                 model = models[name]
+                set_activations(kind_of[name])
                 results.setdefault((name, "quipkit"), []).append(_lean_decode(model, prompt, args.tokens, cpu_clock))
                 results.setdefault((name, "transformers"), []).append(_hf_decode(model, prompt, args.tokens, cpu_clock))
                 results.setdefault((name, "prefill"), []).append((_prefill(model, long_prompt), 0.0))
@@ -230,6 +244,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="ref,7b", help="matrix: ref (the reference model's), 7b, or both")
     parser.add_argument("--codebooks", default="all", help=f"matrix: comma-separated, of {', '.join(CODEBOOKS)}")
     parser.add_argument("--repeats", type=int, default=15, help="matrix: timed calls per kernel")
+    parser.add_argument("--activations", default="float",
+                        help="matrix, model: comma-separated settings to time, float and/or int8 [float]")
     parser.add_argument("--reference", default=None, help="model: the float model [smollm2-135m]")
     parser.add_argument("--models", default="", help="model: comma-separated quantized folders")
     parser.add_argument("--rounds", type=int, default=3, help="model: rounds over all models, alternating")

@@ -372,6 +372,7 @@ def _run_eval(args: argparse.Namespace, protocols: list[str], tasks: list[str], 
     from quipkit.models.loading import load_model, pick_device
 
     device = pick_device(args.device)
+    _use_activations(args)
     model, tokenizer, source = load_model(args.model)
     model.to(device)
     if args.decode_once:
@@ -445,7 +446,17 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool
     return tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True), stats
 
 
+def _use_activations(args: argparse.Namespace) -> None:
+    if args.int8_activations:
+        from quipkit.kernels.activations import set_activations
+
+        if getattr(args, "decode_once", False):
+            raise QuipkitError("--int8-activations needs the quantized layers' kernels; drop --decode-once")
+        set_activations("int8")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    from quipkit.kernels.activations import activations
     from quipkit.kernels.info import kernel_summary
     from quipkit.models.loading import load_model, pick_device
 
@@ -458,6 +469,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise QuipkitError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    _use_activations(args)
     model, tokenizer, _ = load_model(args.model)
     model.to(device)
     _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, not args.no_chat, device,
@@ -468,6 +480,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         row = stats.to_dict()
         row["threads"] = torch.get_num_threads()
         row["kernels"] = kernel_summary(model)
+        row["activations"] = activations()
         if args.json:
             _print_json(row, None)
             return
@@ -476,7 +489,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                [[stats.prompt_tokens, stats.prefill_tokens_per_second, stats.new_tokens,
                  stats.decode_tokens_per_second, stats.model_bytes / 1e6, stats.peak_rss_bytes / 1e6,
                  row["threads"]]])
-        print(f"kernels: {row['kernels']}")
+        print(f"kernels: {row['kernels']}, activations {row['activations']}")
         print(f"forward: {stats.forward}" + (" (quipkit's Llama-layout decoder)" if stats.forward == "lean" else ""))
 
 
@@ -535,6 +548,8 @@ def cmd_kernels(args: argparse.Namespace) -> None:
     else:
         print(f"compiled extension: {state['tier']} tier, {state['threads']} threads"
               + ("; QUIPKIT_KERNELS=reference forces the reference" if state["reference_only"] else ""))
+        print("--int8-activations: " + ("integer kernels for E8P and 4/8-bit grids (VNNI)" if state["integer_kernels"]
+                                        else "rounds the activations, no integer kernels in this tier (no speed-up)"))
     _table("kernels on the CPU", ["codebook", "decode (1 row)", "prefill (512 rows)"],
            [[r["codebook"], r["decode"], r["prefill"]] for r in rows])
 
@@ -806,6 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-once", action="store_true",
                    help="decode quantized weights once and hold them dense (4 bytes/weight): much faster "
                    "evaluation of trellis and lattice codes when memory allows")
+    int8_help = ("round the activations of E8P and 4/8-bit grid layers to int8 (blocks of 64) so the CPU "
+                 "kernels multiply bytes: faster decoding, a slightly different model (see the README)")
+    p.add_argument("--int8-activations", action="store_true", help=int8_help)
 
     p = command("generate", cmd_generate, "generate text from a model (greedy, static KV cache, fast kernels)")
     p.add_argument("model", help="quantized folder or model")
@@ -817,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --stats: print them as JSON")
     p.add_argument("--threads", type=int, help="CPU threads for torch and quipkit's kernels [torch's default]")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to compile)")
+    p.add_argument("--int8-activations", action="store_true", help=int8_help)
 
     p = command("info", cmd_info, "describe a quantized checkpoint: method, bits, size, layers")
     p.add_argument("model", nargs="?", help="quantized folder (with --incoherence: a float model)")

@@ -11,12 +11,25 @@
 #define QUIPKIT_KERNELS_H
 #include <stdint.h>
 
+/* Activations rounded to int8 for the integer kernels (the process's activations setting is int8):
+ * each row of x in blocks of Q8_BLOCK columns, q = x * (127 / amax) rounded half to even, scale =
+ * amax / 127 (q = 0 and scale = 0 for a block of zeros). q [batch, cols]; scales and block_sums (the
+ * sum of q over each block, what a grid's zero points read) [batch, cols / Q8_BLOCK]. */
+#define Q8_BLOCK 64
+typedef struct {
+    const int8_t *q;
+    const float *scales;
+    const int32_t *block_sums;
+} q8_t;
+
 /* Activations and outputs. matvec: x [batch, cols] -> y [batch, rows]. decode: rows [row0, ...) of
- * the weight into y [.., cols] (y holds row r at (r - row0) * cols). hadamard: x, y [batch, cols]. */
+ * the weight into y [.., cols] (y holds row r at (r - row0) * cols). hadamard: x, y [batch, cols].
+ * q8: x rounded to int8 for a *_matvec_q8 kernel (q8.q NULL otherwise). */
 typedef struct {
     const float *x;
     float *y;
     int64_t batch, rows, cols, row0;
+    q8_t q8;
 } io_t;
 
 /* Integer grid: w[r, c] = scale[r, g] * (q[r, c] - zero[r, g]), g = c / group_size.
@@ -45,6 +58,7 @@ typedef struct {
     const float *signed_patterns; /* [512, 8]: row i + 256 q is pattern i with coordinate 7 negated iff
                                      q xor parity[i]; q = parity of the code's 7 sign bits */
     const float *second_table;    /* [256, 8] */
+    const uint16_t *pattern_words; /* [256]: a_i - 1/2 (0, 1, 2) in bits 2i, 2i + 1, for the q8 kernels */
     int second;
     float inv_residual;
 } lattice_t;
@@ -115,6 +129,11 @@ typedef struct {
     void (*outlier_decode)(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
     void (*bf16_matvec)(const io_t *, const bf16_t *, int64_t lo, int64_t hi);
     void (*hadamard)(const io_t *, const hadamard_t *, int64_t lo, int64_t hi); /* lo, hi: rows of x */
+    /* y = x W^T from io->q8 with exact int32 sums per block: 4- and 8-bit grids whose groups are whole
+     * blocks, and E8P without a second stage (q8_applies in module.c). NULL in a tier without them
+     * (portable, AVX2): there the float kernel multiplies the rounded activations, q x scale. */
+    void (*grid_matvec_q8)(const io_t *, const grid_t *, int64_t lo, int64_t hi);
+    void (*lattice_matvec_q8)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
 } kernel_set_t;
 
 extern const kernel_set_t kernels_portable;

@@ -286,6 +286,157 @@ AVX512 static void lattice_matvec(const io_t *io, const lattice_t *l, int64_t lo
 }
 
 /* ----------------------------------------------------------------------------------------------
+ * Integer activations (io->q8): VNNI byte dot products, 64 weights per instruction, one int32 sum per
+ * block scaled once */
+
+/* 64 codes of a 4- or 8-bit row from column `col`, as unsigned bytes in column order. */
+INLINE __m512i grid_q8_codes(const uint8_t *row, int64_t col, const int bits) {
+    if (bits == 8) return _mm512_loadu_si512(row + col);
+    const __m512i z = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(row + col / 2)));
+    return _mm512_or_si512(_mm512_and_si512(z, _mm512_set1_epi16(0x000F)),
+                           _mm512_and_si512(_mm512_slli_epi16(z, 4), _mm512_set1_epi16(0x0F00)));
+}
+
+INLINE void grid_q8_rows(const io_t *io, const grid_t *g, int64_t lo, int64_t hi, int64_t b0, const int NB,
+                         const int bits) {
+    const int64_t cols = io->cols, blocks = cols / Q8_BLOCK, groups = g->scales ? g->groups : 1;
+    const int64_t per_group = g->scales ? g->group_size / Q8_BLOCK : blocks;
+    const int8_t *q[MAX_BATCH];
+    const float *xs[MAX_BATCH];
+    const int32_t *xt[MAX_BATCH];
+    for (int b = 0; b < NB; b++)
+        q[b] = io->q8.q + (b0 + b) * cols, xs[b] = io->q8.scales + (b0 + b) * blocks,
+        xt[b] = io->q8.block_sums + (b0 + b) * blocks;
+    for (int64_t r = lo; r < hi; r++) {
+        const uint8_t *row = g->codes + r * g->row_bytes;
+        __m512 acc[MAX_BATCH];
+        float offset[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps(), offset[b] = 0.0f;
+        for (int64_t j = 0; j < groups; j++) {
+            const float scale = g->scales ? half_to_float(g->scales[r * groups + j]) : g->scale;
+            const float zero = g->scales ? (float)grid_zero_point(g, r * groups + j) : g->zero;
+            const int64_t end = (j + 1) * per_group < blocks ? (j + 1) * per_group : blocks;
+            for (int64_t k = j * per_group; k < end; k++) {
+                const __m512i w = grid_q8_codes(row, k * Q8_BLOCK, bits);
+                for (int b = 0; b < NB; b++) {
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                            _mm512_loadu_si512(q[b] + k * Q8_BLOCK));
+                    const float s = scale * xs[b][k];
+                    acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s), acc[b]);
+                    offset[b] += s * zero * (float)xt[b][k];
+                }
+            }
+        }
+        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = _mm512_reduce_add_ps(acc[b]) - offset[b];
+    }
+}
+
+AVX512 static void grid_matvec_q8(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
+    if (g->bits == 8) {
+        BATCH_CHUNKS(grid_q8_rows, g, 8)
+    } else {
+        BATCH_CHUNKS(grid_q8_rows, g, 4)
+    }
+}
+
+/* E8P with int8 activations. 4 x a point is s (.) (4a) + h (signs s, pattern a, shift h = +-1), and
+ * (s (.) 4a + h) . q = u . (s (.) q) with u = 4a + h s = (4a - 1) + 2 [h s = +1]: the signs go onto the
+ * activations (q = -127..127 negates safely) and u = 1..11 stays unsigned, as VNNI's first operand
+ * must be. A pattern is 16 bits (a_i - 1/2 = 0, 1, 2 in bits 2i, 2i + 1: `pattern_words`); eight
+ * registers hold all 256, so 32 codes find theirs with four two-register permutes. */
+typedef struct {
+    __m512i words[4][2];
+} e8p_words_t;
+
+/* 32 codes in two registers of 16-bit lanes: each code's pattern word, and its 8 signs (coordinate
+ * 7's from the parity rule) with, in the high byte, the coordinates where h s = +1 (signs xor 0xFF
+ * for a + shift). Nothing goes through memory: a part of 8 codes is taken out by one permute. */
+typedef struct {
+    __m512i words, signs;
+} e8p_q8_block_t;
+
+INLINE e8p_q8_block_t e8p_q8_prepare(const uint16_t *codes, int count, const e8p_words_t *t) {
+    const __m512i c = _mm512_maskz_loadu_epi16((__mmask32)(count == 32 ? 0xFFFFFFFFu : (1u << count) - 1), codes);
+    const __m512i index = _mm512_and_si512(c, _mm512_set1_epi16(0xFF));
+    __m512i quarter[4];
+    for (int i = 0; i < 4; i++) quarter[i] = _mm512_permutex2var_epi16(t->words[i][0], index, t->words[i][1]);
+    const __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
+    const __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
+    const __m512i words = _mm512_mask_blend_epi16(bit7, _mm512_mask_blend_epi16(bit6, quarter[0], quarter[1]),
+                                                  _mm512_mask_blend_epi16(bit6, quarter[2], quarter[3]));
+    const __m512i signs7 = _mm512_and_si512(_mm512_srli_epi16(c, 8), _mm512_set1_epi16(0x7F));
+    /* the pattern's sum is sum(a_i - 1/2) + 4: its parity is that of the number of odd fields, whose
+     * low bits are the word's even bits */
+    const __m512i odd = _mm512_and_si512(words, _mm512_set1_epi16(0x5555));
+    const __m512i last = _mm512_and_si512(_mm512_add_epi16(_mm512_popcnt_epi16(signs7), _mm512_popcnt_epi16(odd)),
+                                          _mm512_set1_epi16(1));
+    const __m512i signs = _mm512_or_si512(signs7, _mm512_slli_epi16(last, 7));
+    const __m512i shift = _mm512_maskz_mov_epi16(_mm512_test_epi16_mask(c, _mm512_set1_epi16((short)0x8000)),
+                                                 _mm512_set1_epi16(0xFF));
+    return (e8p_q8_block_t){words, _mm512_or_si512(signs, _mm512_slli_epi16(_mm512_xor_si512(signs, shift), 8))};
+}
+
+/* Part p's 8 codes, one per 64-bit lane: its word in bits 0-15, signs in 16-23, plus in 24-31. */
+INLINE __m512i e8p_q8_part(const e8p_q8_block_t *blk, __m512i select) {
+    return _mm512_permutex2var_epi16(blk->words, select, blk->signs);
+}
+
+/* 4a - 1 of each coordinate, one code per 8 bytes: byte i takes the word's bits from 2i (a multishift),
+ * and a 64-byte table maps its low two bits 0, 1, 2 to 1, 5, 9 (`bases`). */
+INLINE __m512i e8p_q8_bases(__m512i part, __m512i bases) {
+    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x0E0C0A0806040200LL), part), bases);
+}
+
+INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB) {
+    const int64_t cols = io->cols, groups = cols / 8, blocks = cols / Q8_BLOCK;
+    uint8_t base_of[64];
+    for (int i = 0; i < 64; i++) base_of[i] = (uint8_t)(4 * (i & 3) + 1);
+    const __m512i bases = _mm512_loadu_si512(base_of);
+    e8p_words_t table;
+    for (int i = 0; i < 4; i++)
+        for (int h = 0; h < 2; h++) table.words[i][h] = _mm512_loadu_si512(l->pattern_words + 64 * i + 32 * h);
+    __m512i select[4]; /* lane 4c of part p: word 8p + c; lane 4c + 1: its signs (the second source) */
+    for (int p = 0; p < 4; p++) {
+        uint16_t idx[32];
+        for (int c = 0; c < 8; c++)
+            idx[4 * c] = (uint16_t)(8 * p + c), idx[4 * c + 1] = (uint16_t)(32 + 8 * p + c), idx[4 * c + 2] = idx[4 * c + 3] = 0;
+        select[p] = _mm512_loadu_si512(idx);
+    }
+    const __m512i sign_bits = _mm512_set1_epi64(0x1716151413121110LL), plus_bits = _mm512_set1_epi64(0x1F1E1D1C1B1A1918LL);
+    const int8_t *q[MAX_BATCH];
+    const float *xs[MAX_BATCH];
+    for (int b = 0; b < NB; b++) q[b] = io->q8.q + (b0 + b) * cols, xs[b] = io->q8.scales + (b0 + b) * blocks;
+    const __m512i twos = _mm512_set1_epi8(2);
+    for (int64_t r = lo; r < hi; r++) {
+        const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
+        __m512 acc[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < groups; j += 32) {
+            const int count = groups - j < 32 ? (int)(groups - j) : 32;
+            const e8p_q8_block_t blk = e8p_q8_prepare(codes + j, count, &table);
+            for (int p = 0; p < count / 8; p++) {
+                const int64_t k = j / 8 + p; /* the block: 8 codes, 64 columns */
+                const __m512i part = e8p_q8_part(&blk, select[p]);
+                const __m512i base = e8p_q8_bases(part, bases);
+                const __m512i u = _mm512_mask_add_epi8(base, _mm512_bitshuffle_epi64_mask(part, plus_bits), base, twos);
+                const __mmask64 signs = _mm512_bitshuffle_epi64_mask(part, sign_bits);
+                for (int b = 0; b < NB; b++) {
+                    const __m512i x = _mm512_loadu_si512(q[b] + k * Q8_BLOCK);
+                    const __m512i signed_x = _mm512_mask_sub_epi8(x, signs, _mm512_setzero_si512(), x);
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, signed_x);
+                    acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[b][k]), acc[b]);
+                }
+            }
+        }
+        for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = 0.25f * _mm512_reduce_add_ps(acc[b]);
+    }
+}
+
+AVX512 static void lattice_matvec_q8(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
+    BATCH_CHUNKS(lattice_q8_rows, l)
+}
+
+/* ----------------------------------------------------------------------------------------------
  * Bitshift trellis (V = 1, computed codes) */
 
 typedef struct {
@@ -506,5 +657,7 @@ const kernel_set_t kernels_avx512 = {
     .outlier_decode = outlier_decode_avx2_auto,
     .bf16_matvec = bf16_matvec,
     .hadamard = hadamard_avx2,
+    .grid_matvec_q8 = grid_matvec_q8,
+    .lattice_matvec_q8 = lattice_matvec_q8,
 };
 #endif

@@ -3,6 +3,7 @@
  * documented dtypes; quipkit/native.py does that checking. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 
 #include "kernels.h"
 #include "native.h"
@@ -80,8 +81,14 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
         return;
     }
     switch (c->family) {
-    case GRID: k->grid_matvec(&c->io, &c->grid, lo, hi); break;
-    case LATTICE: k->lattice_matvec(&c->io, &c->lattice, lo, hi); break;
+    case GRID:
+        if (c->io.q8.q) k->grid_matvec_q8(&c->io, &c->grid, lo, hi);
+        else k->grid_matvec(&c->io, &c->grid, lo, hi);
+        break;
+    case LATTICE:
+        if (c->io.q8.q) k->lattice_matvec_q8(&c->io, &c->lattice, lo, hi);
+        else k->lattice_matvec(&c->io, &c->lattice, lo, hi);
+        break;
     case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
     case OUTLIER: /* the inliers' kernel over whole rows, then the outliers' corrections, 64 rows at a
                    * time: the corrections read the codes again, while they are still in cache */
@@ -120,6 +127,66 @@ static void transform_rows(const kernel_set_t *ks, const float *x, float *y, int
     ks->hadamard(&io, &h, 0, batch);
 }
 
+/* The process's activations setting: 8 rounds a matvec's activations to int8 wherever an integer
+ * kernel serves the layer (q8_applies; quipkit/kernels/activations.py is its oracle), 32 keeps them. */
+static int activation_bits = 32;
+
+static int q8_applies(const call_t *c) {
+    if (c->io.cols % Q8_BLOCK != 0) return 0;
+    if (c->family == LATTICE) return c->lattice.second == 0;
+    if (c->family == GRID)
+        return (c->grid.bits == 4 || c->grid.bits == 8) && (c->grid.scales == NULL || c->grid.group_size % Q8_BLOCK == 0);
+    return 0;
+}
+
+/* One row x [cols] (cols a multiple of Q8_BLOCK) rounded to int8 as kernels.h's q8_t says, into q
+ * [cols], scales and block_sums [cols / Q8_BLOCK]. nearbyintf rounds half to even in the default
+ * rounding mode, as torch.round does: the Python oracle gets the same integers. A block holding a NaN
+ * or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
+static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, int32_t *block_sums) {
+    for (int64_t k = 0; k < cols / Q8_BLOCK; k++) {
+        const float *v = x + k * Q8_BLOCK;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int i = 0; i < Q8_BLOCK; i++) {
+            amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+            finite &= isfinite(v[i]) != 0;
+        }
+        const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+        int32_t total = 0;
+        for (int i = 0; i < Q8_BLOCK; i++) {
+            float r = nearbyintf(v[i] * inv);
+            r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+            q[k * Q8_BLOCK + i] = (int8_t)r;
+            total += (int32_t)r;
+        }
+        scales[k] = finite ? amax / 127.0f : NAN;
+        block_sums[k] = total;
+    }
+}
+
+/* x [batch, cols] rounded into one allocation (freed by the caller; NULL when out of memory) that
+ * io->q8 points into when the tier has the integer kernel (`integer`); without one, io->x points to
+ * the rounded values q x scale in float32, for the float kernel. */
+static void *round_activations(io_t *io, int integer) {
+    const int64_t batch = io->batch, cols = io->cols, blocks = cols / Q8_BLOCK;
+    char *memory = malloc((size_t)(batch * (cols + 8 * blocks + (integer ? 0 : 4 * cols))));
+    if (memory == NULL) return NULL;
+    int8_t *q = (int8_t *)memory;
+    float *scales = (float *)(memory + batch * cols);
+    int32_t *block_sums = (int32_t *)(scales + batch * blocks);
+    for (int64_t b = 0; b < batch; b++)
+        quantize_q8(io->x + b * cols, cols, q + b * cols, scales + b * blocks, block_sums + b * blocks);
+    if (integer) {
+        io->q8 = (q8_t){.q = q, .scales = scales, .block_sums = block_sums};
+        return memory;
+    }
+    float *rounded = (float *)(block_sums + batch * blocks);
+    for (int64_t i = 0; i < batch * cols; i++) rounded[i] = (float)q[i] * scales[i / Q8_BLOCK];
+    io->x = rounded;
+    return memory;
+}
+
 static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo, int64_t hi, int threads,
                         unsigned long long x, unsigned long long y, int64_t grain) {
     if ((decode || c->family == HADAMARD) && (ep->in_K || ep->out_K || ep->bias)) {
@@ -138,12 +205,20 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
         rotated = malloc(sizeof(float) * (size_t)(batch * cols));
         if (rotated == NULL) return PyErr_NoMemory();
     }
+    const int rounding = !decode && activation_bits == 8 && q8_applies(c);
+    void *rounded = NULL;
+    int out_of_memory = 0;
     Py_BEGIN_ALLOW_THREADS
     if (rotated) {
         transform_rows(c->ks, c->io.x, rotated, batch, cols, ep->in_K, ep->in_hk, ep->in_pre, 0);
         c->io.x = rotated;
     }
-    parallel_for(threads, count, grain, run_task, c);
+    if (rounding) {
+        const int integer = c->family == GRID ? c->ks->grid_matvec_q8 != NULL : c->ks->lattice_matvec_q8 != NULL;
+        rounded = round_activations(&c->io, integer);
+        out_of_memory = rounded == NULL;
+    }
+    if (!out_of_memory) parallel_for(threads, count, grain, run_task, c);
     if (ep->out_K) transform_rows(c->ks, c->io.y, c->io.y, batch, rows, ep->out_K, ep->out_hk, 0, ep->out_post);
     if (ep->bias) {
         const float *bias = (const float *)ep->bias;
@@ -152,6 +227,8 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
     }
     Py_END_ALLOW_THREADS
     free(rotated);
+    free(rounded);
+    if (out_of_memory) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -177,10 +254,11 @@ static PyObject *py_lattice(PyObject *self, PyObject *args) {
     epilogue_t ep;
     int decode, threads;
     long long lo, hi;
-    unsigned long long x, y, codes, codes2, patterns, parity, signed_patterns, second_table;
-    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiKKKKf", IO_ARGS, &codes, &codes2, &c.lattice.second, &patterns, &parity,
-                          &signed_patterns, &second_table, &c.lattice.inv_residual))
+    unsigned long long x, y, codes, codes2, patterns, parity, signed_patterns, second_table, pattern_words;
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiKKKKKf", IO_ARGS, &codes, &codes2, &c.lattice.second, &patterns, &parity,
+                          &signed_patterns, &second_table, &pattern_words, &c.lattice.inv_residual))
         return NULL;
+    c.lattice.pattern_words = (const uint16_t *)pattern_words;
     c.lattice.signed_patterns = (const float *)signed_patterns;
     c.lattice.codes = (const int16_t *)codes;
     c.lattice.codes2 = (const void *)codes2;
@@ -294,6 +372,22 @@ static PyObject *py_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(active_kernels()->name);
 }
 
+static PyObject *py_activations(PyObject *self, PyObject *args) {
+    int bits = 0;
+    if (!PyArg_ParseTuple(args, "|i", &bits)) return NULL;
+    if (bits != 0 && bits != 8 && bits != 32) {
+        PyErr_Format(PyExc_ValueError, "activation bits must be 8 or 32, not %d", bits);
+        return NULL;
+    }
+    if (bits) activation_bits = bits;
+    return PyLong_FromLong(activation_bits);
+}
+
+static PyObject *py_integer_kernels(PyObject *self, PyObject *args) {
+    const kernel_set_t *k = active_kernels();
+    return PyBool_FromLong(k->grid_matvec_q8 != NULL && k->lattice_matvec_q8 != NULL);
+}
+
 static PyMethodDef methods[] = {
     {"e8p_nearest", py_e8p_nearest, METH_VARARGS,
      "e8p_nearest(x, count, patterns, lookup, codes): x float32[count, 8] -> codes int32[count]"},
@@ -313,6 +407,11 @@ static PyMethodDef methods[] = {
     {"attention_step", py_attention_step, METH_VARARGS,
      "attention_step(q, k, v, cos, sin, scale, keys, values, position, length, heads, kv_heads, dim, out): "
      "one position's rotary embedding, KV cache write and attention, float32 (decoder_step.c)"},
+    {"activations", py_activations, METH_VARARGS,
+     "activations(bits=0): 8 rounds matvec activations to int8 where an integer kernel applies, 32 does not; "
+     "returns the setting"},
+    {"integer_kernels", py_integer_kernels, METH_NOARGS,
+     "whether the tier in use multiplies int8 activations as integers (else it rounds them for its float kernels)"},
     {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},
     {NULL, NULL, 0, NULL},
 };

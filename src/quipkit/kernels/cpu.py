@@ -36,10 +36,15 @@ def tier() -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _lattice_tables() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lattice_tables() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """What the lattice kernels read: E8P's patterns [256, 8], their parities [256], the patterns with
-    coordinate 7 signed [512, 8] (codebooks/e8p.py), the 1-bit E8 points [256, 8]."""
-    return source_set().contiguous(), pattern_parity(), signed_patterns(), e8_one_bit().contiguous()
+    coordinate 7 signed [512, 8] (codebooks/e8p.py), the 1-bit E8 points [256, 8], and each pattern as
+    one 16-bit word [256] (a_i - 1/2, which is 0, 1 or 2, in bits 2i and 2i + 1: the integer-activation
+    kernels' form)."""
+    patterns = source_set().contiguous()
+    fields = (patterns - 0.5).to(torch.int32) << (2 * torch.arange(8, dtype=torch.int32))
+    words = fields.sum(1, dtype=torch.int32).to(torch.int16)  # the bits of a uint16, as the C code reads them
+    return patterns, pattern_parity(), signed_patterns(), e8_one_bit().contiguous(), words
 
 
 def _ptr(t: Tensor | None) -> int:
@@ -91,11 +96,11 @@ def _grid_plan(codebook, rows: int, cols: int) -> Plan:
 
 
 def _lattice_plan(codebook, rows: int, cols: int) -> Plan:
-    patterns, parity, signed, one_bit = _lattice_tables()
+    patterns, parity, signed, one_bit, words = _lattice_tables()
     second = 0 if codebook.name == "e8p" else (1 if codebook.bits == 3 else 2)
     inverse = 1.0 / codebook.residual_scale if second else 0.0
     return Plan("lattice", 1, (second, patterns.data_ptr(), parity.data_ptr(), signed.data_ptr(), one_bit.data_ptr(),
-                               inverse), _padded(2))
+                               words.data_ptr(), inverse), _padded(2))
 
 
 def _trellis_plan(codebook, rows: int, cols: int) -> Plan:
@@ -298,6 +303,6 @@ def hadamard(x: Tensor, pre: Tensor | None, post: Tensor | None, transpose: bool
 
 
 if native.available():
-    register_kernel("cpu-fused-matvec", list(_PLANNERS), "cpu", _fused_applies, matvec)
+    register_kernel("cpu-fused-matvec", list(_PLANNERS), "cpu", _fused_applies, matvec, rounds_activations=True)
     register_kernel("cpu-tiled-gemm", list(_PLANNERS), "cpu", _tiled_applies, tiled_matmul)
     register_hadamard("cpu-hadamard", "cpu", _hadamard_applies, hadamard)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from quipkit.codebooks import make_codebook
+from quipkit.kernels import activations
 from quipkit.kernels.reference import reference_hadamard, reference_matmul
 
 Run = Callable[[Tensor, Sequence[Tensor], object, int, int], Tensor]
@@ -34,6 +35,7 @@ class Kernel:
     device: str
     applies: Predicate
     run: Run
+    rounds_activations: bool = False  # rounds to int8 itself where activations.rounds says so (the C matvec)
 
 
 KERNELS: list[Kernel] = []
@@ -55,8 +57,9 @@ _DEVICE_MODULES = {"cpu": "quipkit.kernels.cpu", "cuda": "quipkit.kernels.triton
 _loaded: set[str] = set()
 
 
-def register_kernel(name: str, codebooks: Sequence[str], device: str, applies: Predicate, run: Run) -> Kernel:
-    kernel = Kernel(name, frozenset(codebooks), device, applies, run)
+def register_kernel(name: str, codebooks: Sequence[str], device: str, applies: Predicate, run: Run,
+                    rounds_activations: bool = False) -> Kernel:
+    kernel = Kernel(name, frozenset(codebooks), device, applies, run, rounds_activations)
     KERNELS.append(kernel)
     return kernel
 
@@ -181,7 +184,10 @@ def run_decode_matmul(x: Tensor, tensors: Sequence[Tensor], spec: str, rows: int
     dtype = x.dtype
     if dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    y = select_kernel(x, codebook, rows, cols).run(x, tensors, codebook, rows, cols)
+    kernel = select_kernel(x, codebook, rows, cols)
+    if not kernel.rounds_activations and activations.rounds(codebook, cols):
+        x = activations.rounded(x)  # every path of an int8-activation layer sees the integer kernel's numbers
+    y = kernel.run(x, tensors, codebook, rows, cols)
     return y if dtype == torch.float32 else y.to(dtype)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from quipkit import native
 from quipkit.codebooks import make_codebook
 from quipkit.kernels import cpu, dispatch
+from quipkit.kernels.activations import activations
 
 # One representative spec per kernel family, with a shape every codebook accepts.
 FAMILIES = [
@@ -36,6 +37,8 @@ def machine() -> dict:
         "tier": cpu.tier(),
         "reference_only": dispatch.REFERENCE_ONLY,
         "threads": torch.get_num_threads(),
+        "activations": activations(),
+        "integer_kernels": native.available() and native.module().integer_kernels(),
         "cuda": torch.cuda.is_available(),
     }
 
