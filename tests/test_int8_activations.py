@@ -81,6 +81,18 @@ def test_the_c_rounding_is_the_python_rounding_element_for_element(int8, tier):
 
 
 @needs_native
+def test_the_compiled_rounding_of_prefill_rows_is_the_oracle():
+    x = torch.randn(37, 576, generator=torch.Generator().manual_seed(3)) * 4
+    x[5, :64] = torch.arange(64) - 31.5
+    x[6, 64:128] = 0.0
+    x[7, 200] = float("-inf")
+    fast, oracle = activations.rounded_fast(x), activations.rounded(x)
+    assert torch.equal(fast[:7], oracle[:7]) and torch.equal(fast[8:], oracle[8:])
+    assert fast[7, 192:256].isnan().all() and oracle[7, 192:256].isnan().all()
+    assert torch.equal(fast[7, :192], oracle[7, :192])
+
+
+@needs_native
 @pytest.mark.parametrize("spec", ROUNDED, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_integer_kernels_match_the_reference_on_rounded_activations(spec, int8, tier):
     codebook = make_codebook(spec)

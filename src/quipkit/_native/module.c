@@ -383,6 +383,31 @@ static PyObject *py_activations(PyObject *self, PyObject *args) {
     return PyLong_FromLong(activation_bits);
 }
 
+/* rows x [batch, cols] -> y: each value replaced by q x scale, what every path of an int8-activation
+ * layer multiplies (the prefill GEMM's input; quipkit/kernels/activations.py holds the oracle). */
+static PyObject *py_round_rows(PyObject *self, PyObject *args) {
+    unsigned long long x, y;
+    long long batch, cols;
+    if (!PyArg_ParseTuple(args, "KLLK", &x, &batch, &cols, &y)) return NULL;
+    if (cols % Q8_BLOCK != 0) {
+        PyErr_Format(PyExc_ValueError, "rows of %lld columns are not whole blocks of %d", cols, Q8_BLOCK);
+        return NULL;
+    }
+    io_t io = {.x = (const float *)x, .batch = 1, .cols = cols};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long b = 0; b < batch && !failed; b++) {
+        io.x = (const float *)x + b * cols;
+        void *memory = round_activations(&io, 0);
+        if (memory == NULL) failed = 1;
+        else memcpy((float *)y + b * cols, io.x, sizeof(float) * (size_t)cols);
+        free(memory);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_integer_kernels(PyObject *self, PyObject *args) {
     const kernel_set_t *k = active_kernels();
     return PyBool_FromLong(k->grid_matvec_q8 != NULL && k->lattice_matvec_q8 != NULL);
@@ -410,6 +435,8 @@ static PyMethodDef methods[] = {
     {"activations", py_activations, METH_VARARGS,
      "activations(bits=0): 8 rounds matvec activations to int8 where an integer kernel applies, 32 does not; "
      "returns the setting"},
+    {"round_rows", py_round_rows, METH_VARARGS,
+     "round_rows(x, batch, cols, y): float32 rows rounded to int8 in blocks of 64, written back as q x scale"},
     {"integer_kernels", py_integer_kernels, METH_NOARGS,
      "whether the tier in use multiplies int8 activations as integers (else it rounds them for its float kernels)"},
     {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},

@@ -186,7 +186,7 @@ def run_decode_matmul(x: Tensor, tensors: Sequence[Tensor], spec: str, rows: int
         x = x.float().contiguous()
     kernel = select_kernel(x, codebook, rows, cols)
     if not kernel.rounds_activations and activations.rounds(codebook, cols):
-        x = activations.rounded(x)  # every path of an int8-activation layer sees the integer kernel's numbers
+        x = activations.rounded_fast(x)  # every path of an int8-activation layer sees the integer kernel's numbers
     y = kernel.run(x, tensors, codebook, rows, cols)
     return y if dtype == torch.float32 else y.to(dtype)
 
