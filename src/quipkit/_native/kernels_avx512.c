@@ -457,16 +457,24 @@ INLINE window_t window_constants(int k, int L) {
     return w;
 }
 
+/* The 16 states of tile row rr. */
+INLINE __m512i trellis_states16(const uint8_t *ring, int rr, int k, const window_t *win) {
+    const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift), win->mask);
+}
+
+/* 1MAD's x = a s + b of tile row rr's 16 states: a weight is the byte sum of x, before offset and scale. */
+INLINE __m512i trellis_lcg16(const uint8_t *ring, int rr, int k, const window_t *win) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(trellis_states16(ring, rr, k, win), _mm512_set1_epi32(34038481)),
+                            _mm512_set1_epi32(76625530));
+}
+
 /* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale, kernels_common.h). */
 INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const window_t *win) {
-    const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
-    const __m512i s = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift),
-                                       win->mask);
-    if (code == CODE_1MAD) { /* the byte sum of s * a + b */
-        const __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)),
-                                           _mm512_set1_epi32(76625530));
-        return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), x, _mm512_set1_epi32(0x01010101)));
-    }
+    if (code == CODE_1MAD) /* the byte sum of s * a + b */
+        return _mm512_cvtepi32_ps(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), trellis_lcg16(ring, rr, k, win), _mm512_set1_epi32(0x01010101)));
+    const __m512i s = trellis_states16(ring, rr, k, win);
     __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)), _mm512_set1_epi32(64248484));
     x = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32((int)0x8FFF8FFFu)), _mm512_set1_epi32(0x3B603B60));
     const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
@@ -520,6 +528,60 @@ AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int6
             TRELLIS_CASES(trellis_rows, CODE_3INST)
         }
     }
+}
+
+/* 1MAD with int8 activations: a weight is (byte sum of x = a s + b) - 510 (before its scale), so one
+ * VNNI instruction against q broadcast to all four bytes of each lane gives 16 weights' (byte sum) x q
+ * at once (the dot-product form QTIP chose 1MAD for); the -510 enters once per row through the
+ * activations' block sums. Each 64-column block's 4 tiles are summed in int32, then scaled. */
+INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
+                            const int code) {
+    const int64_t cols = io->cols, tiles_n = cols / 16, blocks = cols / Q8_BLOCK;
+    const int k = t->k, bytes = 32 * k;
+    const window_t win = window_constants(k, t->L);
+    uint32_t *q4 = malloc(sizeof(uint32_t) * (size_t)(NB * cols)); /* q[c] in each byte of a lane */
+    const float *xs[MAX_BATCH];
+    float constant[MAX_BATCH];
+    for (int b = 0; b < NB; b++) {
+        const int8_t *q = io->q8.q + (b0 + b) * cols;
+        for (int64_t c = 0; c < cols; c++) q4[b * cols + c] = (uint8_t)q[c] * 0x01010101u;
+        xs[b] = io->q8.scales + (b0 + b) * blocks;
+        constant[b] = 0.0f;
+        for (int64_t m = 0; m < blocks; m++)
+            constant[b] += code_offset(code) * xs[b][m] * (float)io->q8.block_sums[(b0 + b) * blocks + m];
+    }
+    uint8_t ring[4][128 + 64];
+    for (int64_t i = lo / 16; i < hi / 16; i++) {
+        __m512 acc[MAX_BATCH][16];
+        for (int b = 0; b < NB; b++)
+            for (int rr = 0; rr < 16; rr++) acc[b][rr] = _mm512_setzero_ps();
+        for (int64_t m = 0; m < blocks; m++) {
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *tile = t->codes + (i * tiles_n + 4 * m + j) * bytes;
+                memcpy(ring[j], tile, bytes);
+                memcpy(ring[j] + bytes, tile, 16); /* the stream is circular */
+            }
+            for (int rr = 0; rr < 16; rr++) {
+                __m512i dot[MAX_BATCH];
+                for (int b = 0; b < NB; b++) dot[b] = _mm512_setzero_si512();
+                for (int j = 0; j < 4; j++) {
+                    const __m512i x = trellis_lcg16(ring[j], rr, k, &win);
+                    for (int b = 0; b < NB; b++)
+                        dot[b] = _mm512_dpbusd_epi32(dot[b], x, _mm512_loadu_si512(q4 + b * cols + Q8_BLOCK * m + 16 * j));
+                }
+                for (int b = 0; b < NB; b++)
+                    acc[b][rr] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_set1_ps(xs[b][m]), acc[b][rr]);
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            for (int rr = 0; rr < 16; rr++)
+                io->y[(b0 + b) * io->rows + 16 * i + rr] = code_scale(code) * (_mm512_reduce_add_ps(acc[b][rr]) - constant[b]);
+    }
+    free(q4);
+}
+
+AVX512 static void trellis_matvec_q8(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
+    for (int64_t b0 = 0; b0 < io->batch; b0 += 4) TRELLIS_CASES(trellis_q8_rows, CODE_1MAD)
 }
 
 AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
@@ -659,5 +721,6 @@ const kernel_set_t kernels_avx512 = {
     .hadamard = hadamard_avx2,
     .grid_matvec_q8 = grid_matvec_q8,
     .lattice_matvec_q8 = lattice_matvec_q8,
+    .trellis_matvec_q8 = trellis_matvec_q8,
 };
 #endif

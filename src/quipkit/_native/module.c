@@ -89,7 +89,10 @@ static void run_task(void *ctx, int64_t lo, int64_t hi) {
         if (c->io.q8.q) k->lattice_matvec_q8(&c->io, &c->lattice, lo, hi);
         else k->lattice_matvec(&c->io, &c->lattice, lo, hi);
         break;
-    case TRELLIS: k->trellis_matvec(&c->io, &c->trellis, lo, hi); break;
+    case TRELLIS:
+        if (c->io.q8.q) k->trellis_matvec_q8(&c->io, &c->trellis, lo, hi);
+        else k->trellis_matvec(&c->io, &c->trellis, lo, hi);
+        break;
     case OUTLIER: /* the inliers' kernel over whole rows, then the outliers' corrections, 64 rows at a
                    * time: the corrections read the codes again, while they are still in cache */
         for (int64_t start = lo; start < hi; start += 64) {
@@ -134,6 +137,7 @@ static int activation_bits = 32;
 static int q8_applies(const call_t *c) {
     if (c->io.cols % Q8_BLOCK != 0) return 0;
     if (c->family == LATTICE) return c->lattice.second == 0;
+    if (c->family == TRELLIS) return c->trellis.V == 1 && c->trellis.code == CODE_1MAD;
     if (c->family == GRID)
         return (c->grid.bits == 4 || c->grid.bits == 8) && (c->grid.scales == NULL || c->grid.group_size % Q8_BLOCK == 0);
     return 0;
@@ -214,7 +218,9 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
         c->io.x = rotated;
     }
     if (rounding) {
-        const int integer = c->family == GRID ? c->ks->grid_matvec_q8 != NULL : c->ks->lattice_matvec_q8 != NULL;
+        const int integer = c->family == GRID      ? c->ks->grid_matvec_q8 != NULL
+                            : c->family == LATTICE ? c->ks->lattice_matvec_q8 != NULL
+                                                   : c->ks->trellis_matvec_q8 != NULL;
         rounded = round_activations(&c->io, integer);
         out_of_memory = rounded == NULL;
     }
@@ -410,7 +416,7 @@ static PyObject *py_round_rows(PyObject *self, PyObject *args) {
 
 static PyObject *py_integer_kernels(PyObject *self, PyObject *args) {
     const kernel_set_t *k = active_kernels();
-    return PyBool_FromLong(k->grid_matvec_q8 != NULL && k->lattice_matvec_q8 != NULL);
+    return PyBool_FromLong(k->grid_matvec_q8 != NULL && k->lattice_matvec_q8 != NULL && k->trellis_matvec_q8 != NULL);
 }
 
 static PyMethodDef methods[] = {

@@ -48,12 +48,14 @@ def rounds(codebook, cols: int) -> bool:
 
 
 def has_integer_kernel(codebook, cols: int) -> bool:
-    """E8P without a second stage, and 4- and 8-bit grids whose groups are whole blocks, with rows of
-    whole blocks (module.c's q8_applies, the same rule)."""
+    """E8P without a second stage, QTIP's 1MAD trellis code (one value per state), and 4- and 8-bit
+    grids whose groups are whole blocks, with rows of whole blocks (module.c's q8_applies, the same rule)."""
     if cols % BLOCK:
         return False
     if codebook.name == "e8p":
         return True
+    if codebook.name == "trellis":
+        return codebook.code == "1mad" and codebook.values_per_state == 1
     if codebook.name == "scalar":
         return codebook.bits in (4, 8) and codebook.group_size % BLOCK == 0
     return codebook.name == "uniform" and codebook.bits in (4, 8)
