@@ -144,22 +144,29 @@ static int q8_applies(const call_t *c) {
 }
 
 /* One row x [cols] (cols a multiple of Q8_BLOCK) rounded to int8 as kernels.h's q8_t says, into q
- * [cols], scales and block_sums [cols / Q8_BLOCK]. nearbyintf rounds half to even in the default
- * rounding mode, as torch.round does: the Python oracle gets the same integers. A block holding a NaN
- * or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
+ * [cols], scales and block_sums [cols / Q8_BLOCK]. Adding and subtracting 1.5 x 2^23 rounds a float
+ * below 2^22 in magnitude half to even, as torch.round does, so the Python oracle gets the same
+ * integers (in plain arithmetic the compiler vectorises; nearbyintf was a library call per value). A
+ * block holding a NaN or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
+__attribute__((optimize("fp-contract=off"))) /* x * inv is rounded before the add, as in torch: no FMA */
 static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, int32_t *block_sums) {
     for (int64_t k = 0; k < cols / Q8_BLOCK; k++) {
         const float *v = x + k * Q8_BLOCK;
-        float amax = 0.0f;
-        int finite = 1;
+        int32_t top = 0; /* the largest |v| as bits: ordered like the floats, infinity and NaN above all */
         for (int i = 0; i < Q8_BLOCK; i++) {
-            amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-            finite &= isfinite(v[i]) != 0;
+            int32_t bits;
+            memcpy(&bits, v + i, 4);
+            bits &= 0x7FFFFFFF;
+            top = bits > top ? bits : top;
         }
+        const int finite = top < 0x7F800000;
+        float amax;
+        memcpy(&amax, &top, 4);
         const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
         int32_t total = 0;
         for (int i = 0; i < Q8_BLOCK; i++) {
-            float r = nearbyintf(v[i] * inv);
+            const float scaled = v[i] * inv;
+            float r = (scaled + 12582912.0f) - 12582912.0f;
             r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
             q[k * Q8_BLOCK + i] = (int8_t)r;
             total += (int32_t)r;
@@ -399,18 +406,19 @@ static PyObject *py_round_rows(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "rows of %lld columns are not whole blocks of %d", cols, Q8_BLOCK);
         return NULL;
     }
-    io_t io = {.x = (const float *)x, .batch = 1, .cols = cols};
-    int failed = 0;
+    const int64_t blocks = cols / Q8_BLOCK;
+    char *scratch = malloc((size_t)(cols + 8 * blocks));
+    if (scratch == NULL) return PyErr_NoMemory();
+    int8_t *q = (int8_t *)scratch;
+    float *scales = (float *)(scratch + cols);
     Py_BEGIN_ALLOW_THREADS
-    for (long long b = 0; b < batch && !failed; b++) {
-        io.x = (const float *)x + b * cols;
-        void *memory = round_activations(&io, 0);
-        if (memory == NULL) failed = 1;
-        else memcpy((float *)y + b * cols, io.x, sizeof(float) * (size_t)cols);
-        free(memory);
+    for (long long b = 0; b < batch; b++) {
+        float *out = (float *)y + b * cols;
+        quantize_q8((const float *)x + b * cols, cols, q, scales, (int32_t *)(scales + blocks));
+        for (int64_t i = 0; i < cols; i++) out[i] = (float)q[i] * scales[i / Q8_BLOCK];
     }
     Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    free(scratch);
     Py_RETURN_NONE;
 }
 
