@@ -397,28 +397,47 @@ static PyObject *py_activations(PyObject *self, PyObject *args) {
 }
 
 /* rows x [batch, cols] -> y: each value replaced by q x scale, what every path of an int8-activation
- * layer multiplies (the prefill GEMM's input; quipkit/kernels/activations.py holds the oracle). */
+ * layer multiplies (the prefill GEMM's input; quipkit/kernels/activations.py holds the oracle). Rows
+ * are split over the thread pool, as the GEMM that follows uses every thread. */
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t cols;
+    volatile int out_of_memory;
+} round_rows_t;
+
+static void round_rows_task(void *ctx, int64_t lo, int64_t hi) {
+    round_rows_t *r = ctx;
+    const int64_t cols = r->cols, blocks = cols / Q8_BLOCK;
+    char *scratch = malloc((size_t)(cols + 8 * blocks));
+    if (scratch == NULL) {
+        r->out_of_memory = 1;
+        return;
+    }
+    int8_t *q = (int8_t *)scratch;
+    float *scales = (float *)(scratch + cols);
+    for (int64_t b = lo; b < hi; b++) {
+        float *out = r->y + b * cols;
+        quantize_q8(r->x + b * cols, cols, q, scales, (int32_t *)(scales + blocks));
+        for (int64_t i = 0; i < cols; i++) out[i] = (float)q[i] * scales[i / Q8_BLOCK];
+    }
+    free(scratch);
+}
+
 static PyObject *py_round_rows(PyObject *self, PyObject *args) {
     unsigned long long x, y;
     long long batch, cols;
-    if (!PyArg_ParseTuple(args, "KLLK", &x, &batch, &cols, &y)) return NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLLKi", &x, &batch, &cols, &y, &threads)) return NULL;
     if (cols % Q8_BLOCK != 0) {
         PyErr_Format(PyExc_ValueError, "rows of %lld columns are not whole blocks of %d", cols, Q8_BLOCK);
         return NULL;
     }
-    const int64_t blocks = cols / Q8_BLOCK;
-    char *scratch = malloc((size_t)(cols + 8 * blocks));
-    if (scratch == NULL) return PyErr_NoMemory();
-    int8_t *q = (int8_t *)scratch;
-    float *scales = (float *)(scratch + cols);
+    round_rows_t r = {.x = (const float *)x, .y = (float *)y, .cols = cols, .out_of_memory = 0};
     Py_BEGIN_ALLOW_THREADS
-    for (long long b = 0; b < batch; b++) {
-        float *out = (float *)y + b * cols;
-        quantize_q8((const float *)x + b * cols, cols, q, scales, (int32_t *)(scales + blocks));
-        for (int64_t i = 0; i < cols; i++) out[i] = (float)q[i] * scales[i / Q8_BLOCK];
-    }
+    parallel_for(threads, batch, 1, round_rows_task, &r);
     Py_END_ALLOW_THREADS
-    free(scratch);
+    if (r.out_of_memory) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -450,7 +469,7 @@ static PyMethodDef methods[] = {
      "activations(bits=0): 8 rounds matvec activations to int8 where an integer kernel applies, 32 does not; "
      "returns the setting"},
     {"round_rows", py_round_rows, METH_VARARGS,
-     "round_rows(x, batch, cols, y): float32 rows rounded to int8 in blocks of 64, written back as q x scale"},
+     "round_rows(x, batch, cols, y, threads): float32 rows rounded to int8 in blocks of 64, written back as q x scale"},
     {"integer_kernels", py_integer_kernels, METH_NOARGS,
      "whether the tier in use multiplies int8 activations as integers (else it rounds them for its float kernels)"},
     {"isa", py_isa, METH_VARARGS, "isa(name=None): the kernel tier in use, after switching to `name` if given"},

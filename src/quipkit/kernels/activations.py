@@ -91,7 +91,8 @@ def rounded_fast(x: Tensor) -> Tensor:
     if not (native.available() and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return rounded(x)
     y = torch.empty_like(x)
-    native.module().round_rows(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], y.data_ptr())
+    native.module().round_rows(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], y.data_ptr(),
+                               torch.get_num_threads())
     return y
 
 
