@@ -176,6 +176,12 @@ static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, 
     }
 }
 
+/* q x scale for `count` values (whole blocks) into out. */
+static void dequantize_q8(const int8_t *q, const float *scales, int64_t count, float *out) {
+    for (int64_t k = 0; k < count / Q8_BLOCK; k++)
+        for (int i = 0; i < Q8_BLOCK; i++) out[k * Q8_BLOCK + i] = (float)q[k * Q8_BLOCK + i] * scales[k];
+}
+
 /* x [batch, cols] rounded into one allocation (freed by the caller; NULL when out of memory) that
  * io->q8 points into when the tier has the integer kernel (`integer`); without one, io->x points to
  * the rounded values q x scale in float32, for the float kernel. */
@@ -193,7 +199,7 @@ static void *round_activations(io_t *io, int integer) {
         return memory;
     }
     float *rounded = (float *)(block_sums + batch * blocks);
-    for (int64_t i = 0; i < batch * cols; i++) rounded[i] = (float)q[i] * scales[i / Q8_BLOCK];
+    dequantize_q8(q, scales, batch * cols, rounded);
     io->x = rounded;
     return memory;
 }
@@ -419,7 +425,7 @@ static void round_rows_task(void *ctx, int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; b++) {
         float *out = r->y + b * cols;
         quantize_q8(r->x + b * cols, cols, q, scales, (int32_t *)(scales + blocks));
-        for (int64_t i = 0; i < cols; i++) out[i] = (float)q[i] * scales[i / Q8_BLOCK];
+        dequantize_q8(q, scales, cols, out);
     }
     free(scratch);
 }
