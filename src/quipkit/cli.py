@@ -548,7 +548,8 @@ def cmd_kernels(args: argparse.Namespace) -> None:
     else:
         print(f"compiled extension: {state['tier']} tier, {state['threads']} threads"
               + ("; QUIPKIT_KERNELS=reference forces the reference" if state["reference_only"] else ""))
-        print("--int8-activations: " + ("integer kernels for E8P and 4/8-bit grids (VNNI)" if state["integer_kernels"]
+        print("--int8-activations: " + ("integer kernels for E8P, 1MAD trellis codes and 4/8-bit grids (VNNI)"
+                                        if state["integer_kernels"]
                                         else "rounds the activations, no integer kernels in this tier (no speed-up)"))
     _table("kernels on the CPU", ["codebook", "decode (1 row)", "prefill (512 rows)"],
            [[r["codebook"], r["decode"], r["prefill"]] for r in rows])
@@ -821,8 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-once", action="store_true",
                    help="decode quantized weights once and hold them dense (4 bytes/weight): much faster "
                    "evaluation of trellis and lattice codes when memory allows")
-    int8_help = ("round the activations of E8P and 4/8-bit grid layers to int8 (blocks of 64) so the CPU "
-                 "kernels multiply bytes: faster decoding, a slightly different model (see the README)")
+    int8_help = ("round the activations of E8P, 1MAD trellis and 4/8-bit grid layers to int8 (blocks of 64) so "
+                 "the CPU kernels multiply bytes: faster decoding, a slightly different model (see the README)")
     p.add_argument("--int8-activations", action="store_true", help=int8_help)
 
     p = command("generate", cmd_generate, "generate text from a model (greedy, static KV cache, fast kernels)")

@@ -6,8 +6,7 @@ the 4- and 8-bit grids' codes multiply as bytes, 64 per VNNI instruction, with e
 activation row is rounded in blocks of BLOCK columns with one scale per block, amax / 127, as
 llama.cpp's Q8_0 rounds its activations (in blocks of 32).
 
-The setting is the process's (`set_activations`, or QUIPKIT_ACTIVATIONS=int8 before import) and
-reaches only the layers an integer kernel serves (`has_integer_kernel`). Every path of those layers
+The setting is the process's (`set_activations`; the CLI's `--int8-activations`) and reaches only the layers an integer kernel serves (`has_integer_kernel`). Every path of those layers
 multiplies the same rounded numbers: the AVX-512 tier's integer kernels, the other tiers' float
 kernels on q x scale (no speed-up there: `quipkit info --kernels` says which), and here `rounded`
 before the prefill GEMM, the reference and the GPU kernels. So prefill and decode agree, and
@@ -15,8 +14,6 @@ before the prefill GEMM, the reference and the GPU kernels. So prefill and decod
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -95,6 +92,3 @@ def rounded_fast(x: Tensor) -> Tensor:
                                torch.get_num_threads())
     return y
 
-
-if os.environ.get("QUIPKIT_ACTIVATIONS"):
-    set_activations(os.environ["QUIPKIT_ACTIVATIONS"].lower())
