@@ -131,8 +131,7 @@ typedef struct {
     void (*hadamard)(const io_t *, const hadamard_t *, int64_t lo, int64_t hi); /* lo, hi: rows of x */
     /* y = x W^T from io->q8 with exact int32 sums per block: 4- and 8-bit grids whose groups are whole
      * blocks, E8P without a second stage, 1MAD trellis codes (q8_applies in module.c). NULL in a tier
-     * without them
-     * (portable, AVX2): there the float kernel multiplies the rounded activations, q x scale. */
+     * without them (portable, AVX2): there the float kernel multiplies the rounded activations. */
     void (*grid_matvec_q8)(const io_t *, const grid_t *, int64_t lo, int64_t hi);
     void (*lattice_matvec_q8)(const io_t *, const lattice_t *, int64_t lo, int64_t hi);
     void (*trellis_matvec_q8)(const io_t *, const trellis_layer_t *, int64_t lo, int64_t hi); /* 1MAD, V = 1 */
