@@ -93,7 +93,7 @@ def compress_head(model: nn.Module, config: QuantConfig, device, batches: list[T
                     "transform": IDENTITY, "bias": head.bias is not None}
             quantized = QuantizedLinear.from_tensors(spec, {"weight": head.weight.detach()}, head.bias)
         else:
-            calibrated = config.needs_calibration
+            calibrated = rounds_head(model, config)  # the one rule the Hessian cache also asks
             head_config = QuantConfig(
                 method="gptq" if calibrated else "rtn", bits=bits, transform=IDENTITY,
                 codebook={"name": "scalar", "bits": bits, "group_size": head_group(bits)},
