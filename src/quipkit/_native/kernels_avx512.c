@@ -6,8 +6,9 @@
  *   E8P      a pair of codes: two 8-float pattern loads and a sign flip under a k-mask; rows,
  *            signs and shifts of 32 codes are worked out together beforehand, and the shifts
  *            enter as sums of x over each code's columns
- *   trellis  16 states of a tile row: one load, one byte permute, one variable shift, then the code
- *            (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two fp16 halves)
+ *   trellis  16 states of a tile row: one broadcast qword of the packed tile, one multishift, one mask,
+ *            then the code (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two
+ *            fp16 halves)
  *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
  * With int8 activations (io->q8) grids, E8P and 1MAD multiply bytes instead: 64 weights per VNNI
  * instruction, one int32 sum per 64-column block, scaled once (the *_q8 kernels).
@@ -441,42 +442,57 @@ AVX512 static void lattice_matvec_q8(const io_t *io, const lattice_t *l, int64_t
 /* ----------------------------------------------------------------------------------------------
  * Bitshift trellis (V = 1, computed codes) */
 
+/* Tile row rr's 16 states straight from the packed tile (32 k bytes, a circular stream): state l is the
+ * L-bit window (15 - l) k bits above the row's base, byte (30 - 2 rr) k. A multishift puts bits
+ * [offset, offset + 32) of a lane's qword into the lane: with 15 k + L <= 64 one qword from the base
+ * covers all 16 lanes, otherwise lanes 0-7 read the qword k bytes higher (both spans are <= 7 k + L). */
 typedef struct {
-    __m512i perm, shift, mask;
+    __m512i select, mask;
+    int one_qword;
 } window_t;
 
-/* Step t of a tile row starting at step t0 = 16 rr reads the L-bit window at bit (255 - t) k, which
- * is (15 - l) k bits above the row's base (240 - 16 rr) k, a whole byte. */
 INLINE window_t window_constants(int k, int L) {
-    uint8_t p[64];
-    uint32_t s[16];
+    const int one_qword = 15 * k + L <= 64;
+    uint8_t sel[64];
     for (int l = 0; l < 16; l++) {
-        const int bit = (15 - l) * k;
-        for (int i = 0; i < 4; i++) p[4 * l + i] = (uint8_t)((bit >> 3) + i);
-        s[l] = (uint32_t)(bit & 7);
+        const int bit = (one_qword || l >= 8 ? 15 - l : 7 - l) * k;
+        for (int j = 0; j < 4; j++) sel[4 * l + j] = (uint8_t)((bit + 8 * j) & 63);
     }
-    window_t w = {_mm512_loadu_si512(p), _mm512_loadu_si512(s), _mm512_set1_epi32((1 << L) - 1)};
-    return w;
+    return (window_t){_mm512_loadu_si512(sel), _mm512_set1_epi32((1 << L) - 1), one_qword};
 }
 
-/* The 16 states of tile row rr. */
-INLINE __m512i trellis_states16(const uint8_t *ring, int rr, int k, const window_t *win) {
-    const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ring + (30 - 2 * rr) * k)));
-    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(win->perm, bytes), win->shift), win->mask);
+/* The 8 bytes from byte `at` of a circular stream of `bytes` bytes (at < bytes, bytes >= 8). */
+static inline uint64_t circular_u64(const uint8_t *stream, int at, int bytes) {
+    uint64_t head, tail;
+    memcpy(&tail, stream + (at + 8 <= bytes ? at : bytes - 8), 8);
+    if (at + 8 <= bytes) return tail;
+    const int n = bytes - at; /* 1..7 bytes before the end */
+    memcpy(&head, stream, 8);
+    return (tail >> (8 * (8 - n))) | (head << (8 * n));
+}
+
+INLINE __m512i trellis_states16(const uint8_t *tile, int rr, int k, const window_t *win) {
+    const int bytes = 32 * k, at = (30 - 2 * rr) * k;
+    const __m512i low = _mm512_set1_epi64((long long)circular_u64(tile, at, bytes));
+    const __m512i src =
+        win->one_qword ? low
+                       : _mm512_inserti64x4(_mm512_set1_epi64((long long)circular_u64(tile, at + k, bytes)),
+                                            _mm512_castsi512_si256(low), 1);
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(win->select, src), win->mask);
 }
 
 /* 1MAD's x = a s + b of tile row rr's 16 states: a weight is the byte sum of x, before offset and scale. */
-INLINE __m512i trellis_lcg16(const uint8_t *ring, int rr, int k, const window_t *win) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(trellis_states16(ring, rr, k, win), _mm512_set1_epi32(34038481)),
+INLINE __m512i trellis_lcg16(const uint8_t *tile, int rr, int k, const window_t *win) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(trellis_states16(tile, rr, k, win), _mm512_set1_epi32(34038481)),
                             _mm512_set1_epi32(76625530));
 }
 
 /* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale, kernels_common.h). */
-INLINE __m512 trellis_row16(const uint8_t *ring, int rr, int k, int code, const window_t *win) {
+INLINE __m512 trellis_row16(const uint8_t *tile, int rr, int k, int code, const window_t *win) {
     if (code == CODE_1MAD) /* the byte sum of s * a + b */
         return _mm512_cvtepi32_ps(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), trellis_lcg16(ring, rr, k, win), _mm512_set1_epi32(0x01010101)));
-    const __m512i s = trellis_states16(ring, rr, k, win);
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), trellis_lcg16(tile, rr, k, win), _mm512_set1_epi32(0x01010101)));
+    const __m512i s = trellis_states16(tile, rr, k, win);
     __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)), _mm512_set1_epi32(64248484));
     x = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32((int)0x8FFF8FFFu)), _mm512_set1_epi32(0x3B603B60));
     const __m512 low = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
@@ -496,19 +512,16 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
         for (int64_t c = 0; c < cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(io->x + (b0 + b) * cols + c));
         xsum[b] = _mm512_reduce_add_ps(s);
     }
-    uint8_t ring[128 + 64];
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         __m512 acc[MAX_BATCH][16];
         for (int b = 0; b < NB; b++)
             for (int rr = 0; rr < 16; rr++) acc[b][rr] = _mm512_setzero_ps();
         const uint8_t *tile = t->codes + i * tiles_n * bytes;
         for (int64_t j = 0; j < tiles_n; j++, tile += bytes) {
-            memcpy(ring, tile, bytes);
-            memcpy(ring + bytes, tile, 16); /* the stream is circular */
             __m512 xv[MAX_BATCH];
             for (int b = 0; b < NB; b++) xv[b] = _mm512_loadu_ps(io->x + (b0 + b) * cols + 16 * j);
             for (int rr = 0; rr < 16; rr++) {
-                const __m512 w = trellis_row16(ring, rr, k, code, &win);
+                const __m512 w = trellis_row16(tile, rr, k, code, &win);
                 for (int b = 0; b < NB; b++) acc[b][rr] = _mm512_fmadd_ps(w, xv[b], acc[b][rr]);
             }
         }
@@ -552,22 +565,17 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
         for (int64_t m = 0; m < blocks; m++)
             constant[b] += code_offset(code) * xs[b][m] * (float)io->q8.block_sums[(b0 + b) * blocks + m];
     }
-    uint8_t ring[4][128 + 64];
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         __m512 acc[MAX_BATCH][16];
         for (int b = 0; b < NB; b++)
             for (int rr = 0; rr < 16; rr++) acc[b][rr] = _mm512_setzero_ps();
         for (int64_t m = 0; m < blocks; m++) {
-            for (int j = 0; j < 4; j++) {
-                const uint8_t *tile = t->codes + (i * tiles_n + 4 * m + j) * bytes;
-                memcpy(ring[j], tile, bytes);
-                memcpy(ring[j] + bytes, tile, 16); /* the stream is circular */
-            }
+            const uint8_t *tiles = t->codes + (i * tiles_n + 4 * m) * bytes;
             for (int rr = 0; rr < 16; rr++) {
                 __m512i dot[MAX_BATCH];
                 for (int b = 0; b < NB; b++) dot[b] = _mm512_setzero_si512();
                 for (int j = 0; j < 4; j++) {
-                    const __m512i x = trellis_lcg16(ring[j], rr, k, &win);
+                    const __m512i x = trellis_lcg16(tiles + j * bytes, rr, k, &win);
                     for (int b = 0; b < NB; b++)
                         dot[b] = _mm512_dpbusd_epi32(dot[b], x, _mm512_loadu_si512(q4 + b * cols + Q8_BLOCK * m + 16 * j));
                 }
@@ -594,17 +602,14 @@ AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int6
     const int64_t cols = io->cols, tiles_n = cols / 16;
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
-    uint8_t ring[128 + 64];
     for (int64_t i = lo / 16; i < hi / 16; i++)
         for (int64_t j = 0; j < tiles_n; j++) {
             const uint8_t *tile = t->codes + (i * tiles_n + j) * bytes;
-            memcpy(ring, tile, bytes);
-            memcpy(ring + bytes, tile, 16);
             const __m512 scale = _mm512_set1_ps(code_scale(t->code)), offset = _mm512_set1_ps(code_offset(t->code));
             for (int rr = 0; rr < 16; rr++) {
                 float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
-                const __m512 raw = t->code == CODE_1MAD ? trellis_row16(ring, rr, k, CODE_1MAD, &win)
-                                                        : trellis_row16(ring, rr, k, CODE_3INST, &win);
+                const __m512 raw = t->code == CODE_1MAD ? trellis_row16(tile, rr, k, CODE_1MAD, &win)
+                                                        : trellis_row16(tile, rr, k, CODE_3INST, &win);
                 _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_sub_ps(raw, offset), scale));
             }
         }
