@@ -353,7 +353,7 @@ typedef struct {
 
 /* 32 codes in two registers of 16-bit lanes: each code's pattern word, and its 8 signs (coordinate
  * 7's from the parity rule) with, in the high byte, the coordinates where h s = +1 (signs xor 0xFF
- * for a + shift). Nothing goes through memory: a part of 8 codes is taken out by one permute. */
+ * for a + shift). Nothing goes through memory. */
 typedef struct {
     __m512i words, signs;
 } e8p_q8_block_t;
@@ -379,60 +379,84 @@ INLINE e8p_q8_block_t e8p_q8_prepare(const uint16_t *codes, int count, const e8p
     return (e8p_q8_block_t){words, _mm512_or_si512(signs, _mm512_slli_epi16(_mm512_xor_si512(signs, shift), 8))};
 }
 
-/* Part p's 8 codes, one per 64-bit lane: its word in bits 0-15, signs in 16-23, plus in 24-31. */
-INLINE __m512i e8p_q8_part(const e8p_q8_block_t *blk, __m512i select) {
-    return _mm512_permutex2var_epi16(blk->words, select, blk->signs);
+/* 4a - 1 of each coordinate of part p (codes p, 4 + p, ..., 28 + p: code 4j + p is in qword j of the
+ * words, bits 16p to 16p + 15), one code per 8 bytes: byte i takes the word's bits from 16p + 2i (a
+ * multishift), and a 64-byte table maps its low two bits 0, 1, 2 to 1, 5, 9 (`bases`). */
+INLINE __m512i e8p_q8_bases(__m512i words, __m512i select, __m512i bases) {
+    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(select, words), bases);
 }
 
-/* 4a - 1 of each coordinate, one code per 8 bytes: byte i takes the word's bits from 2i (a multishift),
- * and a 64-byte table maps its low two bits 0, 1, 2 to 1, 5, 9 (`bases`). */
-INLINE __m512i e8p_q8_bases(__m512i part, __m512i bases) {
-    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x0E0C0A0806040200LL), part), bases);
+/* Each 32-code chunk (256 columns) is taken in four parts of 8 codes, part p = codes 4j + p for j = 0..7,
+ * so that every part reads its codes' words, signs and plus bits where the chunk's registers hold
+ * them (no permute). The activations are laid out per call to match (`e8p_q8_layout`): part p's 64
+ * bytes are the columns of codes p, 4 + p, ..., and dword lane l of a part's dot product sums columns
+ * of block l / 4 of the chunk in every part, so the four parts add up in int32 and are scaled once by
+ * a vector of the blocks' scales. A short last chunk is padded with zero activations. */
+static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, float *scales) {
+    const int64_t cols = io->cols, blocks = cols / Q8_BLOCK;
+    const int8_t *src = io->q8.q + b * cols;
+    const float *xs = io->q8.scales + b * blocks;
+    memset(q, 0, (size_t)(256 * chunks));
+    for (int64_t g = 0; g < chunks; g++)
+        for (int p = 0; p < 4; p++)
+            for (int j = 0; j < 8; j++) {
+                const int64_t col = 256 * g + 8 * (4 * j + p);
+                if (col < cols) memcpy(q + 256 * g + 64 * p + 8 * j, src + col, 8);
+            }
+    for (int64_t g = 0; g < chunks; g++)
+        for (int l = 0; l < 16; l++) {
+            const int64_t block = 4 * g + l / 4;
+            scales[16 * g + l] = block < blocks ? xs[block] : 0.0f;
+        }
 }
 
 INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB) {
-    const int64_t cols = io->cols, groups = cols / 8, blocks = cols / Q8_BLOCK;
+    const int64_t cols = io->cols, groups = cols / 8, chunks = (groups + 31) / 32;
     uint8_t base_of[64];
     for (int i = 0; i < 64; i++) base_of[i] = (uint8_t)(4 * (i & 3) + 1);
     const __m512i bases = _mm512_loadu_si512(base_of);
     e8p_words_t table;
     for (int i = 0; i < 4; i++)
         for (int h = 0; h < 2; h++) table.words[i][h] = _mm512_loadu_si512(l->pattern_words + 64 * i + 32 * h);
-    __m512i select[4]; /* lane 4c of part p: word 8p + c; lane 4c + 1: its signs (the second source) */
+    __m512i select[4];
+    __m512i sign_bits[4], plus_bits[4];
     for (int p = 0; p < 4; p++) {
-        uint16_t idx[32];
-        for (int c = 0; c < 8; c++)
-            idx[4 * c] = (uint16_t)(8 * p + c), idx[4 * c + 1] = (uint16_t)(32 + 8 * p + c), idx[4 * c + 2] = idx[4 * c + 3] = 0;
-        select[p] = _mm512_loadu_si512(idx);
+        uint8_t sel[8], sb[8], pb[8];
+        for (int i = 0; i < 8; i++) sel[i] = (uint8_t)(16 * p + 2 * i), sb[i] = (uint8_t)(16 * p + i), pb[i] = (uint8_t)(16 * p + 8 + i);
+        long long v;
+        memcpy(&v, sel, 8), select[p] = _mm512_set1_epi64(v);
+        memcpy(&v, sb, 8), sign_bits[p] = _mm512_set1_epi64(v);
+        memcpy(&v, pb, 8), plus_bits[p] = _mm512_set1_epi64(v);
     }
-    const __m512i sign_bits = _mm512_set1_epi64(0x1716151413121110LL), plus_bits = _mm512_set1_epi64(0x1F1E1D1C1B1A1918LL);
-    const int8_t *q[MAX_BATCH];
-    const float *xs[MAX_BATCH];
-    for (int b = 0; b < NB; b++) q[b] = io->q8.q + (b0 + b) * cols, xs[b] = io->q8.scales + (b0 + b) * blocks;
+    int8_t *q = malloc((size_t)(NB * chunks * 256));
+    float *xs = malloc(sizeof(float) * (size_t)(NB * chunks * 16));
+    for (int b = 0; b < NB; b++) e8p_q8_layout(io, b0 + b, chunks, q + b * chunks * 256, xs + b * chunks * 16);
     const __m512i twos = _mm512_set1_epi8(2);
     for (int64_t r = lo; r < hi; r++) {
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
         __m512 acc[MAX_BATCH];
         for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < groups; j += 32) {
-            const int count = groups - j < 32 ? (int)(groups - j) : 32;
-            const e8p_q8_block_t blk = e8p_q8_prepare(codes + j, count, &table);
-            for (int p = 0; p < count / 8; p++) {
-                const int64_t k = j / 8 + p; /* the block: 8 codes, 64 columns */
-                const __m512i part = e8p_q8_part(&blk, select[p]);
-                const __m512i base = e8p_q8_bases(part, bases);
-                const __m512i u = _mm512_mask_add_epi8(base, _mm512_bitshuffle_epi64_mask(part, plus_bits), base, twos);
-                const __mmask64 signs = _mm512_bitshuffle_epi64_mask(part, sign_bits);
+        for (int64_t g = 0; g < chunks; g++) {
+            const int count = groups - 32 * g < 32 ? (int)(groups - 32 * g) : 32;
+            const e8p_q8_block_t blk = e8p_q8_prepare(codes + 32 * g, count, &table);
+            __m512i dot[MAX_BATCH];
+            for (int b = 0; b < NB; b++) dot[b] = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++) {
+                const __m512i base = e8p_q8_bases(blk.words, select[p], bases);
+                const __m512i u = _mm512_mask_add_epi8(base, _mm512_bitshuffle_epi64_mask(blk.signs, plus_bits[p]), base, twos);
+                const __mmask64 signs = _mm512_bitshuffle_epi64_mask(blk.signs, sign_bits[p]);
                 for (int b = 0; b < NB; b++) {
-                    const __m512i x = _mm512_loadu_si512(q[b] + k * Q8_BLOCK);
-                    const __m512i signed_x = _mm512_mask_sub_epi8(x, signs, _mm512_setzero_si512(), x);
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, signed_x);
-                    acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[b][k]), acc[b]);
+                    const __m512i x = _mm512_loadu_si512(q + (b * chunks + g) * 256 + 64 * p);
+                    dot[b] = _mm512_dpbusd_epi32(dot[b], u, _mm512_mask_sub_epi8(x, signs, _mm512_setzero_si512(), x));
                 }
             }
+            for (int b = 0; b < NB; b++)
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[b]), _mm512_loadu_ps(xs + (b * chunks + g) * 16), acc[b]);
         }
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = 0.25f * _mm512_reduce_add_ps(acc[b]);
     }
+    free(q);
+    free(xs);
 }
 
 AVX512 static void lattice_matvec_q8(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
