@@ -485,23 +485,25 @@ INLINE window_t window_constants(int k, int L) {
     return (window_t){_mm512_loadu_si512(sel), _mm512_set1_epi32((1 << L) - 1), one_qword};
 }
 
-/* The 8 bytes from byte `at` of a circular stream of `bytes` bytes (at < bytes, bytes >= 8). */
-static inline uint64_t circular_u64(const uint8_t *stream, int at, int bytes) {
+/* The 8 bytes from byte `at` of a circular stream of `bytes` bytes (at < bytes, bytes >= 8), in every
+ * qword: a broadcast load unless they wrap around the end. */
+INLINE __m512i circular_qword(const uint8_t *stream, int at, int bytes) {
     uint64_t head, tail;
-    memcpy(&tail, stream + (at + 8 <= bytes ? at : bytes - 8), 8);
-    if (at + 8 <= bytes) return tail;
+    if (at + 8 <= bytes) {
+        memcpy(&tail, stream + at, 8);
+        return _mm512_set1_epi64((long long)tail);
+    }
     const int n = bytes - at; /* 1..7 bytes before the end */
+    memcpy(&tail, stream + bytes - 8, 8);
     memcpy(&head, stream, 8);
-    return (tail >> (8 * (8 - n))) | (head << (8 * n));
+    return _mm512_set1_epi64((long long)((tail >> (8 * (8 - n))) | (head << (8 * n))));
 }
 
 INLINE __m512i trellis_states16(const uint8_t *tile, int rr, int k, const window_t *win) {
     const int bytes = 32 * k, at = (30 - 2 * rr) * k;
-    const __m512i low = _mm512_set1_epi64((long long)circular_u64(tile, at, bytes));
-    const __m512i src =
-        win->one_qword ? low
-                       : _mm512_inserti64x4(_mm512_set1_epi64((long long)circular_u64(tile, at + k, bytes)),
-                                            _mm512_castsi512_si256(low), 1);
+    const __m512i low = circular_qword(tile, at, bytes);
+    const __m512i src = win->one_qword ? low
+                                       : _mm512_inserti64x4(circular_qword(tile, at + k, bytes), _mm512_castsi512_si256(low), 1);
     return _mm512_and_si512(_mm512_multishift_epi64_epi8(win->select, src), win->mask);
 }
 
