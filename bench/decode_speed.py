@@ -2,6 +2,7 @@
 
     python bench/decode_speed.py matrix [--shapes ref,7b] [--threads 1,2] [--repeats 15]
     python bench/decode_speed.py model --models runs/q2,runs/q4 [--threads 1,2] [--rounds 3] [--tokens 128]
+        [--parts decode,prefill]
     python bench/decode_speed.py peer [--threads 1,2] [--types F32,Q4_0,IQ4_KT,IQ2_KT]   (needs ik-llama-cpp-python)
 
 Each result is one JSON line. `matrix`: every codebook's fused decode-matvec against torch's float32
@@ -201,6 +202,9 @@ def bench_model(args) -> None:
         _emit({"bench": "decode_speed", "part": "memory", "model": name, "model_bytes": held[name],
                "vs_float32": held[name] / held["float32"], "disk_bytes": sizes[name],
                "disk_vs_float32": sizes[name] / sizes["float32"], "kernels": kernel_summary(model)}, args.out)
+    parts = args.parts.split(",")
+    if not parts or set(parts) - {"decode", "prefill"}:
+        raise SystemExit(f"--parts takes decode and/or prefill, not {args.parts!r}")
     prompt = _prompt(tokenizer, 64)
     long_prompt = _prompt(tokenizer, 512, offset=5000)
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -212,12 +216,17 @@ def bench_model(args) -> None:
             for name in order:
                 model = models[name]
                 set_activations(kind_of[name])
-                results.setdefault((name, "quipkit"), []).append(_lean_decode(model, prompt, args.tokens, cpu_clock))
-                results.setdefault((name, "transformers"), []).append(_hf_decode(model, prompt, args.tokens, cpu_clock))
-                results.setdefault((name, "prefill"), []).append((_prefill(model, long_prompt), 0.0))
-        base_cpu = statistics.median(c for c, _ in results[("float32", "transformers")])
-        base_rate = statistics.median(r for _, r in results[("float32", "transformers")])
-        base_prefill = statistics.median(r for r, _ in results[("float32", "prefill")])
+                if "decode" in parts:
+                    results.setdefault((name, "quipkit"), []).append(_lean_decode(model, prompt, args.tokens, cpu_clock))
+                    results.setdefault((name, "transformers"), []).append(
+                        _hf_decode(model, prompt, args.tokens, cpu_clock))
+                if "prefill" in parts:
+                    results.setdefault((name, "prefill"), []).append((_prefill(model, long_prompt), 0.0))
+        if "decode" in parts:
+            base_cpu = statistics.median(c for c, _ in results[("float32", "transformers")])
+            base_rate = statistics.median(r for _, r in results[("float32", "transformers")])
+        if "prefill" in parts:
+            base_prefill = statistics.median(r for r, _ in results[("float32", "prefill")])
         for (name, loop), runs in results.items():
             if loop == "prefill":
                 rate = statistics.median(r for r, _ in runs)
@@ -253,6 +262,8 @@ def main() -> None:
     parser.add_argument("--reference", default=None, help="model: the float model [smollm2-135m]")
     parser.add_argument("--models", default="", help="model: comma-separated quantized folders")
     parser.add_argument("--rounds", type=int, default=3, help="model: rounds over all models, alternating")
+    parser.add_argument("--parts", default="decode,prefill",
+                        help="model: what to time, decode and/or prefill (prefill alone: more rounds in the same time)")
     parser.add_argument("--tokens", type=int, default=128, help="model: new tokens per decode")
     parser.add_argument("--types", default="F32,Q4_0,IQ4_KT,IQ2_KT", help="peer: ik_llama.cpp types")
     parser.add_argument("--work", default="runs/peer", help="peer: folder for the converted GGUF files")
