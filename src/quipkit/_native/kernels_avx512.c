@@ -12,6 +12,7 @@
  *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
  * With int8 activations (io->q8) grids, E8P and 1MAD multiply bytes instead: 64 weights per VNNI
  * instruction, one int32 sum per 64-column block, scaled once (the *_q8 kernels).
+ * A grid's single activation row goes to the AVX2 kernel (its single-row path is faster on Zen 4).
  * Shapes these paths do not cover (rows not in 16-lane chunks, HYB and LUT trellis codes) go to the AVX2 kernels,
  * and so do ICQuant's outlier corrections (scalar updates at a few columns per row) and the Hadamard transform
  * (O(n log n) on the activations, next to the layer's O(n^2) matvec: eight lanes do).
