@@ -188,6 +188,9 @@ def bench_model(args) -> None:
     from quipkit.kernels.info import kernel_summary
     from quipkit.models.loading import load_model
 
+    parts = args.parts.split(",")
+    if not parts or set(parts) - {"decode", "prefill"}:
+        raise SystemExit(f"--parts takes decode and/or prefill, not {args.parts!r}")
     reference, tokenizer, source = load_model(args.reference)
     models = {"float32": reference}
     kind_of = {"float32": "float"}  # each entry's activations setting: a folder+int8 entry is the folder's model
@@ -202,9 +205,6 @@ def bench_model(args) -> None:
         _emit({"bench": "decode_speed", "part": "memory", "model": name, "model_bytes": held[name],
                "vs_float32": held[name] / held["float32"], "disk_bytes": sizes[name],
                "disk_vs_float32": sizes[name] / sizes["float32"], "kernels": kernel_summary(model)}, args.out)
-    parts = args.parts.split(",")
-    if not parts or set(parts) - {"decode", "prefill"}:
-        raise SystemExit(f"--parts takes decode and/or prefill, not {args.parts!r}")
     prompt = _prompt(tokenizer, 64)
     long_prompt = _prompt(tokenizer, 512, offset=5000)
     for threads in [int(t) for t in args.threads.split(",")]:
