@@ -189,7 +189,7 @@ def bench_model(args) -> None:
     from quipkit.models.loading import load_model
 
     parts = args.parts.split(",")
-    if not parts or set(parts) - {"decode", "prefill"}:
+    if set(parts) - {"decode", "prefill"}:
         raise SystemExit(f"--parts takes decode and/or prefill, not {args.parts!r}")
     reference, tokenizer, source = load_model(args.reference)
     models = {"float32": reference}

@@ -1,15 +1,16 @@
 """Activations rounded to int8, so that the CPU's integer kernels multiply bytes (`--int8-activations`).
 
 A 2-bit layer's fused kernel spends most of its time decoding weights into float32 lanes and
-multiplying them there. With the activations in int8, E8P's weights (4 x a point is an integer) and
-the 4- and 8-bit grids' codes multiply as bytes, 64 per VNNI instruction, with exact int32 sums. Each
-activation row is rounded in blocks of BLOCK columns with one scale per block, amax / 127, as
-llama.cpp's Q8_0 rounds its activations (in blocks of 32).
+multiplying them there. With the activations in int8, E8P's weights (4 x a point is an integer),
+QTIP's 1MAD values (a byte sum) and the 4- and 8-bit grids' codes multiply as bytes, 64 per VNNI
+instruction, with exact int32 sums. Each activation row is rounded in blocks of BLOCK columns with
+one scale per block, amax / 127, as llama.cpp's Q8_0 rounds its activations (in blocks of 32).
 
-The setting is the process's (`set_activations`; the CLI's `--int8-activations`) and reaches only the layers an integer kernel serves (`has_integer_kernel`). Every path of those layers
-multiplies the same rounded numbers: the AVX-512 tier's integer kernels, the other tiers' float
-kernels on q x scale (no speed-up there: `quipkit info --kernels` says which), and here `rounded`
-before the prefill GEMM, the reference and the GPU kernels. So prefill and decode agree, and
+The setting is the process's (`set_activations`; the CLI's `--int8-activations`) and reaches only
+the layers an integer kernel serves (`has_integer_kernel`). Every path of those layers multiplies
+the same rounded numbers: the AVX-512 tier's integer kernels, the other tiers' float kernels on
+q x scale (no speed-up there: `quipkit info --kernels` says which), and here `rounded` before the
+prefill GEMM, the reference and the GPU kernels. So prefill and decode agree, and
 `rounded` followed by the reference is the integer kernels' test oracle.
 """
 
