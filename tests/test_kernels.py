@@ -226,3 +226,49 @@ def test_bound_calls_match_the_one_call_path(spec):
     expected = reference_matmul(x, stored, codebook, rows, cols) + bias
     assert_matches(call(x), expected)
     assert torch.equal(call(x), fast(x, stored, None, None, bias)) and len(refill) == 64
+
+
+_OUT_OF_MEMORY = """
+import resource, sys, torch
+from quipkit import native
+from quipkit.codebooks import make_codebook
+from quipkit.kernels import cpu
+from quipkit.kernels.reference import reference_matmul
+native.module().isa(sys.argv[1])
+codebook = make_codebook({spec!r})
+rows, cols = 16, 1 << 21  # the kernel's scratch (a float row, or E8P's group sums) is megabytes
+stored = [torch.randint(0, 100, shape).to(dtype) if not dtype.is_floating_point else torch.rand(shape).to(dtype)
+          for shape, dtype in codebook.storage(rows, cols).values()]
+x = torch.randn(1, cols)
+expected = cpu.matvec(x, stored, codebook, rows, cols)
+size = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+limits = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 18), limits[1]))
+try:
+    cpu.matvec(x, stored, codebook, rows, cols)
+    print("no error")
+except MemoryError as error:
+    print("MemoryError:", error)
+resource.setrlimit(resource.RLIMIT_AS, limits)
+print("after:", torch.equal(cpu.matvec(x, stored, codebook, rows, cols), expected))
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("spec, tier", [({"name": "scalar", "bits": 4, "group_size": 128}, "portable")]
+                         + [({"name": "e8p", "bits": 2}, t) for t in tiers()], ids=lambda v: v if isinstance(v, str) else v["name"])
+def test_a_kernel_without_scratch_memory_raises_and_the_next_call_works(spec, tier):
+    """A kernel whose scratch allocation fails must not write through a null pointer (a crash) or
+    return a row it never computed: the call raises MemoryError with a message, and the next call works.
+    (Every tier's E8P kernel allocates scratch; the hand-written grid kernels need none.) A fixed mmap
+    threshold makes each megabyte-sized allocation ask the system, under the address-space limit."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    run = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY.format(spec=spec), tier], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "MemoryError: out of memory for a decode kernel's scratch buffers" in run.stdout, run.stdout
+    assert "after: True" in run.stdout

@@ -9,6 +9,7 @@
  */
 #ifndef QUIPKIT_KERNELS_H
 #define QUIPKIT_KERNELS_H
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* Activations rounded to int8 for the integer kernels (the process's activations setting is int8):
@@ -24,12 +25,14 @@ typedef struct {
 
 /* Activations and outputs. matvec: x [batch, cols] -> y [batch, rows]. decode: rows [row0, ...) of
  * the weight into y [.., cols] (y holds row r at (r - row0) * cols). hadamard: x, y [batch, cols].
- * q8: x rounded to int8 for a *_matvec_q8 kernel (q8.q NULL otherwise). */
+ * q8: x rounded to int8 for a *_matvec_q8 kernel (q8.q NULL otherwise). out_of_memory: set by a
+ * kernel whose scratch memory could not be had (scratch_failed), so that the call raises. */
 typedef struct {
     const float *x;
     float *y;
     int64_t batch, rows, cols, row0;
     q8_t q8;
+    atomic_int *out_of_memory;
 } io_t;
 
 /* Integer grid: w[r, c] = scale[r, g] * (q[r, c] - zero[r, g]), g = c / group_size.

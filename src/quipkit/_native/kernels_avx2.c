@@ -391,6 +391,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     const int64_t cols = io->cols, groups = cols / 8, whole = groups - groups % 8;
     const float *x[MAX_BATCH];
     float *group_sums = malloc(sizeof(float) * (size_t)(NB * groups));
+    if (SCRATCH_FAILED(io, group_sums)) return;
     float xsum[MAX_BATCH];
     #pragma GCC unroll 8
     for (int b = 0; b < NB; b++) {
@@ -721,6 +722,7 @@ AVX2 void hadamard_avx2(const io_t *io, const hadamard_t *h, int64_t lo, int64_t
     }
     const __m256 norm = _mm256_set1_ps(1.0f / sqrtf((float)n));
     float *mixed = K > 1 ? malloc(sizeof(float) * n) : NULL;
+    if (K > 1 && SCRATCH_FAILED(io, mixed)) return;
     for (int64_t r = lo; r < hi; r++) {
         float *y = io->y + r * n;
         const float *x = io->x + r * n;

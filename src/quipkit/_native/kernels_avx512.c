@@ -247,6 +247,7 @@ INLINE void lattice_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t
     const int64_t cols = io->cols, groups = cols / 8;
     const float *x[MAX_BATCH];
     float *group_sums = malloc(sizeof(float) * (size_t)(NB * (groups + 32)));
+    if (SCRATCH_FAILED(io, group_sums)) return;
     float xsum[MAX_BATCH];
     for (int b = 0; b < NB; b++) {
         x[b] = io->x + (b0 + b) * cols;
@@ -448,6 +449,7 @@ INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int6
     }
     int8_t *q = malloc((size_t)(NB * chunks * 256));
     float *xs = malloc(sizeof(float) * (size_t)(NB * chunks * 16));
+    if (SCRATCH_FAILED(io, q, xs)) return;
     for (int b = 0; b < NB; b++) e8p_q8_layout(io, b0 + b, chunks, q + b * chunks * 256, xs + b * chunks * 16);
     const __m512i twos = _mm512_set1_epi8(2);
     for (int64_t r = lo; r < hi; r++) {
@@ -599,6 +601,7 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
     uint32_t *q4 = malloc(sizeof(uint32_t) * (size_t)(NB * cols)); /* q[c] in each byte of a lane */
+    if (SCRATCH_FAILED(io, q4)) return;
     const float *xs[MAX_BATCH];
     float constant[MAX_BATCH];
     for (int b = 0; b < NB; b++) {

@@ -41,6 +41,20 @@
     default: ROWS(io, t, lo, hi, b0, 4, code); break;                            \
     }
 
+/* True when one of a kernel's scratch allocations `blocks` failed: then all are freed and the call is
+ * marked out of memory (the launcher raises MemoryError rather than return outputs never written),
+ * and the kernel returns. */
+#define SCRATCH_FAILED(io, ...) \
+    scratch_failed(io, (void *[]){__VA_ARGS__}, sizeof((void *[]){__VA_ARGS__}) / sizeof(void *))
+static inline int scratch_failed(const io_t *io, void **blocks, size_t count) {
+    int failed = 0;
+    for (size_t i = 0; i < count; i++) failed |= blocks[i] == NULL;
+    if (!failed) return 0;
+    for (size_t i = 0; i < count; i++) free(blocks[i]);
+    if (io->out_of_memory) atomic_store(io->out_of_memory, 1);
+    return 1;
+}
+
 /* A computed trellis code's value is (raw - code_offset) * code_scale. */
 static inline float code_scale(int code) { return code == CODE_1MAD ? ONE_MAD_SCALE : THREE_INST_SCALE; }
 static inline float code_offset(int code) { return code == CODE_1MAD ? 510.0f : 0.0f; }

@@ -85,6 +85,7 @@ KERNEL_TARGET static void FN(grid_matvec)(const io_t *io, const grid_t *g, int64
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols, groups = g->scales ? g->groups : 1;
     int32_t *q = malloc(sizeof(int32_t) * cols);
     float *xq = malloc(sizeof(float) * cols), *xsum = malloc(sizeof(float) * io->batch * groups);
+    if (SCRATCH_FAILED(io, q, xq, xsum)) return;
     float scale[groups], zero[groups];
     for (int64_t b = 0; b < io->batch; b++)
         for (int64_t j = 0; j < groups; j++) {
@@ -111,6 +112,7 @@ KERNEL_TARGET static void FN(grid_matvec)(const io_t *io, const grid_t *g, int64
 KERNEL_TARGET static void FN(grid_decode)(const io_t *io, const grid_t *g, int64_t lo, int64_t hi) {
     const int64_t cols = io->cols, gs = g->scales ? g->group_size : cols, groups = g->scales ? g->groups : 1;
     int32_t *q = malloc(sizeof(int32_t) * cols);
+    if (SCRATCH_FAILED(io, q)) return;
     float scale[groups], zero[groups];
     for (int64_t r = lo; r < hi; r++) {
         FN(grid_row)(g, r, cols, q, scale, zero);
@@ -157,6 +159,7 @@ KERNEL_TARGET static void FN(row_dots)(const io_t *io, const float *w, int64_t r
 
 KERNEL_TARGET static void FN(lattice_matvec)(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi) {
     float *w = malloc(sizeof(float) * io->cols);
+    if (SCRATCH_FAILED(io, w)) return;
     for (int64_t r = lo; r < hi; r++) {
         FN(lattice_row)(l, r, io->cols, w);
         FN(row_dots)(io, w, r);
@@ -206,6 +209,7 @@ KERNEL_TARGET static void FN(trellis_matvec)(const io_t *io, const trellis_layer
     const int64_t cols = io->cols, tiles_n = cols / 16, tile_bytes = 32 * t->k;
     float tile[256];
     float *acc = malloc(sizeof(float) * io->batch * 256);
+    if (SCRATCH_FAILED(io, acc)) return;
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         memset(acc, 0, sizeof(float) * io->batch * 256);
         for (int64_t j = 0; j < tiles_n; j++) {
@@ -252,6 +256,7 @@ KERNEL_TARGET static void FN(table_row)(const table_t *t, int64_t r, int64_t col
 KERNEL_TARGET static void FN(table_matvec)(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
     int32_t *q = malloc(sizeof(int32_t) * io->cols);
     float *w = malloc(sizeof(float) * io->cols);
+    if (SCRATCH_FAILED(io, q, w)) return;
     for (int64_t r = lo; r < hi; r++) {
         FN(table_row)(t, r, io->cols, q, w);
         FN(row_dots)(io, w, r);
@@ -261,6 +266,7 @@ KERNEL_TARGET static void FN(table_matvec)(const io_t *io, const table_t *t, int
 
 KERNEL_TARGET static void FN(table_decode)(const io_t *io, const table_t *t, int64_t lo, int64_t hi) {
     int32_t *q = malloc(sizeof(int32_t) * io->cols);
+    if (SCRATCH_FAILED(io, q)) return;
     for (int64_t r = lo; r < hi; r++) FN(table_row)(t, r, io->cols, q, io->y + (r - io->row0) * io->cols);
     free(q);
 }
@@ -343,6 +349,7 @@ KERNEL_TARGET void FN(outlier_matvec)(const io_t *io, const outlier_split_t *o, 
     int64_t *at = calloc(o->per_row + 1, sizeof(int64_t));
     int32_t *code = calloc(o->per_row + 1, sizeof(int32_t));
     float *outlier = malloc(sizeof(float) * (o->per_row + 1)), *inlier = malloc(sizeof(float) * (o->per_row + 1));
+    if (SCRATCH_FAILED(io, at, code, outlier, inlier)) return;
     for (int64_t r = lo; r < hi; r++) {
         const int64_t found = FN(row_outliers)(o, r, io->cols, at, code);
         FN(outlier_values)(o, r, found, at, code, outlier, inlier);
@@ -364,6 +371,7 @@ KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, 
     int64_t *at = calloc(o->per_row + 1, sizeof(int64_t));
     int32_t *code = calloc(o->per_row + 1, sizeof(int32_t));
     float *outlier = malloc(sizeof(float) * (o->per_row + 1));
+    if (SCRATCH_FAILED(io, at, code, outlier)) return;
     for (int64_t r = lo; r < hi; r++) {
         float *w = io->y + (r - io->row0) * io->cols;
         const int64_t found = FN(row_outliers)(o, r, io->cols, at, code);
@@ -379,6 +387,7 @@ KERNEL_TARGET void FN(outlier_decode)(const io_t *io, const outlier_split_t *o, 
 KERNEL_TARGET static void FN(bf16_matvec)(const io_t *io, const bf16_t *d, int64_t lo, int64_t hi) {
     const int64_t cols = io->cols;
     float *w = malloc(sizeof(float) * cols);
+    if (SCRATCH_FAILED(io, w)) return;
     for (int64_t r = lo; r < hi; r++) {
         const uint16_t *row = d->weight + r * cols;
         for (int64_t c = 0; c < cols; c++) {
@@ -408,6 +417,7 @@ KERNEL_TARGET static void FN(hadamard)(const io_t *io, const hadamard_t *h, int6
     const int64_t n = h->n, K = h->K, p = n / K;
     const float norm = 1.0f / sqrtf((float)n);
     float *mixed = K > 1 ? malloc(sizeof(float) * n) : NULL;
+    if (K > 1 && SCRATCH_FAILED(io, mixed)) return;
     for (int64_t r = lo; r < hi; r++) {
         float *y = io->y + r * n;
         const float *x = io->x + r * n;

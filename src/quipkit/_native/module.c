@@ -123,8 +123,9 @@ typedef struct {
                 &ep.in_pre, &ep.out_K, &ep.out_hk, &ep.out_post, &ep.bias
 
 static void transform_rows(const kernel_set_t *ks, const float *x, float *y, int64_t batch, int64_t n, long long K,
-                           unsigned long long hk, unsigned long long pre, unsigned long long post) {
-    const io_t io = {.x = x, .y = y, .batch = batch, .rows = 0, .cols = n, .row0 = 0};
+                           unsigned long long hk, unsigned long long pre, unsigned long long post,
+                           atomic_int *out_of_memory) {
+    const io_t io = {.x = x, .y = y, .batch = batch, .rows = 0, .cols = n, .row0 = 0, .out_of_memory = out_of_memory};
     const hadamard_t h = {.n = n, .K = K, .hk = (const float *)hk, .pre = (const uint16_t *)pre,
                           .post = (const uint16_t *)post};
     ks->hadamard(&io, &h, 0, batch);
@@ -204,6 +205,14 @@ static void *round_activations(io_t *io, int integer) {
     return memory;
 }
 
+/* What a kernel call raises when its scratch memory could not be had. */
+static PyObject *scratch_error(void) {
+    PyErr_SetString(PyExc_MemoryError,
+                    "out of memory for a decode kernel's scratch buffers: free some memory (a smaller batch, "
+                    "fewer threads) and run again");
+    return NULL;
+}
+
 static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo, int64_t hi, int threads,
                         unsigned long long x, unsigned long long y, int64_t grain) {
     if ((decode || c->family == HADAMARD) && (ep->in_K || ep->out_K || ep->bias)) {
@@ -220,14 +229,15 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
     float *rotated = NULL;
     if (ep->in_K) {
         rotated = malloc(sizeof(float) * (size_t)(batch * cols));
-        if (rotated == NULL) return PyErr_NoMemory();
+        if (rotated == NULL) return scratch_error();
     }
     const int rounding = !decode && activation_bits == 8 && q8_applies(c);
     void *rounded = NULL;
-    int out_of_memory = 0;
+    atomic_int out_of_memory = 0;
+    c->io.out_of_memory = &out_of_memory;
     Py_BEGIN_ALLOW_THREADS
     if (rotated) {
-        transform_rows(c->ks, c->io.x, rotated, batch, cols, ep->in_K, ep->in_hk, ep->in_pre, 0);
+        transform_rows(c->ks, c->io.x, rotated, batch, cols, ep->in_K, ep->in_hk, ep->in_pre, 0, &out_of_memory);
         c->io.x = rotated;
     }
     if (rounding) {
@@ -235,10 +245,11 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
                             : c->family == LATTICE ? c->ks->lattice_matvec_q8 != NULL
                                                    : c->ks->trellis_matvec_q8 != NULL;
         rounded = round_activations(&c->io, integer);
-        out_of_memory = rounded == NULL;
+        if (rounded == NULL) out_of_memory = 1;
     }
     if (!out_of_memory) parallel_for(threads, count, grain, run_task, c);
-    if (ep->out_K) transform_rows(c->ks, c->io.y, c->io.y, batch, rows, ep->out_K, ep->out_hk, 0, ep->out_post);
+    if (ep->out_K && !out_of_memory)
+        transform_rows(c->ks, c->io.y, c->io.y, batch, rows, ep->out_K, ep->out_hk, 0, ep->out_post, &out_of_memory);
     if (ep->bias) {
         const float *bias = (const float *)ep->bias;
         for (int64_t b = 0; b < batch; b++)
@@ -247,7 +258,7 @@ static PyObject *launch(call_t *c, const epilogue_t *ep, int decode, int64_t lo,
     Py_END_ALLOW_THREADS
     free(rotated);
     free(rounded);
-    if (out_of_memory) return PyErr_NoMemory();
+    if (out_of_memory) return scratch_error();
     Py_RETURN_NONE;
 }
 
@@ -409,7 +420,7 @@ typedef struct {
     const float *x;
     float *y;
     int64_t cols;
-    volatile int out_of_memory;
+    atomic_int out_of_memory;
 } round_rows_t;
 
 static void round_rows_task(void *ctx, int64_t lo, int64_t hi) {
@@ -417,7 +428,7 @@ static void round_rows_task(void *ctx, int64_t lo, int64_t hi) {
     const int64_t cols = r->cols, blocks = cols / Q8_BLOCK;
     char *scratch = malloc((size_t)(cols + 8 * blocks));
     if (scratch == NULL) {
-        r->out_of_memory = 1;
+        atomic_store(&r->out_of_memory, 1);
         return;
     }
     int8_t *q = (int8_t *)scratch;
@@ -443,7 +454,7 @@ static PyObject *py_round_rows(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     parallel_for(threads, batch, 1, round_rows_task, &r);
     Py_END_ALLOW_THREADS
-    if (r.out_of_memory) return PyErr_NoMemory();
+    if (r.out_of_memory) return scratch_error();
     Py_RETURN_NONE;
 }
 
