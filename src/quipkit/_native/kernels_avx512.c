@@ -362,19 +362,19 @@ AVX512 static void grid_matvec_q8(const io_t *io, const grid_t *g, int64_t lo, i
 }
 
 /* E8P with int8 activations. 4 x a point is s (.) (4a) + h (signs s, pattern a, shift h = +-1), and
- * (s (.) 4a + h) . q = u . (s (.) q) with u = 4a + h s = (4a - 1) + 2 [h s = +1]: the signs go onto the
- * activations (q = -127..127 negates safely) and u = 1..11 stays unsigned, as VNNI's first operand
- * must be. A pattern is 16 bits (a_i - 1/2 = 0, 1, 2 in bits 2i, 2i + 1: `pattern_words`); eight
- * registers hold all 256, so 32 codes find theirs with four two-register permutes. */
+ * (s (.) 4a + h) . q = 4a . (s (.) q) + h sum(q): the signs go onto the activations (q = -127..127
+ * negates safely) and 4a = 2, 6, 10 stays unsigned, as VNNI's first operand must be; the shift term
+ * is one 16-bit dot product per 32 codes against each code's sum of q (laid out per call). A pattern
+ * is 16 bits (a_i - 1/2 = 0, 1, 2 in bits 2i, 2i + 1: `pattern_words`); eight registers hold all
+ * 256, so 32 codes find theirs with four two-register permutes. */
 typedef struct {
     __m512i words[4][2];
 } e8p_words_t;
 
-/* 32 codes in two registers of 16-bit lanes: each code's pattern word, and its 8 signs (coordinate
- * 7's from the parity rule) with, in the high byte, the coordinates where h s = +1 (signs xor 0xFF
- * for a + shift). Nothing goes through memory. */
+/* 32 codes in three registers of 16-bit lanes: each code's pattern word, its 8 signs (coordinate
+ * 7's from the parity rule) and -h. Nothing goes through memory. */
 typedef struct {
-    __m512i words, signs;
+    __m512i words, signs, minus_shift;
 } e8p_q8_block_t;
 
 INLINE e8p_q8_block_t e8p_q8_prepare(const uint16_t *codes, int count, const e8p_words_t *t) {
@@ -388,30 +388,30 @@ INLINE e8p_q8_block_t e8p_q8_prepare(const uint16_t *codes, int count, const e8p
                                                   _mm512_mask_blend_epi16(bit6, quarter[2], quarter[3]));
     const __m512i signs7 = _mm512_and_si512(_mm512_srli_epi16(c, 8), _mm512_set1_epi16(0x7F));
     /* the pattern's sum is sum(a_i - 1/2) + 4: its parity is that of the number of odd fields, whose
-     * low bits are the word's even bits */
+     * low bits are the word's even bits; the sign bits' parity and theirs in one count */
     const __m512i odd = _mm512_and_si512(words, _mm512_set1_epi16(0x5555));
-    const __m512i last = _mm512_and_si512(_mm512_add_epi16(_mm512_popcnt_epi16(signs7), _mm512_popcnt_epi16(odd)),
-                                          _mm512_set1_epi16(1));
+    const __m512i last = _mm512_and_si512(_mm512_popcnt_epi16(_mm512_xor_si512(signs7, odd)), _mm512_set1_epi16(1));
     const __m512i signs = _mm512_or_si512(signs7, _mm512_slli_epi16(last, 7));
-    const __m512i shift = _mm512_maskz_mov_epi16(_mm512_test_epi16_mask(c, _mm512_set1_epi16((short)0x8000)),
-                                                 _mm512_set1_epi16(0xFF));
-    return (e8p_q8_block_t){words, _mm512_or_si512(signs, _mm512_slli_epi16(_mm512_xor_si512(signs, shift), 8))};
+    /* bit 15 set: h = +1; -h = -1 there, +1 elsewhere (and for the zeros of a short chunk's padding) */
+    return (e8p_q8_block_t){words, signs, _mm512_or_si512(_mm512_srai_epi16(c, 15), _mm512_set1_epi16(1))};
 }
 
-/* 4a - 1 of each coordinate of part p (codes p, 4 + p, ..., 28 + p: code 4j + p is in qword j of the
+/* 4a of each coordinate of part p (codes p, 4 + p, ..., 28 + p: code 4j + p is in qword j of the
  * words, bits 16p to 16p + 15), one code per 8 bytes: byte i takes the word's bits from 16p + 2i (a
- * multishift), and a 64-byte table maps its low two bits 0, 1, 2 to 1, 5, 9 (`bases`). */
+ * multishift), and a 64-byte table maps its low two bits 0, 1, 2 to 2, 6, 10 (`bases`). */
 INLINE __m512i e8p_q8_bases(__m512i words, __m512i select, __m512i bases) {
     return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(select, words), bases);
 }
 
 /* Each 32-code chunk (256 columns) is taken in four parts of 8 codes, part p = codes 4j + p for j = 0..7,
- * so that every part reads its codes' words, signs and plus bits where the chunk's registers hold
- * them (no permute). The activations are laid out per call to match (`e8p_q8_layout`): part p's 64
- * bytes are the columns of codes p, 4 + p, ..., and dword lane l of a part's dot product sums columns
- * of block l / 4 of the chunk in every part, so the four parts add up in int32 and are scaled once by
- * a vector of the blocks' scales. A short last chunk is padded with zero activations. */
-static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, float *scales) {
+ * so that every part reads its codes' words and signs where the chunk's registers hold them (no
+ * permute). The activations are laid out per call to match (`e8p_q8_layout`): part p's 64 bytes are
+ * the columns of codes p, 4 + p, ..., and dword lane l of a part's dot product sums columns of block
+ * l / 4 of the chunk in every part, so the four parts add up in int32 and are scaled once by a vector
+ * of the blocks' scales. The shift term's 16-bit dot product pairs codes 2l and 2l + 1 (block l / 4
+ * too) in lane l: `sums` holds -sum(q) over each code's 8 columns in code order. A short last chunk is
+ * padded with zero activations. */
+static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, int16_t *sums, float *scales) {
     const int64_t cols = io->cols, blocks = cols / Q8_BLOCK;
     const int8_t *src = io->q8.q + b * cols;
     const float *xs = io->q8.scales + b * blocks;
@@ -422,6 +422,11 @@ static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, 
                 const int64_t col = 256 * g + 8 * (4 * j + p);
                 if (col < cols) memcpy(q + 256 * g + 64 * p + 8 * j, src + col, 8);
             }
+    for (int64_t code = 0; code < 32 * chunks; code++) {
+        int sum = 0;
+        for (int i = 0; i < 8 && 8 * code < cols; i++) sum += src[8 * code + i];
+        sums[code] = (int16_t)-sum;
+    }
     for (int64_t g = 0; g < chunks; g++)
         for (int l = 0; l < 16; l++) {
             const int64_t block = 4 * g + l / 4;
@@ -432,26 +437,26 @@ static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, 
 INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int64_t hi, int64_t b0, const int NB) {
     const int64_t cols = io->cols, groups = cols / 8, chunks = (groups + 31) / 32;
     uint8_t base_of[64];
-    for (int i = 0; i < 64; i++) base_of[i] = (uint8_t)(4 * (i & 3) + 1);
+    for (int i = 0; i < 64; i++) base_of[i] = (uint8_t)(4 * (i & 3) + 2);
     const __m512i bases = _mm512_loadu_si512(base_of);
     e8p_words_t table;
     for (int i = 0; i < 4; i++)
         for (int h = 0; h < 2; h++) table.words[i][h] = _mm512_loadu_si512(l->pattern_words + 64 * i + 32 * h);
     __m512i select[4];
-    __m512i sign_bits[4], plus_bits[4];
+    __m512i sign_bits[4];
     for (int p = 0; p < 4; p++) {
-        uint8_t sel[8], sb[8], pb[8];
-        for (int i = 0; i < 8; i++) sel[i] = (uint8_t)(16 * p + 2 * i), sb[i] = (uint8_t)(16 * p + i), pb[i] = (uint8_t)(16 * p + 8 + i);
+        uint8_t sel[8], sb[8];
+        for (int i = 0; i < 8; i++) sel[i] = (uint8_t)(16 * p + 2 * i), sb[i] = (uint8_t)(16 * p + i);
         long long v;
         memcpy(&v, sel, 8), select[p] = _mm512_set1_epi64(v);
         memcpy(&v, sb, 8), sign_bits[p] = _mm512_set1_epi64(v);
-        memcpy(&v, pb, 8), plus_bits[p] = _mm512_set1_epi64(v);
     }
     int8_t *q = malloc((size_t)(NB * chunks * 256));
+    int16_t *sums = malloc(sizeof(int16_t) * (size_t)(NB * chunks * 32));
     float *xs = malloc(sizeof(float) * (size_t)(NB * chunks * 16));
-    if (SCRATCH_FAILED(io, q, xs)) return;
-    for (int b = 0; b < NB; b++) e8p_q8_layout(io, b0 + b, chunks, q + b * chunks * 256, xs + b * chunks * 16);
-    const __m512i twos = _mm512_set1_epi8(2);
+    if (SCRATCH_FAILED(io, q, sums, xs)) return;
+    for (int b = 0; b < NB; b++)
+        e8p_q8_layout(io, b0 + b, chunks, q + b * chunks * 256, sums + b * chunks * 32, xs + b * chunks * 16);
     for (int64_t r = lo; r < hi; r++) {
         const uint16_t *codes = (const uint16_t *)l->codes + r * groups;
         __m512 acc[MAX_BATCH];
@@ -460,10 +465,11 @@ INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int6
             const int count = groups - 32 * g < 32 ? (int)(groups - 32 * g) : 32;
             const e8p_q8_block_t blk = e8p_q8_prepare(codes + 32 * g, count, &table);
             __m512i dot[MAX_BATCH];
-            for (int b = 0; b < NB; b++) dot[b] = _mm512_setzero_si512();
+            for (int b = 0; b < NB; b++)
+                dot[b] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), blk.minus_shift,
+                                             _mm512_loadu_si512(sums + (b * chunks + g) * 32));
             for (int p = 0; p < 4; p++) {
-                const __m512i base = e8p_q8_bases(blk.words, select[p], bases);
-                const __m512i u = _mm512_mask_add_epi8(base, _mm512_bitshuffle_epi64_mask(blk.signs, plus_bits[p]), base, twos);
+                const __m512i u = e8p_q8_bases(blk.words, select[p], bases);
                 const __mmask64 signs = _mm512_bitshuffle_epi64_mask(blk.signs, sign_bits[p]);
                 for (int b = 0; b < NB; b++) {
                     const __m512i x = _mm512_loadu_si512(q + (b * chunks + g) * 256 + 64 * p);
@@ -476,6 +482,7 @@ INLINE void lattice_q8_rows(const io_t *io, const lattice_t *l, int64_t lo, int6
         for (int b = 0; b < NB; b++) io->y[(b0 + b) * io->rows + r] = 0.25f * _mm512_reduce_add_ps(acc[b]);
     }
     free(q);
+    free(sums);
     free(xs);
 }
 
