@@ -20,7 +20,8 @@ ROUNDED = [{"name": "e8p", "bits": 2}, {"name": "scalar", "bits": 4, "group_size
            {"name": "scalar", "bits": 8, "group_size": 64}, {"name": "scalar", "bits": 4, "group_size": 64,
                                                              "symmetric": True},
            {"name": "uniform", "bits": 4}, {"name": "uniform", "bits": 8},
-           {"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}, {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"}]
+           {"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}, {"name": "trellis", "bits": 2, "L": 16, "code": "1mad"},
+           {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"}]
 NOT_ROUNDED = [{"name": "rvq", "bits": 4}, {"name": "scalar", "bits": 4, "group_size": 32},
                {"name": "scalar", "bits": 2, "group_size": 128}, {"name": "trellis", "bits": 2, "L": 16, "code": "3inst"},
                {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"}, {"name": "dense", "bits": 16}]

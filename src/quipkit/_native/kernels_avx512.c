@@ -8,7 +8,8 @@
  *            enter as sums of x over each code's columns
  *   trellis  16 states of a tile row: one broadcast qword of the packed tile, one multishift, one mask,
  *            then the code (1MAD: multiply-add and a VNNI byte sum; 3INST: multiply-add, mask and two
- *            fp16 halves)
+ *            fp16 halves); 2-bit 1MAD turns the tile around instead: a register of 16 rows' states
+ *            per column, from one shift by an immediate and a mask
  *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
  * With int8 activations (io->q8) grids, E8P and 1MAD multiply bytes instead: 64 weights per VNNI
  * instruction, one int32 sum per 64-column block, scaled once (the *_q8 kernels).
@@ -534,10 +535,14 @@ INLINE __m512i trellis_states16(const uint8_t *tile, int rr, int k, const window
     return _mm512_and_si512(_mm512_multishift_epi64_epi8(win->select, src), win->mask);
 }
 
-/* 1MAD's x = a s + b of tile row rr's 16 states: a weight is the byte sum of x, before offset and scale. */
+/* 1MAD's x = a s + b of 16 states s: a weight is the byte sum of x, before offset and scale. */
+INLINE __m512i one_mad_lcg(__m512i s) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)), _mm512_set1_epi32(76625530));
+}
+
+/* The same for tile row rr's 16 states. */
 INLINE __m512i trellis_lcg16(const uint8_t *tile, int rr, int k, const window_t *win) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(trellis_states16(tile, rr, k, win), _mm512_set1_epi32(34038481)),
-                            _mm512_set1_epi32(76625530));
+    return one_mad_lcg(trellis_states16(tile, rr, k, win));
 }
 
 /* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale, kernels_common.h). */
@@ -553,6 +558,13 @@ INLINE __m512 trellis_row16(const uint8_t *tile, int rr, int k, int code, const 
     return _mm512_add_ps(low, high);
 }
 
+/* The sum of x [cols] (cols a multiple of 16). */
+INLINE float row_sum(const float *x, int64_t cols) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + c));
+    return _mm512_reduce_add_ps(s);
+}
+
 INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
                          const int code) {
     const int64_t cols = io->cols, tiles_n = cols / 16;
@@ -560,11 +572,7 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     const window_t win = window_constants(k, t->L);
     const float scale = code_scale(code), offset = code_offset(code);
     float xsum[MAX_BATCH];
-    for (int b = 0; b < NB; b++) {
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t c = 0; c < cols; c += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(io->x + (b0 + b) * cols + c));
-        xsum[b] = _mm512_reduce_add_ps(s);
-    }
+    for (int b = 0; b < NB; b++) xsum[b] = row_sum(io->x + (b0 + b) * cols, cols);
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         __m512 acc[MAX_BATCH][16];
         for (int b = 0; b < NB; b++)
@@ -584,18 +592,103 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     }
 }
 
+/* The 1MAD column kernels (k = 2, L <= 16) turn a tile around: lane m of a register holds row 15 - m
+ * and one step handles a column. A 2-bit tile is 64 bytes, one register, and the state of (row 15 - m,
+ * column j) is the L-bit window at bit 30 - 2j of the tile's dwords m, m + 1 (circularly): for
+ * 30 - 2j + L <= 32 dword m shifted right, otherwise the same from `higher`, the tile's copy whose
+ * dword m starts 16 bits higher (a byte permute per tile). Shifts by an immediate and a mask run
+ * beside the multiplier, where the row kernels' multishift competes with it, and the lanes being rows
+ * there is one sum per row and activation row to reduce, not 16. x = a s + b of column j: */
+INLINE __m512i column_lcg16(__m512i tile, __m512i higher, const int j, const int L) {
+    const __m512i mask = _mm512_set1_epi32((1 << L) - 1);
+    return one_mad_lcg(30 - 2 * j + L <= 32 ? _mm512_and_si512(_mm512_srli_epi32(tile, 30 - 2 * j), mask)
+                                            : _mm512_and_si512(_mm512_srli_epi32(higher, 14 - 2 * j), mask));
+}
+
+/* `higher` of a tile (see column_lcg16). */
+INLINE __m512i column_higher(__m512i tile) {
+    uint8_t on[64];
+    for (int l = 0; l < 64; l++) on[l] = (uint8_t)((l + 2) & 63);
+    return _mm512_permutexvar_epi8(_mm512_loadu_si512(on), tile);
+}
+
+/* 16 sums whose lane m belongs to row 15 - m, in row order. */
+INLINE __m512 column_rows(__m512 sums) {
+    return _mm512_permutexvar_ps(_mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), sums);
+}
+
+/* Runs KERNEL(io, t, lo, hi, b0, NB, L) on the chunk of at most 4 activation rows from b0. */
+#define COLUMN_CASES(KERNEL, L)                                                            \
+    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                                     \
+    case 1: KERNEL(io, t, lo, hi, b0, 1, L); break;                                         \
+    case 2: KERNEL(io, t, lo, hi, b0, 2, L); break;                                         \
+    case 3: KERNEL(io, t, lo, hi, b0, 3, L); break;                                         \
+    default: KERNEL(io, t, lo, hi, b0, 4, L); break;                                        \
+    }
+
+/* The float 1MAD kernel on turned-around tiles. */
+INLINE void trellis_columns(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
+                            const int L) {
+    const int64_t cols = io->cols, tiles_n = cols / 16;
+    float xsum[MAX_BATCH];
+    for (int b = 0; b < NB; b++) xsum[b] = row_sum(io->x + (b0 + b) * cols, cols);
+    const __m512i ones = _mm512_set1_epi32(0x01010101);
+    for (int64_t i = lo / 16; i < hi / 16; i++) {
+        __m512 acc[MAX_BATCH][4]; /* four chains per activation row */
+        for (int b = 0; b < NB; b++)
+            for (int c = 0; c < 4; c++) acc[b][c] = _mm512_setzero_ps();
+        for (int64_t j16 = 0; j16 < tiles_n; j16++) {
+            const __m512i tile = _mm512_loadu_si512(t->codes + (i * tiles_n + j16) * 64), higher = column_higher(tile);
+            const float *x = io->x + b0 * cols + 16 * j16;
+            #pragma GCC unroll 16
+            for (int j = 0; j < 16; j++) {
+                const __m512 w = _mm512_cvtepi32_ps(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), column_lcg16(tile, higher, j, L), ones));
+                for (int b = 0; b < NB; b++) acc[b][j % 4] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[b * cols + j]), acc[b][j % 4]);
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
+            _mm512_storeu_ps(io->y + (b0 + b) * io->rows + 16 * i,
+                             _mm512_mul_ps(_mm512_set1_ps(ONE_MAD_SCALE), _mm512_sub_ps(column_rows(sum), _mm512_set1_ps(510.0f * xsum[b]))));
+        }
+    }
+}
+
 AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {
         kernels_avx2.trellis_matvec(io, t, lo, hi);
         return;
     }
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
-        if (t->code == CODE_1MAD) {
+        if (t->code == CODE_1MAD && t->k == 2 && t->L == 16) {
+            COLUMN_CASES(trellis_columns, 16)
+        } else if (t->code == CODE_1MAD && t->k == 2 && t->L == 12) {
+            COLUMN_CASES(trellis_columns, 12)
+        } else if (t->code == CODE_1MAD) {
             TRELLIS_CASES(trellis_rows, CODE_1MAD)
         } else {
             TRELLIS_CASES(trellis_rows, CODE_3INST)
         }
     }
+}
+
+/* What the int8 1MAD kernels read of activation rows b0 .. b0 + NB - 1: each q in all four bytes of a
+ * dword (the returned [NB, cols], NULL when out of memory), the block scales, and the -510's total
+ * sum(510 x q x scale) per row (the block sums times the scales). */
+INLINE uint32_t *one_mad_q8_setup(const io_t *io, int64_t b0, const int NB, const float **xs, float *constant) {
+    const int64_t cols = io->cols, blocks = cols / Q8_BLOCK;
+    uint32_t *q4 = malloc(sizeof(uint32_t) * (size_t)(NB * cols));
+    for (int b = 0; b < NB; b++) {
+        const int8_t *q = io->q8.q + (b0 + b) * cols;
+        if (q4 != NULL)
+            for (int64_t c = 0; c < cols; c++) q4[b * cols + c] = (uint8_t)q[c] * 0x01010101u;
+        xs[b] = io->q8.scales + (b0 + b) * blocks;
+        constant[b] = 0.0f;
+        for (int64_t m = 0; m < blocks; m++)
+            constant[b] += code_offset(CODE_1MAD) * xs[b][m] * (float)io->q8.block_sums[(b0 + b) * blocks + m];
+    }
+    return q4;
 }
 
 /* 1MAD with int8 activations: a weight is (byte sum of x = a s + b) - 510 (before its scale), so one
@@ -607,18 +700,10 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
     const int64_t cols = io->cols, tiles_n = cols / 16, blocks = cols / Q8_BLOCK;
     const int k = t->k, bytes = 32 * k;
     const window_t win = window_constants(k, t->L);
-    uint32_t *q4 = malloc(sizeof(uint32_t) * (size_t)(NB * cols)); /* q[c] in each byte of a lane */
-    if (SCRATCH_FAILED(io, q4)) return;
     const float *xs[MAX_BATCH];
     float constant[MAX_BATCH];
-    for (int b = 0; b < NB; b++) {
-        const int8_t *q = io->q8.q + (b0 + b) * cols;
-        for (int64_t c = 0; c < cols; c++) q4[b * cols + c] = (uint8_t)q[c] * 0x01010101u;
-        xs[b] = io->q8.scales + (b0 + b) * blocks;
-        constant[b] = 0.0f;
-        for (int64_t m = 0; m < blocks; m++)
-            constant[b] += code_offset(code) * xs[b][m] * (float)io->q8.block_sums[(b0 + b) * blocks + m];
-    }
+    uint32_t *q4 = one_mad_q8_setup(io, b0, NB, xs, constant);
+    if (SCRATCH_FAILED(io, q4)) return;
     for (int64_t i = lo / 16; i < hi / 16; i++) {
         __m512 acc[MAX_BATCH][16];
         for (int b = 0; b < NB; b++)
@@ -644,9 +729,57 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
     free(q4);
 }
 
-AVX512 static void trellis_matvec_q8(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
-    for (int64_t b0 = 0; b0 < io->batch; b0 += 4) TRELLIS_CASES(trellis_q8_rows, CODE_1MAD)
+/* The int8 1MAD kernel on turned-around tiles (column_lcg16): a 64-column block's int32 sums for 16
+ * rows are scaled by one multiply-add. */
+INLINE void trellis_q8_columns(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0,
+                               const int NB, const int L) {
+    const int64_t cols = io->cols, tiles_n = cols / 16, blocks = cols / Q8_BLOCK;
+    const float *xs[MAX_BATCH];
+    float constant[MAX_BATCH];
+    uint32_t *q4s = one_mad_q8_setup(io, b0, NB, xs, constant);
+    if (SCRATCH_FAILED(io, q4s)) return;
+    for (int64_t i = lo / 16; i < hi / 16; i++) {
+        __m512 acc[MAX_BATCH];
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t m = 0; m < blocks; m++) {
+            __m512i dot[MAX_BATCH][4]; /* four chains: one would wait on each VNNI instruction's latency */
+            for (int b = 0; b < NB; b++)
+                for (int c = 0; c < 4; c++) dot[b][c] = _mm512_setzero_si512();
+            for (int j4 = 0; j4 < 4; j4++) {
+                const __m512i tile = _mm512_loadu_si512(t->codes + (i * tiles_n + 4 * m + j4) * 64);
+                const __m512i higher = column_higher(tile);
+                const uint32_t *q4 = q4s + Q8_BLOCK * m + 16 * j4;
+                #pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) {
+                    const __m512i x = column_lcg16(tile, higher, j, L);
+                    for (int b = 0; b < NB; b++)
+                        dot[b][j % 4] = _mm512_dpbusd_epi32(dot[b][j % 4], x, _mm512_set1_epi32((int)q4[b * cols + j]));
+                }
+            }
+            for (int b = 0; b < NB; b++) {
+                const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[b][0], dot[b][1]), _mm512_add_epi32(dot[b][2], dot[b][3]));
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[b][m]), acc[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++)
+            _mm512_storeu_ps(io->y + (b0 + b) * io->rows + 16 * i,
+                             _mm512_mul_ps(_mm512_set1_ps(ONE_MAD_SCALE), _mm512_sub_ps(column_rows(acc[b]), _mm512_set1_ps(constant[b]))));
+    }
+    free(q4s);
 }
+
+AVX512 static void trellis_matvec_q8(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
+    for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
+        if (t->k == 2 && t->L == 16) {
+            COLUMN_CASES(trellis_q8_columns, 16)
+        } else if (t->k == 2 && t->L == 12) {
+            COLUMN_CASES(trellis_q8_columns, 12)
+        } else {
+            TRELLIS_CASES(trellis_q8_rows, CODE_1MAD)
+        }
+    }
+}
+#undef COLUMN_CASES
 
 AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {
