@@ -617,15 +617,6 @@ INLINE __m512 column_rows(__m512 sums) {
     return _mm512_permutexvar_ps(_mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), sums);
 }
 
-/* Runs KERNEL(io, t, lo, hi, b0, NB, L) on the chunk of at most 4 activation rows from b0. */
-#define COLUMN_CASES(KERNEL, L)                                                            \
-    switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                                     \
-    case 1: KERNEL(io, t, lo, hi, b0, 1, L); break;                                         \
-    case 2: KERNEL(io, t, lo, hi, b0, 2, L); break;                                         \
-    case 3: KERNEL(io, t, lo, hi, b0, 3, L); break;                                         \
-    default: KERNEL(io, t, lo, hi, b0, 4, L); break;                                        \
-    }
-
 /* The float 1MAD kernel on turned-around tiles. */
 INLINE void trellis_columns(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
                             const int L) {
@@ -662,9 +653,9 @@ AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int6
     }
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
         if (t->code == CODE_1MAD && t->k == 2 && t->L == 16) {
-            COLUMN_CASES(trellis_columns, 16)
+            TRELLIS_CASES(trellis_columns, 16)
         } else if (t->code == CODE_1MAD && t->k == 2 && t->L == 12) {
-            COLUMN_CASES(trellis_columns, 12)
+            TRELLIS_CASES(trellis_columns, 12)
         } else if (t->code == CODE_1MAD) {
             TRELLIS_CASES(trellis_rows, CODE_1MAD)
         } else {
@@ -771,15 +762,14 @@ INLINE void trellis_q8_columns(const io_t *io, const trellis_layer_t *t, int64_t
 AVX512 static void trellis_matvec_q8(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
         if (t->k == 2 && t->L == 16) {
-            COLUMN_CASES(trellis_q8_columns, 16)
+            TRELLIS_CASES(trellis_q8_columns, 16)
         } else if (t->k == 2 && t->L == 12) {
-            COLUMN_CASES(trellis_q8_columns, 12)
+            TRELLIS_CASES(trellis_q8_columns, 12)
         } else {
             TRELLIS_CASES(trellis_q8_rows, CODE_1MAD)
         }
     }
 }
-#undef COLUMN_CASES
 
 AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     if (t->V != 1 || (t->code != CODE_1MAD && t->code != CODE_3INST)) {

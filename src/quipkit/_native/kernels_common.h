@@ -31,14 +31,15 @@
         }                                                                        \
     }
 
-/* Runs ROWS(io, t, lo, hi, b0, NB, code) on the trellis kernels' chunk of at most 4 activation rows
- * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case. */
-#define TRELLIS_CASES(ROWS, code)                                                \
+/* Runs ROWS(io, t, lo, hi, b0, NB, extra) on the trellis kernels' chunk of at most 4 activation rows
+ * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case; extra: the code,
+ * or the state width of the 2-bit column kernels. */
+#define TRELLIS_CASES(ROWS, extra)                                               \
     switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                           \
-    case 1: ROWS(io, t, lo, hi, b0, 1, code); break;                             \
-    case 2: ROWS(io, t, lo, hi, b0, 2, code); break;                             \
-    case 3: ROWS(io, t, lo, hi, b0, 3, code); break;                             \
-    default: ROWS(io, t, lo, hi, b0, 4, code); break;                            \
+    case 1: ROWS(io, t, lo, hi, b0, 1, extra); break;                            \
+    case 2: ROWS(io, t, lo, hi, b0, 2, extra); break;                            \
+    case 3: ROWS(io, t, lo, hi, b0, 3, extra); break;                            \
+    default: ROWS(io, t, lo, hi, b0, 4, extra); break;                           \
     }
 
 /* True when one of a kernel's scratch allocations `blocks` failed: then all are freed and the call is
