@@ -150,7 +150,7 @@ def test_tiled_gemm_covers_weights_larger_than_one_tile(monkeypatch, tier):
 
 
 @needs_native
-@pytest.mark.parametrize("n", [64, 192, 576, 1536, 4096, 11008, 14336, 8, 24, 40])
+@pytest.mark.parametrize("n", [64, 96, 192, 288, 576, 1536, 4096, 11008, 14336, 8, 24, 40])
 def test_cpu_hadamard_matches_the_reference(n, tier):
     x = torch.randn(3, 2, n)
     signs = random_signs(n, seed=n)
