@@ -592,13 +592,14 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
     }
 }
 
-/* The 1MAD column kernels (k = 2, L <= 16) turn a tile around: lane m of a register holds row 15 - m
- * and one step handles a column. A 2-bit tile is 64 bytes, one register, and the state of (row 15 - m,
- * column j) is the L-bit window at bit 30 - 2j of the tile's dwords m, m + 1 (circularly): for
- * 30 - 2j + L <= 32 dword m shifted right, otherwise the same from `higher`, the tile's copy whose
- * dword m starts 16 bits higher (a byte permute per tile). Shifts by an immediate and a mask run
- * beside the multiplier, where the row kernels' multishift competes with it, and the lanes being rows
- * there is one sum per row and activation row to reduce, not 16. x = a s + b of column j: */
+/* The 1MAD column kernels (k = 2 and L <= 16; built for QTIP's L = 12 and 16) turn a tile around:
+ * lane m of a register holds row 15 - m and one step handles a column. A 2-bit tile is 64 bytes, one
+ * register, and the state of (row 15 - m, column j) is the L-bit window at bit 30 - 2j of the tile's
+ * dwords m, m + 1 (circularly): for 30 - 2j + L <= 32 dword m shifted right, otherwise the same from
+ * `higher`, the tile's copy whose dword m starts 16 bits higher (a byte permute per tile). Shifts by
+ * an immediate and a mask run beside the multiplier, where the row kernels' multishift competes with
+ * it; and with the lanes being rows, a row ends with one sum per activation row, not 16 to reduce.
+ * x = a s + b of column j: */
 INLINE __m512i column_lcg16(__m512i tile, __m512i higher, const int j, const int L) {
     const __m512i mask = _mm512_set1_epi32((1 << L) - 1);
     return one_mad_lcg(30 - 2 * j + L <= 32 ? _mm512_and_si512(_mm512_srli_epi32(tile, 30 - 2 * j), mask)
