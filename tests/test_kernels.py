@@ -4,6 +4,8 @@ batches on both sides of the matvec/GEMM switch, and every instruction-set tier 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -255,6 +257,7 @@ print("after:", torch.equal(cpu.matvec(x, stored, codebook, rows, cols), expecte
 
 
 @needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the address-space limit and /proc are Linux's")
 @pytest.mark.parametrize("spec, tier", [({"name": "scalar", "bits": 4, "group_size": 128}, "portable")]
                          + [({"name": "e8p", "bits": 2}, t) for t in tiers()], ids=lambda v: v if isinstance(v, str) else v["name"])
 def test_a_kernel_without_scratch_memory_raises_and_the_next_call_works(spec, tier):
@@ -264,7 +267,6 @@ def test_a_kernel_without_scratch_memory_raises_and_the_next_call_works(spec, ti
     threshold makes each megabyte-sized allocation ask the system, under the address-space limit."""
     import os
     import subprocess
-    import sys
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     run = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY.format(spec=spec), tier], capture_output=True,
