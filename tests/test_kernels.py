@@ -235,7 +235,6 @@ import resource, sys, torch
 from quipkit import native
 from quipkit.codebooks import make_codebook
 from quipkit.kernels import cpu
-from quipkit.kernels.reference import reference_matmul
 native.module().isa(sys.argv[1])
 codebook = make_codebook({spec!r})
 rows, cols = 16, 1 << 21  # the kernel's scratch (a float row, or E8P's group sums) is megabytes
