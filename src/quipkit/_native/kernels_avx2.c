@@ -714,14 +714,14 @@ AVX2 static void fwht8(float *v, int64_t n) {
 
 INLINE __m256 half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-/* mixed [K, p] = M [K, K] @ y [K, p] (p a multiple of 8). Four rows of M times 16 columns at a time:
- * eight independent sums, as many as two FMA units with a 4-cycle latency keep busy (four left half
- * of them idle: the 172 x 172 mix of an 11008-wide row took 2x longer). */
+/* mixed [K, p] = M [K, K] @ y [K, p] (K a multiple of 4: every Hadamard order above 2; p a multiple
+ * of 8). Four rows of M times 16 columns at a time: eight independent sums, as many as two FMA units
+ * with a 4-cycle latency keep busy (four left half of them idle: the 344 x 344 mix of an 11008-wide
+ * row took 1.8x longer). */
 AVX2 static void mix_blocks(const float *y, float *mixed, const float *m, int64_t K, int64_t p) {
     int64_t c = 0;
-    for (; c + 16 <= p; c += 16) {
-        int64_t i = 0;
-        for (; i + 4 <= K; i += 4) {
+    for (; c + 16 <= p; c += 16)
+        for (int64_t i = 0; i < K; i += 4) {
             __m256 acc[4][2];
             for (int q = 0; q < 4; q++) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
             for (int64_t j = 0; j < K; j++) {
@@ -737,17 +737,6 @@ AVX2 static void mix_blocks(const float *y, float *mixed, const float *m, int64_
                 _mm256_storeu_ps(mixed + (i + q) * p + c + 8, acc[q][1]);
             }
         }
-        for (; i < K; i++) {
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            for (int64_t j = 0; j < K; j++) {
-                const __m256 e = _mm256_set1_ps(m[i * K + j]);
-                acc0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(y + j * p + c), acc0);
-                acc1 = _mm256_fmadd_ps(e, _mm256_loadu_ps(y + j * p + c + 8), acc1);
-            }
-            _mm256_storeu_ps(mixed + i * p + c, acc0);
-            _mm256_storeu_ps(mixed + i * p + c + 8, acc1);
-        }
-    }
     for (; c < p; c += 8) /* the last 8 columns when p is an odd multiple of 8 */
         for (int64_t i = 0; i < K; i++) {
             __m256 acc = _mm256_setzero_ps();
@@ -758,7 +747,7 @@ AVX2 static void mix_blocks(const float *y, float *mixed, const float *m, int64_
 
 AVX2 void hadamard_avx2(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
     const int64_t n = h->n, K = h->K, p = n / K;
-    if (p % 8) {
+    if (p % 8 || (K > 1 && K % 4)) {
         kernels_avx2_auto.hadamard(io, h, lo, hi);
         return;
     }
