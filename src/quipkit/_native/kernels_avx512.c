@@ -425,7 +425,8 @@ static void e8p_q8_layout(const io_t *io, int64_t b, int64_t chunks, int8_t *q, 
             }
     for (int64_t code = 0; code < 32 * chunks; code++) {
         int sum = 0;
-        for (int i = 0; i < 8 && 8 * code < cols; i++) sum += src[8 * code + i];
+        if (8 * code < cols)
+            for (int i = 0; i < 8; i++) sum += src[8 * code + i];
         sums[code] = (int16_t)-sum;
     }
     for (int64_t g = 0; g < chunks; g++)
@@ -642,7 +643,7 @@ INLINE void trellis_columns(const io_t *io, const trellis_layer_t *t, int64_t lo
         for (int b = 0; b < NB; b++) {
             const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
             _mm512_storeu_ps(io->y + (b0 + b) * io->rows + 16 * i,
-                             _mm512_mul_ps(_mm512_set1_ps(ONE_MAD_SCALE), _mm512_sub_ps(column_rows(sum), _mm512_set1_ps(510.0f * xsum[b]))));
+                             _mm512_mul_ps(_mm512_set1_ps(ONE_MAD_SCALE), _mm512_sub_ps(column_rows(sum), _mm512_set1_ps(code_offset(CODE_1MAD) * xsum[b]))));
         }
     }
 }
