@@ -26,6 +26,7 @@ import torch
 
 from common import machine
 
+from quipkit.codebooks.trellis import ONE_MAD_INCREMENT, QTIP_INCREMENT
 from quipkit.kernels.activations import has_integer_kernel, set_activations
 
 REF_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -34,9 +35,10 @@ CODEBOOKS = {
     "e8p-2": {"name": "e8p", "bits": 2},
     "rvq-3": {"name": "rvq", "bits": 3},
     "rvq-4": {"name": "rvq", "bits": 4},
-    "trellis-1mad-2": {"name": "trellis", "bits": 2, "L": 16, "code": "1mad"},
-    "trellis-1mad-3": {"name": "trellis", "bits": 3, "L": 16, "code": "1mad"},
-    "trellis-1mad-4": {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"},
+    # the increment the qtip method writes; "-qtip": the paper's, as in checkpoints written before it
+    **{f"trellis-1mad-{k}": {"name": "trellis", "bits": k, "L": 16, "code": "1mad", "increment": ONE_MAD_INCREMENT}
+       for k in (2, 3, 4)},
+    "trellis-1mad-2-qtip": {"name": "trellis", "bits": 2, "L": 16, "code": "1mad", "increment": QTIP_INCREMENT},
     "trellis-3inst-2": {"name": "trellis", "bits": 2, "L": 16, "code": "3inst"},
     "grid-2-g128": {"name": "scalar", "bits": 2, "group_size": 128},
     "grid-3-g128": {"name": "scalar", "bits": 3, "group_size": 128},

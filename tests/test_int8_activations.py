@@ -12,6 +12,7 @@ import torch
 from quipkit import native
 from quipkit.codebooks import make_codebook
 from quipkit.kernels import activations, cpu, dispatch
+from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
 from quipkit.kernels.ops import decode_matmul
 from quipkit.kernels.reference import reference_matmul
 from test_kernels import assert_matches, fits, needs_native, random_stored, tier  # noqa: F401  (tier: a fixture)
@@ -21,7 +22,9 @@ ROUNDED = [{"name": "e8p", "bits": 2}, {"name": "scalar", "bits": 4, "group_size
                                                              "symmetric": True},
            {"name": "uniform", "bits": 4}, {"name": "uniform", "bits": 8},
            {"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}, {"name": "trellis", "bits": 2, "L": 16, "code": "1mad"},
-           {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"}]
+           {"name": "trellis", "bits": 4, "L": 16, "code": "1mad"},
+           {"name": "trellis", "bits": 2, "L": 12, "code": "1mad", "increment": ONE_MAD_INCREMENT},
+           {"name": "trellis", "bits": 2, "L": 16, "code": "1mad", "increment": ONE_MAD_INCREMENT}]
 NOT_ROUNDED = [{"name": "rvq", "bits": 4}, {"name": "scalar", "bits": 4, "group_size": 32},
                {"name": "scalar", "bits": 2, "group_size": 128}, {"name": "trellis", "bits": 2, "L": 16, "code": "3inst"},
                {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"}, {"name": "dense", "bits": 16}]

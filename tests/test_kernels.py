@@ -12,6 +12,7 @@ import torch
 from quipkit import native
 from quipkit.codebooks import make_codebook
 from quipkit.errors import QuipkitError
+from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, hadamard
 from quipkit.kernels.reference import reference_hadamard, reference_matmul
@@ -27,6 +28,9 @@ SPECS = (
     + [{"name": "trellis", "bits": k, "L": 16, "code": c} for k in (1, 2, 3, 4) for c in ("1mad", "3inst")]
     + [{"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}, {"name": "trellis", "bits": 2, "L": 16, "code": "hyb"},
        {"name": "trellis", "bits": 3, "L": 10, "code": "lut"}]
+    # quipkit's 1MAD increment (no low 16 bits: the AVX-512 column kernels' other case) and an odd one
+    + [{"name": "trellis", "bits": k, "L": L, "code": "1mad", "increment": ONE_MAD_INCREMENT} for k, L in ((2, 12), (2, 16), (3, 16))]
+    + [{"name": "trellis", "bits": 2, "L": 12, "code": "1mad", "increment": 0xFFFFFFFF}]
     + [{"name": "dense", "bits": 16}, {"name": "dense", "bits": 32}]
 )
 # (rows, cols): the reference model's, the tiny models', and odd ones (rows not a multiple of the

@@ -7,7 +7,8 @@ import torch
 
 from quipkit import native
 from quipkit.codebooks import make_codebook
-from quipkit.codebooks.trellis import code_values, states_from_chunks, trellis_encode, viterbi_torch
+from quipkit.codebooks.trellis import ONE_MAD_INCREMENT, code_values, states_from_chunks, trellis_encode, viterbi_torch
+from quipkit.config import make_config
 from quipkit.errors import QuipkitError
 
 
@@ -126,6 +127,25 @@ def test_codebook_round_trip(spec):
     code_bits = stored["codes"].numel() * 8
     assert code_bits == spec["bits"] * 32 * 48  # exactly k bits per weight
     assert float((values - w).square().mean() / w.square().mean()) < 0.25
+
+
+def test_one_mad_increment_known_answers():
+    """State 0 decodes to the increment's byte sum; a spec without an increment (every checkpoint
+    written before it was a parameter) is QTIP's code, and quipkit's qtip method writes its own."""
+    def first_value(increment):
+        return (sum((increment >> (8 * i)) & 0xFF for i in range(4)) - 510) / 147.800537
+
+    qtip = make_codebook({"name": "trellis", "bits": 2, "L": 12, "code": "1mad"})
+    assert qtip.increment == 76625530 and "increment" in qtip.spec()
+    assert qtip.table(torch.device("cpu"))[0, 0].item() == pytest.approx(first_value(76625530), abs=1e-6)
+    ours = make_codebook(make_config("qtip", 2, L=12).codebook)
+    assert ours.increment == ONE_MAD_INCREMENT == 0x04910000
+    assert ours.table(torch.device("cpu"))[0, 0].item() == pytest.approx(first_value(0x04910000), abs=1e-6)
+    # state 1: a + increment
+    assert ours.table(torch.device("cpu"))[1, 0].item() == pytest.approx(first_value((34038481 + 0x04910000) % 2**32), abs=1e-6)
+    assert make_codebook(ours.spec()).increment == ONE_MAD_INCREMENT
+    with pytest.raises(QuipkitError, match="increment"):
+        make_codebook({"name": "trellis", "bits": 2, "code": "3inst", "increment": 5})
 
 
 def test_bad_trellis_parameters_fail_loudly():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from quipkit.errors import QuipkitError
+from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
 
 CONFIG_VERSION = 1
 
@@ -294,12 +295,17 @@ def _quip_sharp(bits: int, greedy_sweeps: int = 2, **options: Any) -> QuantConfi
 
 
 @register_method("qtip", (2, 3, 4), "QTIP: random Hadamard transform + bitshift trellis codes (Viterbi) + BlockLDLQ on 16x16 tiles")
-def _qtip(bits: int, L: int = 16, trellis_code: str = "1mad", greedy_sweeps: int = 0, **options: Any) -> QuantConfig:
+def _qtip(
+    bits: int, L: int = 16, trellis_code: str = "1mad", increment: int = ONE_MAD_INCREMENT, greedy_sweeps: int = 0,
+    **options: Any,
+) -> QuantConfig:
+    """`increment`: 1MAD's LCG constant (QTIP's 76625530 gives the paper's code; the default decodes faster)."""
     options.setdefault("propagate", "original")
+    codebook = {"name": "trellis", "bits": bits, "L": L, "code": trellis_code}
     return QuantConfig(
         method="qtip",
         bits=bits,
-        codebook={"name": "trellis", "bits": bits, "L": L, "code": trellis_code},
+        codebook={**codebook, "increment": increment} if trellis_code == "1mad" else codebook,
         transform={"name": "rht"},
         rounding="ldlq",
         greedy_sweeps=greedy_sweeps,

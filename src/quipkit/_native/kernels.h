@@ -74,6 +74,7 @@ enum { CODE_1MAD = 0, CODE_3INST = 1, CODE_HYB = 2, CODE_LUT = 3 };
 typedef struct {
     const uint8_t *codes;
     int L, k, V, code;
+    uint32_t increment; /* 1MAD's x = a s + increment */
     const float *table;
 } trellis_layer_t;
 

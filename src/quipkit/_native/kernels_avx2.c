@@ -502,11 +502,11 @@ INLINE window_t window_constants(int k, int L) {
 
 /* Code values of 8 states (half 0: columns 0-7 of the tile row, 1: 8-15) before their scale:
  * value = (raw - offset) * scale. `bytes`: the row's 16 bytes in both halves. */
-INLINE __m256 trellis_row8(__m256i bytes, int half, int code, const window_t *win) {
+INLINE __m256 trellis_row8(__m256i bytes, int half, int code, uint32_t increment, const window_t *win) {
     const __m256i s = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, win->gather[half]), win->shift[half]),
                                        win->mask);
     if (code == CODE_1MAD) { /* the byte sum of s * a + b */
-        const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(34038481)), _mm256_set1_epi32(76625530));
+        const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(ONE_MAD_MULTIPLIER)), _mm256_set1_epi32((int)increment));
         const __m256i pairs = _mm256_maddubs_epi16(x, _mm256_set1_epi8(1));
         return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
     }
@@ -588,7 +588,7 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
                     const int64_t j = j0 + v;
                     if (j >= tiles_n) break;
                     const __m256i row = trellis_row_bytes(strip + j * bytes, rr, k, &sources);
-                    const __m256 w0 = trellis_row8(row, 0, code, &win), w1 = trellis_row8(row, 1, code, &win);
+                    const __m256 w0 = trellis_row8(row, 0, code, t->increment, &win), w1 = trellis_row8(row, 1, code, t->increment, &win);
                     #pragma GCC unroll 8
                     for (int b = 0; b < NB; b++) {
                         const float *x = io->x + (b0 + b) * cols + 16 * j;
@@ -640,8 +640,8 @@ AVX2 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int64_
                 float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
                 const __m256i row = trellis_row_bytes(tile, rr, k, &sources);
                 for (int half = 0; half < 2; half++) {
-                    const __m256 raw = t->code == CODE_1MAD ? trellis_row8(row, half, CODE_1MAD, &win)
-                                                            : trellis_row8(row, half, CODE_3INST, &win);
+                    const __m256 raw = t->code == CODE_1MAD ? trellis_row8(row, half, CODE_1MAD, t->increment, &win)
+                                                            : trellis_row8(row, half, CODE_3INST, 0, &win);
                     _mm256_storeu_ps(out + 8 * half, _mm256_mul_ps(_mm256_sub_ps(raw, offset), scale));
                 }
             }

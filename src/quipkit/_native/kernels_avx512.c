@@ -536,21 +536,18 @@ INLINE __m512i trellis_states16(const uint8_t *tile, int rr, int k, const window
     return _mm512_and_si512(_mm512_multishift_epi64_epi8(win->select, src), win->mask);
 }
 
-/* 1MAD's x = a s + b of 16 states s: a weight is the byte sum of x, before offset and scale. */
-INLINE __m512i one_mad_lcg(__m512i s) {
-    return _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(34038481)), _mm512_set1_epi32(76625530));
-}
-
-/* The same for tile row rr's 16 states. */
-INLINE __m512i trellis_lcg16(const uint8_t *tile, int rr, int k, const window_t *win) {
-    return one_mad_lcg(trellis_states16(tile, rr, k, win));
+/* 1MAD's x = a s + increment of tile row rr's 16 states: a weight is the byte sum of x, before offset
+ * and scale. */
+INLINE __m512i trellis_lcg16(const uint8_t *tile, int rr, int k, uint32_t increment, const window_t *win) {
+    return _mm512_add_epi32(_mm512_mullo_epi32(trellis_states16(tile, rr, k, win), _mm512_set1_epi32(ONE_MAD_MULTIPLIER)),
+                            _mm512_set1_epi32((int)increment));
 }
 
 /* Code values of 16 states before their scale: value = (raw - offset) * scale (code_scale, kernels_common.h). */
-INLINE __m512 trellis_row16(const uint8_t *tile, int rr, int k, int code, const window_t *win) {
-    if (code == CODE_1MAD) /* the byte sum of s * a + b */
-        return _mm512_cvtepi32_ps(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), trellis_lcg16(tile, rr, k, win), _mm512_set1_epi32(0x01010101)));
+INLINE __m512 trellis_row16(const uint8_t *tile, int rr, int k, int code, uint32_t increment, const window_t *win) {
+    if (code == CODE_1MAD) /* the byte sum of s * a + increment */
+        return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), trellis_lcg16(tile, rr, k, increment, win),
+                                                      _mm512_set1_epi32(0x01010101)));
     const __m512i s = trellis_states16(tile, rr, k, win);
     __m512i x = _mm512_add_epi32(_mm512_mullo_epi32(s, _mm512_set1_epi32(89226354)), _mm512_set1_epi32(64248484));
     x = _mm512_xor_si512(_mm512_and_si512(x, _mm512_set1_epi32((int)0x8FFF8FFFu)), _mm512_set1_epi32(0x3B603B60));
@@ -583,7 +580,7 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
             __m512 xv[MAX_BATCH];
             for (int b = 0; b < NB; b++) xv[b] = _mm512_loadu_ps(io->x + (b0 + b) * cols + 16 * j);
             for (int rr = 0; rr < 16; rr++) {
-                const __m512 w = trellis_row16(tile, rr, k, code, &win);
+                const __m512 w = trellis_row16(tile, rr, k, code, t->increment, &win);
                 for (int b = 0; b < NB; b++) acc[b][rr] = _mm512_fmadd_ps(w, xv[b], acc[b][rr]);
             }
         }
@@ -600,12 +597,41 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
  * `higher`, the tile's copy whose dword m starts 16 bits higher (a byte permute per tile). Shifts by
  * an immediate and a mask run beside the multiplier, where the row kernels' multishift competes with
  * it; and with the lanes being rows, a row ends with one sum per activation row, not 16 to reduce.
- * x = a s + b of column j: */
-INLINE __m512i column_lcg16(__m512i tile, __m512i higher, const int j, const int L) {
-    const __m512i mask = _mm512_set1_epi32((1 << L) - 1);
-    return one_mad_lcg(30 - 2 * j + L <= 32 ? _mm512_and_si512(_mm512_srli_epi32(tile, 30 - 2 * j), mask)
-                                            : _mm512_and_si512(_mm512_srli_epi32(higher, 14 - 2 * j), mask));
+ * An increment whose low 16 bits are zero (quipkit's ONE_MAD_INCREMENT) is a c with c = increment / a
+ * mod 2^32, whose low 16 bits are zero too, so a s + increment = a (s | c): one ternary-logic
+ * instruction masks s and adds c, one add fewer per 16 weights than any other increment takes
+ * (`add`: QTIP's). */
+typedef struct {
+    __m512i c, increment;
+} one_mad_increment_t;
+
+INLINE one_mad_increment_t one_mad_increment(uint32_t increment) {
+    return (one_mad_increment_t){_mm512_set1_epi32((int)(increment * ONE_MAD_INVERSE)), _mm512_set1_epi32((int)increment)};
 }
+
+/* x = a s + increment of column j */
+INLINE __m512i column_lcg16(__m512i tile, __m512i higher, const int j, const int L, const one_mad_increment_t *inc,
+                            const int add) {
+    const __m512i mask = _mm512_set1_epi32((1 << L) - 1), a = _mm512_set1_epi32(ONE_MAD_MULTIPLIER);
+    const __m512i window = 30 - 2 * j + L <= 32 ? _mm512_srli_epi32(tile, 30 - 2 * j) : _mm512_srli_epi32(higher, 14 - 2 * j);
+    if (add) return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(window, mask), a), inc->increment);
+    return _mm512_mullo_epi32(_mm512_ternarylogic_epi32(window, mask, inc->c, 0xEA), a); /* (window & mask) | c */
+}
+
+/* A 1MAD column kernel's cases: L (12 or 16) and whether the increment needs the add, all constants. */
+#define ONE_MAD_COLUMN_CASES(KERNEL)                                       \
+    do {                                                                   \
+        const int add = (t->increment & 0xFFFFu) != 0;                    \
+        if (t->L == 16 && add) {                                           \
+            TRELLIS_CASES(KERNEL, 16, 1)                                   \
+        } else if (t->L == 16) {                                           \
+            TRELLIS_CASES(KERNEL, 16, 0)                                   \
+        } else if (add) {                                                  \
+            TRELLIS_CASES(KERNEL, 12, 1)                                   \
+        } else {                                                           \
+            TRELLIS_CASES(KERNEL, 12, 0)                                   \
+        }                                                                  \
+    } while (0)
 
 /* `higher` of a tile (see column_lcg16). */
 INLINE __m512i column_higher(__m512i tile) {
@@ -621,8 +647,9 @@ INLINE __m512 column_rows(__m512 sums) {
 
 /* The float 1MAD kernel on turned-around tiles. */
 INLINE void trellis_columns(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0, const int NB,
-                            const int L) {
+                            const int L, const int add) {
     const int64_t cols = io->cols, tiles_n = cols / 16;
+    const one_mad_increment_t inc = one_mad_increment(t->increment);
     float xsum[MAX_BATCH];
     for (int b = 0; b < NB; b++) xsum[b] = row_sum(io->x + (b0 + b) * cols, cols);
     const __m512i ones = _mm512_set1_epi32(0x01010101);
@@ -636,7 +663,7 @@ INLINE void trellis_columns(const io_t *io, const trellis_layer_t *t, int64_t lo
             #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) {
                 const __m512 w = _mm512_cvtepi32_ps(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), column_lcg16(tile, higher, j, L), ones));
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), column_lcg16(tile, higher, j, L, &inc, add), ones));
                 for (int b = 0; b < NB; b++) acc[b][j % 4] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[b * cols + j]), acc[b][j % 4]);
             }
         }
@@ -654,10 +681,8 @@ AVX512 static void trellis_matvec(const io_t *io, const trellis_layer_t *t, int6
         return;
     }
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
-        if (t->code == CODE_1MAD && t->k == 2 && t->L == 16) {
-            TRELLIS_CASES(trellis_columns, 16)
-        } else if (t->code == CODE_1MAD && t->k == 2 && t->L == 12) {
-            TRELLIS_CASES(trellis_columns, 12)
+        if (t->code == CODE_1MAD && t->k == 2 && (t->L == 16 || t->L == 12)) {
+            ONE_MAD_COLUMN_CASES(trellis_columns);
         } else if (t->code == CODE_1MAD) {
             TRELLIS_CASES(trellis_rows, CODE_1MAD)
         } else {
@@ -707,7 +732,7 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
                 __m512i dot[MAX_BATCH];
                 for (int b = 0; b < NB; b++) dot[b] = _mm512_setzero_si512();
                 for (int j = 0; j < 4; j++) {
-                    const __m512i x = trellis_lcg16(tiles + j * bytes, rr, k, &win);
+                    const __m512i x = trellis_lcg16(tiles + j * bytes, rr, k, t->increment, &win);
                     for (int b = 0; b < NB; b++)
                         dot[b] = _mm512_dpbusd_epi32(dot[b], x, _mm512_loadu_si512(q4 + b * cols + Q8_BLOCK * m + 16 * j));
                 }
@@ -725,8 +750,9 @@ INLINE void trellis_q8_rows(const io_t *io, const trellis_layer_t *t, int64_t lo
 /* The int8 1MAD kernel on turned-around tiles (column_lcg16): a 64-column block's int32 sums for 16
  * rows are scaled by one multiply-add. */
 INLINE void trellis_q8_columns(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi, int64_t b0,
-                               const int NB, const int L) {
+                               const int NB, const int L, const int add) {
     const int64_t cols = io->cols, tiles_n = cols / 16, blocks = cols / Q8_BLOCK;
+    const one_mad_increment_t inc = one_mad_increment(t->increment);
     const float *xs[MAX_BATCH];
     float constant[MAX_BATCH];
     uint32_t *q4s = one_mad_q8_setup(io, b0, NB, xs, constant);
@@ -744,7 +770,7 @@ INLINE void trellis_q8_columns(const io_t *io, const trellis_layer_t *t, int64_t
                 const uint32_t *q4 = q4s + Q8_BLOCK * m + 16 * j4;
                 #pragma GCC unroll 16
                 for (int j = 0; j < 16; j++) {
-                    const __m512i x = column_lcg16(tile, higher, j, L);
+                    const __m512i x = column_lcg16(tile, higher, j, L, &inc, add);
                     for (int b = 0; b < NB; b++)
                         dot[b][j % 4] = _mm512_dpbusd_epi32(dot[b][j % 4], x, _mm512_set1_epi32((int)q4[b * cols + j]));
                 }
@@ -763,10 +789,8 @@ INLINE void trellis_q8_columns(const io_t *io, const trellis_layer_t *t, int64_t
 
 AVX512 static void trellis_matvec_q8(const io_t *io, const trellis_layer_t *t, int64_t lo, int64_t hi) {
     for (int64_t b0 = 0; b0 < io->batch; b0 += 4) {
-        if (t->k == 2 && t->L == 16) {
-            TRELLIS_CASES(trellis_q8_columns, 16)
-        } else if (t->k == 2 && t->L == 12) {
-            TRELLIS_CASES(trellis_q8_columns, 12)
+        if (t->k == 2 && (t->L == 16 || t->L == 12)) {
+            ONE_MAD_COLUMN_CASES(trellis_q8_columns);
         } else {
             TRELLIS_CASES(trellis_q8_rows, CODE_1MAD)
         }
@@ -787,8 +811,8 @@ AVX512 static void trellis_decode(const io_t *io, const trellis_layer_t *t, int6
             const __m512 scale = _mm512_set1_ps(code_scale(t->code)), offset = _mm512_set1_ps(code_offset(t->code));
             for (int rr = 0; rr < 16; rr++) {
                 float *out = io->y + (16 * i + rr - io->row0) * cols + 16 * j;
-                const __m512 raw = t->code == CODE_1MAD ? trellis_row16(tile, rr, k, CODE_1MAD, &win)
-                                                        : trellis_row16(tile, rr, k, CODE_3INST, &win);
+                const __m512 raw = t->code == CODE_1MAD ? trellis_row16(tile, rr, k, CODE_1MAD, t->increment, &win)
+                                                        : trellis_row16(tile, rr, k, CODE_3INST, 0, &win);
                 _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_sub_ps(raw, offset), scale));
             }
         }

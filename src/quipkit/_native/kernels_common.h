@@ -10,6 +10,8 @@
 
 /* 1MAD: (byte sum of the LCG output - 510) / 147.800537; 3INST: (two fp16 halves summed) / 1.244. */
 #define ONE_MAD_SCALE (1.0f / 147.800537f)
+#define ONE_MAD_MULTIPLIER 34038481u
+#define ONE_MAD_INVERSE 3042850353u /* ONE_MAD_MULTIPLIER x ONE_MAD_INVERSE = 1 mod 2^32 */
 #define THREE_INST_SCALE (1.0f / 1.244f)
 
 /* The hand-written kernels multiply each decoded weight against up to MAX_BATCH activation rows. */
@@ -34,12 +36,12 @@
 /* Runs ROWS(io, t, lo, hi, b0, NB, extra) on the trellis kernels' chunk of at most 4 activation rows
  * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case; extra: the code,
  * or the state width of the 2-bit column kernels. */
-#define TRELLIS_CASES(ROWS, extra)                                               \
+#define TRELLIS_CASES(ROWS, ...)                                                 \
     switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                           \
-    case 1: ROWS(io, t, lo, hi, b0, 1, extra); break;                            \
-    case 2: ROWS(io, t, lo, hi, b0, 2, extra); break;                            \
-    case 3: ROWS(io, t, lo, hi, b0, 3, extra); break;                            \
-    default: ROWS(io, t, lo, hi, b0, 4, extra); break;                           \
+    case 1: ROWS(io, t, lo, hi, b0, 1, __VA_ARGS__); break;                      \
+    case 2: ROWS(io, t, lo, hi, b0, 2, __VA_ARGS__); break;                      \
+    case 3: ROWS(io, t, lo, hi, b0, 3, __VA_ARGS__); break;                      \
+    default: ROWS(io, t, lo, hi, b0, 4, __VA_ARGS__); break;                     \
     }
 
 /* True when one of a kernel's scratch allocations `blocks` failed: then all are freed and the call is

@@ -187,7 +187,7 @@ KERNEL_TARGET static void FN(trellis_tile)(const trellis_layer_t *t, const uint8
         memcpy(&word, ring + (pos >> 3), 4);
         const uint32_t s = (word >> (pos & 7)) & mask;
         if (t->code == CODE_1MAD) {
-            const uint32_t x = s * 34038481u + 76625530u;
+            const uint32_t x = s * ONE_MAD_MULTIPLIER + t->increment;
             const int sum = (int)(x & 0xFF) + (int)((x >> 8) & 0xFF) + (int)((x >> 16) & 0xFF) + (int)(x >> 24);
             tile[step] = (float)(sum - 510) * ONE_MAD_SCALE;
         } else if (t->code == CODE_3INST) {

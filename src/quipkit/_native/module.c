@@ -304,8 +304,8 @@ static PyObject *py_trellis(PyObject *self, PyObject *args) {
     int decode, threads;
     long long lo, hi;
     unsigned long long x, y, codes, table;
-    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiiii", IO_ARGS, &codes, &table, &c.trellis.L, &c.trellis.k, &c.trellis.V,
-                          &c.trellis.code))
+    if (!PyArg_ParseTuple(args, IO_FORMAT "KKiiiiI", IO_ARGS, &codes, &table, &c.trellis.L, &c.trellis.k, &c.trellis.V,
+                          &c.trellis.code, &c.trellis.increment))
         return NULL;
     c.trellis.codes = (const uint8_t *)codes;
     c.trellis.table = (const float *)table;

@@ -104,7 +104,7 @@ def _lattice_plan(codebook, rows: int, cols: int) -> Plan:
 
 
 def _trellis_plan(codebook, rows: int, cols: int) -> Plan:
-    static = (codebook.L, codebook.bits, codebook.values_per_state, _TRELLIS_CODES[codebook.code])
+    static = (codebook.L, codebook.bits, codebook.values_per_state, _TRELLIS_CODES[codebook.code], codebook.increment or 0)
     if codebook.code == "hyb":  # the stored fp16 table [512, 2], in float32 (1,024 values per call)
         return Plan("trellis", TILE, static, lambda stored: (stored[0], stored[1].float()))
     table = _default_values(codebook.code, codebook.L) if codebook.code.startswith("lut") else None

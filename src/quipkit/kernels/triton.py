@@ -74,7 +74,7 @@ def _e8p_values(codes, table, r, c, valid, groups):
 
 @triton.jit
 def _trellis_tile(codes, table, r, c, valid, cols, L: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  CODE: tl.constexpr):
+                  CODE: tl.constexpr, INCREMENT: tl.constexpr):
     """Bitshift trellis: the state of a weight's step is the L-bit window at bit (N - 1 - t) kV of
     its tile's circular stream of 32 k bytes."""
     TILE_BYTES: tl.constexpr = 32 * K
@@ -90,7 +90,7 @@ def _trellis_tile(codes, table, r, c, valid, cols, L: tl.constexpr, K: tl.conste
     b2 = tl.load(base + ((bit >> 3) + 2) % TILE_BYTES, mask=valid, other=0).to(tl.uint32)
     s = ((b0 | (b1 << 8) | (b2 << 16)) >> (bit & 7).to(tl.uint32)) & ((1 << L) - 1)
     if CODE == 0:  # 1MAD
-        x = s * 34038481 + 76625530
+        x = s * 34038481 + INCREMENT
         total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)
         return (total.to(tl.float32) - 510.0) * (1.0 / 147.800537)
     elif CODE == 1:  # 3INST
@@ -110,7 +110,8 @@ def _trellis_tile(codes, table, r, c, valid, cols, L: tl.constexpr, K: tl.conste
 
 @triton.jit
 def _tile(r, c, valid, cols, a, b, cc, tables, second, row_bytes, group_size, groups, scale, zero, inverse,
-          FAMILY: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, V: tl.constexpr, CODE: tl.constexpr):
+          FAMILY: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, V: tl.constexpr, CODE: tl.constexpr,
+          INCREMENT: tl.constexpr):
     """W[r, c] of any codebook: a, b, cc are the layer's stored tensors in storage order."""
     if FAMILY == 0 or FAMILY == 1:
         return _grid_tile(a, b, cc, r, c, valid, row_bytes, group_size, groups, scale, zero, BITS, FAMILY == 1)
@@ -123,7 +124,7 @@ def _tile(r, c, valid, cols, a, b, cc, tables, second, row_bytes, group_size, gr
     elif FAMILY == 4:  # E8P + E8P
         return _e8p_values(a, tables, r, c, valid, cols // 8) + _e8p_values(b, tables, r, c, valid, cols // 8) * inverse
     elif FAMILY == 5:
-        return _trellis_tile(a, tables, r, c, valid, cols, L, BITS, V, CODE)
+        return _trellis_tile(a, tables, r, c, valid, cols, L, BITS, V, CODE, INCREMENT)
     else:
         return tl.load(a + r * cols + c, mask=valid, other=0.0).to(tl.float32)
 
@@ -131,7 +132,7 @@ def _tile(r, c, valid, cols, a, b, cc, tables, second, row_bytes, group_size, gr
 @triton.jit
 def _matvec_kernel(x, y, rows, cols, a, b, cc, tables, second, row_bytes, group_size, groups, scale, zero, inverse,
                    FAMILY: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, V: tl.constexpr, CODE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
+                   INCREMENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """y[batch, r] = sum_c W[r, c] x[batch, c] for BM rows per program; grid (row blocks, batch)."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
     batch = tl.program_id(1)
@@ -140,7 +141,7 @@ def _matvec_kernel(x, y, rows, cols, a, b, cc, tables, second, row_bytes, group_
         c = start + tl.arange(0, BN)[None, :]
         valid = (r < rows) & (c < cols)
         w = _tile(r, c, valid, cols, a, b, cc, tables, second, row_bytes, group_size, groups, scale, zero, inverse,
-                  FAMILY, BITS, L, V, CODE)
+                  FAMILY, BITS, L, V, CODE, INCREMENT)
         xv = tl.load(x + batch * cols + c, mask=c < cols, other=0.0)
         acc += tl.where(valid, w, 0.0) * xv
     out = tl.sum(acc, axis=1)
@@ -151,14 +152,14 @@ def _matvec_kernel(x, y, rows, cols, a, b, cc, tables, second, row_bytes, group_
 @triton.jit
 def _decode_kernel(w, row0, rows_out, rows, cols, a, b, cc, tables, second, row_bytes, group_size, groups, scale,
                    zero, inverse, FAMILY: tl.constexpr, BITS: tl.constexpr, L: tl.constexpr, V: tl.constexpr,
-                   CODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   CODE: tl.constexpr, INCREMENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """w[r - row0, c] = W[r, c] for rows [row0, row0 + rows_out)."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)[:, None]
     c = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]
     r = row0 + local
     valid = (local < rows_out) & (c < cols)
     value = _tile(r, c, valid, cols, a, b, cc, tables, second, row_bytes, group_size, groups, scale, zero, inverse,
-                  FAMILY, BITS, L, V, CODE)
+                  FAMILY, BITS, L, V, CODE, INCREMENT)
     tl.store(w + local * cols + c, value, mask=valid)
 
 
@@ -180,7 +181,7 @@ def _launch_arguments(tensors: Sequence[Tensor], codebook, rows: int, cols: int,
     tables, second = dummy, dummy
     row_bytes = group_size = groups = 0
     scale = zero = inverse = 0.0
-    bits, L, V, code = codebook.bits, 0, 1, 0
+    bits, L, V, code, increment = codebook.bits, 0, 1, 0, 0
     name = codebook.name
     if name == "scalar":
         family, row_bytes, group_size, groups = GRID, a.shape[1], codebook.group_size, codebook.groups(cols)
@@ -193,6 +194,7 @@ def _launch_arguments(tensors: Sequence[Tensor], codebook, rows: int, cols: int,
         inverse = 1.0 / codebook.residual_scale if name == "rvq" else 0.0
     elif name == "trellis":
         family, L, V, code = TRELLIS, codebook.L, codebook.values_per_state, _CODES[codebook.code]
+        increment = codebook.increment or 0
         if codebook.code == "hyb":
             tables = tensors[1].float().contiguous()
         elif codebook.code.startswith("lut"):
@@ -201,7 +203,7 @@ def _launch_arguments(tensors: Sequence[Tensor], codebook, rows: int, cols: int,
         family = DENSE
     pointers = (a, b, cc, tables, second)
     scalars = (row_bytes, group_size, groups, scale, zero, inverse)
-    return pointers, scalars, dict(FAMILY=family, BITS=bits, L=L, V=V, CODE=code)
+    return pointers, scalars, dict(FAMILY=family, BITS=bits, L=L, V=V, CODE=code, INCREMENT=increment)
 
 
 def matvec(x: Tensor, tensors: Sequence[Tensor], codebook, rows: int, cols: int) -> Tensor:
