@@ -146,6 +146,9 @@ def test_one_mad_increment_known_answers():
     assert make_codebook(ours.spec()).increment == ONE_MAD_INCREMENT
     with pytest.raises(QuipkitError, match="increment"):
         make_codebook({"name": "trellis", "bits": 2, "code": "3inst", "increment": 5})
+    with pytest.raises(QuipkitError, match="increment"):
+        make_config("qtip", 2, trellis_code="3inst", increment=5)
+    assert make_config("qtip", 2, increment=76625530).codebook["increment"] == 76625530
 
 
 def test_bad_trellis_parameters_fail_loudly():

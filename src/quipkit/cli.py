@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "outlier_ratio", "inliers", "saliency", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
+                "trellis_code", "L", "increment", "outlier_ratio", "inliers", "saliency", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -712,6 +712,9 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--greedy-sweeps", type=int, help="greedy refinement sweeps after LDLQ")
     g.add_argument("--trellis-code", choices=("1mad", "3inst", "hyb", "lut"), help="qtip: the computed code [1mad]")
     g.add_argument("--L", type=int, help="qtip: trellis state bits, 8-16; 12 is faster, 16 better [16]")
+    g.add_argument("--increment", type=int,
+                   help="qtip: the 1MAD code's LCG increment; 76625530 is QTIP's own [76611584: the same with its low "
+                   "16 bits cleared, as good and faster to decode]")
     g.add_argument("--outlier-ratio", type=float,
                    help="icquant, gptq: share of each row's weights put on a grid of their own [icquant: 0.05; gptq: off]")
     g.add_argument("--inliers", choices=("grid", "table"),

@@ -296,16 +296,21 @@ def _quip_sharp(bits: int, greedy_sweeps: int = 2, **options: Any) -> QuantConfi
 
 @register_method("qtip", (2, 3, 4), "QTIP: random Hadamard transform + bitshift trellis codes (Viterbi) + BlockLDLQ on 16x16 tiles")
 def _qtip(
-    bits: int, L: int = 16, trellis_code: str = "1mad", increment: int = ONE_MAD_INCREMENT, greedy_sweeps: int = 0,
+    bits: int, L: int = 16, trellis_code: str = "1mad", increment: int | None = None, greedy_sweeps: int = 0,
     **options: Any,
 ) -> QuantConfig:
-    """`increment`: 1MAD's LCG constant (QTIP's 76625530 gives the paper's code; the default decodes faster)."""
+    """`increment`: 1MAD's LCG constant (QTIP's 76625530 gives the paper's code; the default,
+    ONE_MAD_INCREMENT, decodes faster)."""
     options.setdefault("propagate", "original")
     codebook = {"name": "trellis", "bits": bits, "L": L, "code": trellis_code}
+    if trellis_code == "1mad":
+        codebook["increment"] = ONE_MAD_INCREMENT if increment is None else increment
+    elif increment is not None:
+        raise QuipkitError(f"--increment is the 1MAD code's constant; drop it or use --trellis-code 1mad, not {trellis_code}")
     return QuantConfig(
         method="qtip",
         bits=bits,
-        codebook={**codebook, "increment": increment} if trellis_code == "1mad" else codebook,
+        codebook=codebook,
         transform={"name": "rht"},
         rounding="ldlq",
         greedy_sweeps=greedy_sweeps,
