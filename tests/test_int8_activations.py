@@ -191,3 +191,25 @@ def test_cli_int8_activations(capsys, tmp_path, smol_tokenizer):
     assert cli.main(["eval", str(folder), "--decode-once", "--int8-activations"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "drop --decode-once" in err[0]
+
+
+def test_cli_generate_rounds_activations_by_default_where_integer_kernels_run(capsys, tmp_path, smol_tokenizer):
+    """generate's default is int8 on a CPU tier with the integer kernels, float elsewhere and with
+    --float-activations; the setting lasts for the command only."""
+    from quipkit import cli
+    from quipkit.kernels.info import machine
+    from conftest import tiny_model
+
+    folder = tmp_path / "tiny"
+    tiny_model(vocab_size=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    base = ["generate", str(folder), "Hello", "--max-new-tokens", "2", "--no-chat", "--stats", "--json"]
+    expected = "int8" if machine()["integer_kernels"] else "float"
+    for extra, kind in (([], expected), (["--float-activations"], "float")):
+        assert cli.main(base + extra) == 0
+        out = capsys.readouterr().out
+        assert json.loads(out[out.index("{"):])["activations"] == kind
+        assert activations.activations() == "float"
+    assert cli.main(base + ["--int8-activations", "--float-activations"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "contradict" in err[0]

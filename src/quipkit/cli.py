@@ -367,12 +367,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace, protocols: list[str], tasks: list[str], harness: list[str], manager: Any) -> None:
+    from quipkit.kernels.activations import using_activations
+
+    with using_activations(_activation_kind(args)):
+        _evaluate_all(args, protocols, tasks, harness, manager)
+
+
+def _evaluate_all(args: argparse.Namespace, protocols: list[str], tasks: list[str], harness: list[str], manager: Any) -> None:
     from quipkit.console import RichReporter
     from quipkit.eval.tasks import evaluate_task
     from quipkit.models.loading import load_model, pick_device
 
     device = pick_device(args.device)
-    _use_activations(args)
     model, tokenizer, source = load_model(args.model)
     model.to(device)
     if args.decode_once:
@@ -446,19 +452,27 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool
     return tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True), stats
 
 
-def _use_activations(args: argparse.Namespace) -> None:
+def _activation_kind(args: argparse.Namespace, device: str = "cpu", generating: bool = False) -> str:
+    """int8 when asked; when generating on the CPU also by default where the tier's integer kernels
+    multiply bytes (llama.cpp's practice: wt2 +0.2-0.3% on the reference model's 2-bit models, decode
+    matvecs 1.3-2.6x faster), unless --float-activations; else float (eval measures the exact model)."""
+    if args.int8_activations and getattr(args, "float_activations", False):
+        raise QuipkitError("--int8-activations and --float-activations contradict each other; give one")
     if args.int8_activations:
-        from quipkit.kernels.activations import set_activations
-
         if getattr(args, "decode_once", False):
             raise QuipkitError("--int8-activations needs the quantized layers' kernels; drop --decode-once")
-        set_activations("int8")
+        return "int8"
+    if not generating or getattr(args, "float_activations", False) or str(device) != "cpu":
+        return "float"
+    from quipkit.kernels.info import machine
+
+    state = machine()
+    return "int8" if state["integer_kernels"] and not state["reference_only"] else "float"
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from quipkit.kernels.activations import activations
-    from quipkit.kernels.info import kernel_summary
-    from quipkit.models.loading import load_model, pick_device
+    from quipkit.kernels.activations import using_activations
+    from quipkit.models.loading import pick_device
 
     if args.max_new_tokens < 1:
         raise QuipkitError("--max-new-tokens must be at least 1")
@@ -469,7 +483,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise QuipkitError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    _use_activations(args)
+    with using_activations(_activation_kind(args, device, generating=True)):
+        _generate_and_report(args, device)
+
+
+def _generate_and_report(args: argparse.Namespace, device) -> None:
+    from quipkit.kernels.activations import activations
+    from quipkit.kernels.info import kernel_summary
+    from quipkit.models.loading import load_model
+
     model, tokenizer, _ = load_model(args.model)
     model.to(device)
     _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, not args.no_chat, device,
@@ -839,7 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --stats: print them as JSON")
     p.add_argument("--threads", type=int, help="CPU threads for torch and quipkit's kernels [torch's default]")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (minutes to compile)")
-    p.add_argument("--int8-activations", action="store_true", help=int8_help)
+    p.add_argument("--int8-activations", action="store_true",
+                   help=int8_help + "; the default on a CPU whose kernels multiply bytes (AVX-512 VNNI)")
+    p.add_argument("--float-activations", action="store_true",
+                   help="keep float32 activations even where the CPU's integer kernels apply: the exact model, "
+                   "as `eval` measures it, a little slower")
 
     p = command("info", cmd_info, "describe a quantized checkpoint: method, bits, size, layers")
     p.add_argument("model", nargs="?", help="quantized folder (with --incoherence: a float model)")

@@ -6,7 +6,8 @@ QTIP's 1MAD values (a byte sum) and the 4- and 8-bit grids' codes multiply as by
 instruction, with exact int32 sums. Each activation row is rounded in blocks of BLOCK columns with
 one scale per block, amax / 127, as llama.cpp's Q8_0 rounds its activations (in blocks of 32).
 
-The setting is the process's (`set_activations`; the CLI's `--int8-activations`) and reaches only
+The setting is the process's (`set_activations`; the CLI's `--int8-activations`, and `quipkit
+generate`'s default where the CPU tier has the integer kernels) and reaches only
 the layers an integer kernel serves (`has_integer_kernel`). Every path of those layers multiplies
 the same rounded numbers: the AVX-512 tier's integer kernels, the other tiers' float kernels on
 q x scale (no speed-up there: `quipkit info --kernels` says which), and here `rounded` before the
@@ -15,6 +16,9 @@ prefill GEMM, the reference and the GPU kernels. So prefill and decode agree, an
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -38,6 +42,17 @@ def set_activations(kind: str) -> None:
 
 def activations() -> str:
     return _kind
+
+
+@contextmanager
+def using_activations(kind: str) -> Iterator[None]:
+    """`kind` for the block (one CLI command), then the setting before it again."""
+    before = _kind
+    set_activations(kind)
+    try:
+        yield
+    finally:
+        set_activations(before)
 
 
 def rounds(codebook, cols: int) -> bool:
