@@ -505,8 +505,9 @@ INLINE window_t window_constants(int k, int L) {
 INLINE __m256 trellis_row8(__m256i bytes, int half, int code, uint32_t increment, const window_t *win) {
     const __m256i s = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, win->gather[half]), win->shift[half]),
                                        win->mask);
-    if (code == CODE_1MAD) { /* the byte sum of s * a + b */
-        const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(ONE_MAD_MULTIPLIER)), _mm256_set1_epi32((int)increment));
+    if (code == CODE_1MAD) { /* the byte sum of s * a + increment */
+        const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(ONE_MAD_MULTIPLIER)),
+                                           _mm256_set1_epi32((int)increment));
         const __m256i pairs = _mm256_maddubs_epi16(x, _mm256_set1_epi8(1));
         return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
     }
@@ -588,7 +589,8 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
                     const int64_t j = j0 + v;
                     if (j >= tiles_n) break;
                     const __m256i row = trellis_row_bytes(strip + j * bytes, rr, k, &sources);
-                    const __m256 w0 = trellis_row8(row, 0, code, t->increment, &win), w1 = trellis_row8(row, 1, code, t->increment, &win);
+                    const __m256 w0 = trellis_row8(row, 0, code, t->increment, &win),
+                                 w1 = trellis_row8(row, 1, code, t->increment, &win);
                     #pragma GCC unroll 8
                     for (int b = 0; b < NB; b++) {
                         const float *x = io->x + (b0 + b) * cols + 16 * j;

@@ -597,10 +597,10 @@ INLINE void trellis_rows(const io_t *io, const trellis_layer_t *t, int64_t lo, i
  * `higher`, the tile's copy whose dword m starts 16 bits higher (a byte permute per tile). Shifts by
  * an immediate and a mask run beside the multiplier, where the row kernels' multishift competes with
  * it; and with the lanes being rows, a row ends with one sum per activation row, not 16 to reduce.
- * An increment whose low 16 bits are zero (quipkit's ONE_MAD_INCREMENT) is a c with c = increment / a
- * mod 2^32, whose low 16 bits are zero too, so a s + increment = a (s | c): one ternary-logic
- * instruction masks s and adds c, one add fewer per 16 weights than any other increment takes
- * (`add`: QTIP's). */
+ * An increment whose low 16 bits are zero (quipkit's ONE_MAD_INCREMENT) equals a c for c = increment / a
+ * mod 2^32, whose low 16 bits are zero too, so a s + increment = a (s | c) for s < 2^16: one
+ * ternary-logic instruction masks s and adds c, one add fewer per 16 weights than any other
+ * increment takes (`add`: QTIP's). */
 typedef struct {
     __m512i c, increment;
 } one_mad_increment_t;

@@ -33,9 +33,9 @@
         }                                                                        \
     }
 
-/* Runs ROWS(io, t, lo, hi, b0, NB, extra) on the trellis kernels' chunk of at most 4 activation rows
- * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case; extra: the code,
- * or the state width of the 2-bit column kernels. */
+/* Runs ROWS(io, t, lo, hi, b0, NB, ...) on the trellis kernels' chunk of at most 4 activation rows
+ * from b0 (the AVX-512 kernel holds 16 sums per row), NB a constant in every case; the rest: the code,
+ * or the 2-bit column kernels' state width and whether their increment needs an add. */
 #define TRELLIS_CASES(ROWS, ...)                                                 \
     switch (io->batch - b0 < 4 ? io->batch - b0 : 4) {                           \
     case 1: ROWS(io, t, lo, hi, b0, 1, __VA_ARGS__); break;                      \
