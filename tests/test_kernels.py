@@ -30,7 +30,7 @@ SPECS = (
        {"name": "trellis", "bits": 3, "L": 10, "code": "lut"}]
     # quipkit's 1MAD increment (no low 16 bits: the AVX-512 column kernels' other case) and an odd one
     + [{"name": "trellis", "bits": k, "L": L, "code": "1mad", "increment": ONE_MAD_INCREMENT} for k, L in ((2, 12), (2, 16), (3, 16))]
-    + [{"name": "trellis", "bits": 2, "L": 12, "code": "1mad", "increment": 0xFFFFFFFF}]
+    + [{"name": "trellis", "bits": 2, "L": 12, "code": "1mad", "increment": i} for i in (0xFFFFFFFF, 0)]
     + [{"name": "dense", "bits": 16}, {"name": "dense", "bits": 32}]
 )
 # (rows, cols): the reference model's, the tiny models', and odd ones (rows not a multiple of the

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from quipkit.errors import QuipkitError
 from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
+from quipkit.errors import QuipkitError
 
 CONFIG_VERSION = 1
 

@@ -48,7 +48,7 @@ QTIP_INCREMENT = 76625530
 # QTIP's increment with its low 16 bits cleared. Then the increment is a times c, c = increment / a
 # mod 2^32, with c's low 16 bits zero as well, so for L <= 16 a s + increment = a (s | c): an AVX-512
 # kernel forms s | c with the state's mask in one ternary-logic instruction and drops an add per 16
-# weights (1MAD int8 at 4096 x 4096: 805 -> 680 us). Trellis-quantized Gaussian MSE at 2 bits, 4000
+# weights (1MAD int8 at 4096 x 4096: 805 -> about 670 us). Trellis-quantized Gaussian MSE at 2 bits, 4000
 # tiles: L = 12 0.07446 (QTIP's 0.07436), L = 16 0.06883 (0.06883).
 ONE_MAD_INCREMENT = QTIP_INCREMENT & 0xFFFF0000
 HYB_ENTRIES = 512
@@ -230,7 +230,8 @@ class BitshiftTrellis(Codebook):
         """c(s) [2^L, V] on `device` (HYB from the given table, else the default one)."""
         if hyb is not None:
             return code_values(self.code, self.L, hyb.float().cpu()).to(device)
-        return _default_values(self.code, self.L, self.increment or QTIP_INCREMENT).to(device)
+        increment = QTIP_INCREMENT if self.increment is None else self.increment  # None: not 1MAD, unused
+        return _default_values(self.code, self.L, increment).to(device)
 
     def _tiles(self, block: Tensor) -> Tensor:
         """[m, w] -> [m / 16 * w / 16, 256], tile (i, j) flattened row by row."""
