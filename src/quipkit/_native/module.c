@@ -149,6 +149,14 @@ static int q8_applies(const call_t *c) {
  * below 2^22 in magnitude half to even, as torch.round does, so the Python oracle gets the same
  * integers (in plain arithmetic the compiler vectorises; nearbyintf was a library call per value). A
  * block holding a NaN or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* rounding runs on every prefill's rows: compiled for AVX-512 and AVX2 too, picked at load time */
+#define Q8_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define Q8_CLONES
+#endif
+
+Q8_CLONES
 __attribute__((optimize("fp-contract=off"))) /* x * inv is rounded before the add, as in torch: no FMA */
 static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, int32_t *block_sums) {
     for (int64_t k = 0; k < cols / Q8_BLOCK; k++) {
@@ -178,7 +186,7 @@ static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, 
 }
 
 /* q x scale for `count` values (whole blocks) into out. */
-static void dequantize_q8(const int8_t *q, const float *scales, int64_t count, float *out) {
+Q8_CLONES static void dequantize_q8(const int8_t *q, const float *scales, int64_t count, float *out) {
     for (int64_t k = 0; k < count / Q8_BLOCK; k++)
         for (int i = 0; i < Q8_BLOCK; i++) out[k * Q8_BLOCK + i] = (float)q[k * Q8_BLOCK + i] * scales[k];
 }
