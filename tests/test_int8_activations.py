@@ -11,8 +11,8 @@ import torch
 
 from quipkit import native
 from quipkit.codebooks import make_codebook
-from quipkit.kernels import activations, cpu, dispatch
 from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
+from quipkit.kernels import activations, cpu, dispatch
 from quipkit.kernels.ops import decode_matmul
 from quipkit.kernels.reference import reference_matmul
 from test_kernels import assert_matches, fits, needs_native, random_stored, tier  # noqa: F401  (tier: a fixture)

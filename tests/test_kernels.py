@@ -11,8 +11,8 @@ import torch
 
 from quipkit import native
 from quipkit.codebooks import make_codebook
-from quipkit.errors import QuipkitError
 from quipkit.codebooks.trellis import ONE_MAD_INCREMENT
+from quipkit.errors import QuipkitError
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, hadamard
 from quipkit.kernels.reference import reference_hadamard, reference_matmul

@@ -709,7 +709,7 @@ INLINE uint32_t *one_mad_q8_setup(const io_t *io, int64_t b0, const int NB, cons
     return q4;
 }
 
-/* 1MAD with int8 activations: a weight is (byte sum of x = a s + b) - 510 (before its scale), so one
+/* 1MAD with int8 activations: a weight is (byte sum of x = a s + increment) - 510 (before its scale), so one
  * VNNI instruction against q broadcast to all four bytes of each lane gives 16 weights' (byte sum) x q
  * at once (the dot-product form QTIP chose 1MAD for); the -510 enters once per row through the
  * activations' block sums. Each 64-column block's 4 tiles are summed in int32, then scaled. */

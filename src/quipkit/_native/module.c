@@ -144,11 +144,6 @@ static int q8_applies(const call_t *c) {
     return 0;
 }
 
-/* One row x [cols] (cols a multiple of Q8_BLOCK) rounded to int8 as kernels.h's q8_t says, into q
- * [cols], scales and block_sums [cols / Q8_BLOCK]. Adding and subtracting 1.5 x 2^23 rounds a float
- * below 2^22 in magnitude half to even, as torch.round does, so the Python oracle gets the same
- * integers (in plain arithmetic the compiler vectorises; nearbyintf was a library call per value). A
- * block holding a NaN or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* rounding runs on every prefill's rows: compiled for AVX-512 and AVX2 too, picked at load time */
 #define Q8_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -156,8 +151,12 @@ static int q8_applies(const call_t *c) {
 #define Q8_CLONES
 #endif
 
-Q8_CLONES
-__attribute__((optimize("fp-contract=off"))) /* x * inv is rounded before the add, as in torch: no FMA */
+/* One row x [cols] (cols a multiple of Q8_BLOCK) rounded to int8 as kernels.h's q8_t says, into q
+ * [cols], scales and block_sums [cols / Q8_BLOCK]. Adding and subtracting 1.5 x 2^23 rounds a float
+ * below 2^22 in magnitude half to even, as torch.round does, so the Python oracle gets the same
+ * integers (in plain arithmetic the compiler vectorises; nearbyintf was a library call per value). A
+ * block holding a NaN or an infinity gets q = 0 and scale NaN, so the outputs it reaches are NaN. */
+Q8_CLONES __attribute__((optimize("fp-contract=off"))) /* x * inv is rounded before the add, as in torch: no FMA */
 static void quantize_q8(const float *x, int64_t cols, int8_t *q, float *scales, int32_t *block_sums) {
     for (int64_t k = 0; k < cols / Q8_BLOCK; k++) {
         const float *v = x + k * Q8_BLOCK;
