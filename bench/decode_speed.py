@@ -11,7 +11,9 @@ matvec on the same shape, alternating, median of repeats, and the effective GB/s
 reference model in float32 and of every quantized folder, rounds alternating between models: CPU time
 per token of the decoding thread with 1 thread, wall-clock tokens/s with more; through `quipkit
 generate`'s loop and through transformers' `generate` on a model loaded with `from_pretrained`;
-the bytes each model holds and its folder's size. `peer`: ik_llama.cpp on the same model.
+the bytes each model holds and its folder's size. A prefill's ratio is the median over forwards each
+timed between two float32 forwards (their mean is its baseline): a shared core that slows down for a
+second slows a pair, not one side of the comparison. `peer`: ik_llama.cpp on the same model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from quipkit.codebooks.trellis import ONE_MAD_INCREMENT, QTIP_INCREMENT
 from quipkit.kernels.activations import has_integer_kernel, set_activations
 
 REF_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+# Timed prefills of each quantized model per round, each between two float32 ones.
+PREFILL_PAIRS = 3
 BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 CODEBOOKS = {
     "e8p-2": {"name": "e8p", "bits": 2},
@@ -163,18 +167,29 @@ def _hf_decode(model, ids, tokens: int, cpu_clock) -> tuple[float, float]:
     return max(c - c1, 1e-9) / (tokens - 1), (tokens - 1) / max(w - w1, 1e-9)
 
 
-def _prefill(model, ids, repeats: int = 3) -> float:
-    """Tokens per second of a forward over `ids` (the last position's logits only, as generation does),
-    the best of `repeats`: a single forward per round varied by 20-30% on the VMs."""
+def _prefill_seconds(model, ids) -> float:
+    """Seconds of one forward over `ids` (the last position's logits only, as generation does)."""
     import inspect
 
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False, **extra)
-        best = min(best, time.perf_counter() - start)
-    return ids.shape[1] / best
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False, **extra)
+    return time.perf_counter() - start
+
+
+def _prefill_pairs(reference, model, kind: str, ids, pairs: int) -> list[tuple[float, float]]:
+    """(model's seconds, the mean of the float32 forwards just before and after it), `pairs` times."""
+    set_activations(kind)
+    _prefill_seconds(model, ids)  # untimed: the first forward of this many rows picks its kernels
+    out = []
+    for _ in range(pairs):
+        set_activations("float")
+        before = _prefill_seconds(reference, ids)
+        set_activations(kind)
+        seconds = _prefill_seconds(model, ids)
+        set_activations("float")
+        out.append((seconds, (before + _prefill_seconds(reference, ids)) / 2))
+    return out
 
 
 def _folder_bytes(path: Path) -> int:
@@ -222,19 +237,21 @@ def bench_model(args) -> None:
                     results.setdefault((name, "quipkit"), []).append(_lean_decode(model, prompt, args.tokens, cpu_clock))
                     results.setdefault((name, "transformers"), []).append(
                         _hf_decode(model, prompt, args.tokens, cpu_clock))
-                if "prefill" in parts:
-                    results.setdefault((name, "prefill"), []).append((_prefill(model, long_prompt), 0.0))
+                if "prefill" in parts and name != "float32":
+                    results.setdefault((name, "prefill"), []).extend(
+                        _prefill_pairs(reference, model, kind_of[name], long_prompt, PREFILL_PAIRS))
         if "decode" in parts:
             base_cpu = statistics.median(c for c, _ in results[("float32", "transformers")])
             base_rate = statistics.median(r for _, r in results[("float32", "transformers")])
-        if "prefill" in parts:
-            base_prefill = statistics.median(r for r, _ in results[("float32", "prefill")])
         for (name, loop), runs in results.items():
             if loop == "prefill":
-                rate = statistics.median(r for r, _ in runs)
+                ratios = [base / seconds for seconds, base in runs]
+                tokens = long_prompt.shape[1]
                 _emit({"bench": "decode_speed", "part": "prefill", "model": name, "threads": threads,
-                       "prompt_tokens": long_prompt.shape[1], "tokens_per_s": rate, "vs_float32": rate / base_prefill,
-                       "rounds": args.rounds}, args.out)
+                       "prompt_tokens": tokens, "tokens_per_s": tokens / statistics.median(s for s, _ in runs),
+                       "float32_tokens_per_s": tokens / statistics.median(b for _, b in runs),
+                       "vs_float32": statistics.median(ratios), "vs_float32_range": [min(ratios), max(ratios)],
+                       "pairs": len(runs)}, args.out)
                 continue
             cpu_ms = statistics.median(c for c, _ in runs) * 1e3
             rate = statistics.median(r for _, r in runs)
