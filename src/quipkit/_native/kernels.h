@@ -150,7 +150,7 @@ extern const kernel_set_t kernels_avx512;    /* hand-written where it pays, else
  * tiers run their auto-vectorised AVX2 build. */
 void outlier_matvec_avx2_auto(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
 void outlier_decode_avx2_auto(const io_t *, const outlier_split_t *, int64_t lo, int64_t hi);
-/* The AVX-512 tier runs the AVX2 Hadamard transform (kernels_avx2.c). */
+/* The AVX-512 Hadamard transform falls back to the AVX2 one (kernels_avx2.c) where a block is not whole registers. */
 void hadamard_avx2(const io_t *, const hadamard_t *, int64_t lo, int64_t hi);
 #endif
 

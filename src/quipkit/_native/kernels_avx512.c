@@ -915,6 +915,124 @@ AVX512 static void lattice_decode(const io_t *io, const lattice_t *l, int64_t lo
     }
 }
 
+/* ----------------------------------------------------------------------------------------------
+ * Hadamard transform. Butterflies of span 1-8 inside a 16-lane register and of span 16 across two
+ * as the row is loaded; wider spans two at a time (radix 4), so a 128-long block (a 1536-wide row's)
+ * is two passes over memory, not five; the mix by M writes the normalised, post-signed result. */
+
+/* lower lane i: v[i] + v[i + h]; upper lane i + h: v[i] - v[i + h], from other = v with spans swapped */
+INLINE __m512 lane_butterfly(__m512 v, __m512 other, __mmask16 upper) {
+    return _mm512_mask_sub_ps(_mm512_add_ps(v, other), upper, other, v);
+}
+
+INLINE __m512 fwht16(__m512 v) {
+    v = lane_butterfly(v, _mm512_permute_ps(v, 0xB1), 0xAAAA);           /* span 1 */
+    v = lane_butterfly(v, _mm512_permute_ps(v, 0x4E), 0xCCCC);           /* span 2 */
+    v = lane_butterfly(v, _mm512_shuffle_f32x4(v, v, 0xB1), 0xF0F0);     /* span 4 */
+    return lane_butterfly(v, _mm512_shuffle_f32x4(v, v, 0x4E), 0xFF00);  /* span 8 */
+}
+
+INLINE __m512 signs16(const uint16_t *signs, int64_t c) { /* fp16 +-1 */
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(signs + c)));
+}
+
+INLINE __m512 signed_load(const float *x, const uint16_t *signs, int64_t c) {
+    const __m512 v = _mm512_loadu_ps(x + c);
+    return signs ? _mm512_mul_ps(v, signs16(signs, c)) : v;
+}
+
+/* t [p] = H_p (pre (.) x [p]), unnormalised (Sylvester order), p a multiple of 16; t may be x */
+INLINE void fwht_block(const float *x, const uint16_t *pre, float *t, int64_t p) {
+    if (p == 16) {
+        _mm512_storeu_ps(t, fwht16(signed_load(x, pre, 0)));
+        return;
+    }
+    for (int64_t c = 0; c < p; c += 32) {
+        const __m512 a = fwht16(signed_load(x, pre, c)), b = fwht16(signed_load(x, pre, c + 16));
+        _mm512_storeu_ps(t + c, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(t + c + 16, _mm512_sub_ps(a, b));
+    }
+    int64_t h = 32;
+    for (; 4 * h <= p; h *= 4) /* spans h and 2h */
+        for (int64_t start = 0; start < p; start += 4 * h)
+            for (int64_t i = start; i < start + h; i += 16) {
+                const __m512 a = _mm512_loadu_ps(t + i), b = _mm512_loadu_ps(t + i + h);
+                const __m512 c = _mm512_loadu_ps(t + i + 2 * h), d = _mm512_loadu_ps(t + i + 3 * h);
+                const __m512 s0 = _mm512_add_ps(a, b), s1 = _mm512_sub_ps(a, b);
+                const __m512 s2 = _mm512_add_ps(c, d), s3 = _mm512_sub_ps(c, d);
+                _mm512_storeu_ps(t + i, _mm512_add_ps(s0, s2));
+                _mm512_storeu_ps(t + i + h, _mm512_add_ps(s1, s3));
+                _mm512_storeu_ps(t + i + 2 * h, _mm512_sub_ps(s0, s2));
+                _mm512_storeu_ps(t + i + 3 * h, _mm512_sub_ps(s1, s3));
+            }
+    if (h < p) /* the last span */
+        for (int64_t i = 0; i < h; i += 16) {
+            const __m512 a = _mm512_loadu_ps(t + i), b = _mm512_loadu_ps(t + i + h);
+            _mm512_storeu_ps(t + i, _mm512_add_ps(a, b));
+            _mm512_storeu_ps(t + i + h, _mm512_sub_ps(a, b));
+        }
+}
+
+INLINE void store_scaled(float *y, int64_t offset, __m512 v, __m512 norm, const uint16_t *post) {
+    v = _mm512_mul_ps(v, norm);
+    _mm512_storeu_ps(y + offset, post ? _mm512_mul_ps(v, signs16(post, offset)) : v);
+}
+
+/* y [K, p] = norm post (.) (M [K, K] @ t [K, p]), K a multiple of 4: four rows of M times 32 columns
+ * (eight sums in flight), or 16 where p is an odd multiple of 16. */
+INLINE void mix_rows(const float *t, float *y, const float *m, int64_t K, int64_t p, __m512 norm, const uint16_t *post) {
+    int64_t c = 0;
+    for (; c + 32 <= p; c += 32)
+        for (int64_t i = 0; i < K; i += 4) {
+            __m512 acc[4][2];
+            for (int q = 0; q < 4; q++) acc[q][0] = acc[q][1] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < K; j++) {
+                const __m512 v0 = _mm512_loadu_ps(t + j * p + c), v1 = _mm512_loadu_ps(t + j * p + c + 16);
+                for (int q = 0; q < 4; q++) {
+                    const __m512 e = _mm512_set1_ps(m[(i + q) * K + j]);
+                    acc[q][0] = _mm512_fmadd_ps(e, v0, acc[q][0]);
+                    acc[q][1] = _mm512_fmadd_ps(e, v1, acc[q][1]);
+                }
+            }
+            for (int q = 0; q < 4; q++) {
+                store_scaled(y, (i + q) * p + c, acc[q][0], norm, post);
+                store_scaled(y, (i + q) * p + c + 16, acc[q][1], norm, post);
+            }
+        }
+    if (c < p)
+        for (int64_t i = 0; i < K; i += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t j = 0; j < K; j++) {
+                const __m512 v = _mm512_loadu_ps(t + j * p + c);
+                for (int q = 0; q < 4; q++) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(m[(i + q) * K + j]), v, acc[q]);
+            }
+            for (int q = 0; q < 4; q++) store_scaled(y, (i + q) * p + c, acc[q], norm, post);
+        }
+}
+
+AVX512 static void hadamard(const io_t *io, const hadamard_t *h, int64_t lo, int64_t hi) {
+    const int64_t n = h->n, K = h->K, p = n / K;
+    if (p % 16 || (K > 1 && K % 4)) {
+        hadamard_avx2(io, h, lo, hi);
+        return;
+    }
+    const __m512 norm = _mm512_set1_ps(1.0f / sqrtf((float)n));
+    float *t = K > 1 ? malloc(sizeof(float) * n) : NULL;
+    if (K > 1 && SCRATCH_FAILED(io, t)) return;
+    for (int64_t r = lo; r < hi; r++) {
+        float *y = io->y + r * n;
+        const float *x = io->x + r * n;
+        if (K > 1) {
+            for (int64_t j = 0; j < K; j++) fwht_block(x + j * p, h->pre ? h->pre + j * p : NULL, t + j * p, p);
+            mix_rows(t, y, h->hk, K, p, norm, h->post);
+        } else {
+            fwht_block(x, h->pre, y, n);
+            for (int64_t c = 0; c < n; c += 16) store_scaled(y, c, _mm512_loadu_ps(y + c), norm, h->post);
+        }
+    }
+    free(t);
+}
+
 const kernel_set_t kernels_avx512 = {
     .name = "avx512",
     .grid_matvec = grid_matvec,
@@ -928,7 +1046,7 @@ const kernel_set_t kernels_avx512 = {
     .outlier_matvec = outlier_matvec_avx2_auto,
     .outlier_decode = outlier_decode_avx2_auto,
     .bf16_matvec = bf16_matvec,
-    .hadamard = hadamard_avx2,
+    .hadamard = hadamard,
     .grid_matvec_q8 = grid_matvec_q8,
     .lattice_matvec_q8 = lattice_matvec_q8,
     .trellis_matvec_q8 = trellis_matvec_q8,
