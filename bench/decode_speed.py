@@ -32,8 +32,6 @@ from quipkit.codebooks.trellis import ONE_MAD_INCREMENT, QTIP_INCREMENT
 from quipkit.kernels.activations import has_integer_kernel, set_activations
 
 REF_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
-# Timed prefills of each quantized model per round, each between two float32 ones.
-PREFILL_PAIRS = 3
 BIG_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 CODEBOOKS = {
     "e8p-2": {"name": "e8p", "bits": 2},
@@ -165,6 +163,10 @@ def _hf_decode(model, ids, tokens: int, cpu_clock) -> tuple[float, float]:
     c1, w1 = run(1)
     c, w = run(tokens)
     return max(c - c1, 1e-9) / (tokens - 1), (tokens - 1) / max(w - w1, 1e-9)
+
+
+# Timed prefills of each quantized model per round, each between two float32 ones.
+PREFILL_PAIRS = 3
 
 
 def _prefill_seconds(model, ids) -> float:

@@ -15,7 +15,7 @@
  *   table    8 codes unpacked as for the grid, one permute into the row's 2^b levels (two and a
  *            blend for 16 levels)
  *   Hadamard butterflies of span 1, 2 and 4 inside a register, wider ones across registers (the
- *            AVX-512 tier runs this one too)
+ *            AVX-512 tier's for blocks that are not whole 16-lane registers)
  * Everything else (HYB and LUT trellis codes, rows or groups not in 8-column chunks, ICQuant's
  * outlier corrections) runs the portable source compiled for AVX2 (kernels_avx2_auto).
  */

@@ -11,12 +11,15 @@
  *            fp16 halves); 2-bit 1MAD turns the tile around instead: a register of 16 rows' states
  *            per column, from one shift by an immediate and a mask
  *   table    16 codes of b bits unpacked as for the grid, one permute into the row's 2^b levels
+ *   Hadamard butterflies of span 1-8 inside a register and 16 across two as a row is loaded, wider
+ *            spans two per pass, the mix by H_K in 16 lanes (a 512-token prefill transforms 512 rows
+ *            per layer, and eight lanes took 1.1-1.8x longer)
  * With int8 activations (io->q8) grids, E8P and 1MAD multiply bytes instead: 64 weights per VNNI
  * instruction, one int32 sum per 64-column block, scaled once (the *_q8 kernels).
  * A grid's single activation row goes to the AVX2 kernel (its single-row path is faster on Zen 4).
- * Shapes these paths do not cover (rows not in 16-lane chunks, HYB and LUT trellis codes) go to the AVX2 kernels,
- * and so do ICQuant's outlier corrections (scalar updates at a few columns per row) and the Hadamard transform
- * (O(n log n) on the activations, next to the layer's O(n^2) matvec: eight lanes do).
+ * Shapes these paths do not cover (rows not in 16-lane chunks, HYB and LUT trellis codes, Hadamard blocks
+ * not of whole registers) go to the AVX2 kernels, and so do ICQuant's outlier corrections (scalar updates
+ * at a few columns per row).
  */
 #if defined(__x86_64__)
 #include <immintrin.h>
