@@ -462,7 +462,14 @@ def _activation_kind(args: argparse.Namespace, device: str = "cpu", generating: 
         if getattr(args, "decode_once", False):
             raise QuipkitError("--int8-activations needs the quantized layers' kernels; drop --decode-once")
         return "int8"
-    if not generating or getattr(args, "float_activations", False) or str(device) != "cpu":
+    if not generating or getattr(args, "float_activations", False):
+        return "float"
+    return _generation_activations(device)
+
+
+def _generation_activations(device) -> str:
+    """Generation's default: int8 on a CPU whose tier's integer kernels multiply bytes, else float."""
+    if str(device) != "cpu":
         return "float"
     from quipkit.kernels.info import machine
 
@@ -679,6 +686,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from quipkit.console import RichReporter
     from quipkit.eval.perplexity import PROTOCOLS, perplexity
+    from quipkit.kernels.activations import using_activations
     from quipkit.models.loading import load_model, pick_device
 
     device = pick_device(args.device)
@@ -702,8 +710,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _show_warnings(summary)
     prompt = "What is the capital of France?"
     print(f"4/4 generating from the saved model in {out}\n> {prompt}")
-    _, stats = generate_text(model, tokenizer, prompt, 48, True, device, stream=True)
-    print(f"({stats.decode_tokens_per_second:.1f} tokens/s decoding, {stats.model_bytes / 1e6:.0f} MB of weights)")
+    kind = _generation_activations(device)  # as `quipkit generate` by default
+    with using_activations(kind):
+        _, stats = generate_text(model, tokenizer, prompt, 48, True, device, stream=True)
+    print(f"({stats.decode_tokens_per_second:.1f} tokens/s decoding, {stats.model_bytes / 1e6:.0f} MB of weights, "
+          f"{kind} activations)")
 
 
 # ---------------------------------------------------------------------------------------------
