@@ -82,27 +82,50 @@ def test_the_weighted_rank_k_fit_is_the_truncated_svd_split_evenly(rows, cols):
     assert torch.allclose(left.norm(dim=0).double().square(), s[:6], rtol=1e-4)
 
 
-@pytest.mark.parametrize("factors", [{"name": "scalar", "bits": 4, "group_size": 16, "clip": True},
-                                     {"name": "scalar", "bits": 3, "group_size": 64}, {"name": "dense", "bits": 16}])
-def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors):
+@pytest.mark.parametrize("factors, rows, rank", [
+    ({"name": "scalar", "bits": 4, "group_size": 16, "clip": True}, 40, 8),
+    ({"name": "scalar", "bits": 3, "group_size": 64}, 40, 8), ({"name": "dense", "bits": 16}, 40, 8),
+    ({"name": "trellis", "bits": 4, "L": 12, "code": "1mad"}, 48, 16)])  # in 16 x 16 tiles, a scale per row
+def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors, rows, rank):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 96, generator=gen)
     hessian = x.t() @ x / 512
-    residual = torch.randn(40, 8, generator=gen) @ torch.randn(8, 96, generator=gen)
-    low_rank = LowRank(8, factors)
+    residual = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, 96, generator=gen)
+    low_rank = LowRank(rank, factors)
     stored, product, loss = fit_low_rank(residual, LayerHessian.of(hessian, low_rank.codebook), low_rank, 3)
-    assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == low_rank.storage(40, 96)
-    left, right = low_rank.factors(stored, 40, 96)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == low_rank.storage(rows, 96)
+    left, right = low_rank.factors(stored, rows, 96)
     assert torch.equal(left @ right, product)
+    assert low_rank.pack(*low_rank.unpacked(stored, rows, 96)).keys() == stored.keys()
+    assert all(torch.equal(v, stored[k]) for k, v in low_rank.pack(*low_rank.unpacked(stored, rows, 96)).items())
     error = residual - product
     assert loss == pytest.approx(float(((error @ hessian) * error).sum()), rel=1e-5)
-    assert loss < 0.05 * float(((residual @ hessian) * residual).sum())  # a rank-8 matrix, nearly recovered
+    assert loss < 0.05 * float(((residual @ hessian) * residual).sum())  # a rank-k matrix, nearly recovered
 
 
-@pytest.mark.parametrize("lr_bits", [4, 16])
-def test_a_layer_computes_codes_plus_low_rank_held_or_not(real_layer, lr_bits):
+def test_trellis_factors_have_less_error_than_the_grid_at_fewer_bits():
+    """The reason trellis factors are the default: on a rank-16 fit of Gaussian-like factors, 2-bit trellis
+    codes (2 bits and an fp16 scale per row) leave less of the residual than the 2-bit grid (2 bits
+    plus fp16 scales and 2-bit zeros in groups of 64), and store fewer bits."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 192, generator=gen)
+    hessian = x.t() @ x / 1024
+    residual = torch.randn(96, 16, generator=gen) @ torch.randn(16, 192, generator=gen) + 0.1 * torch.randn(96, 192, generator=gen)
+    results = {}
+    for name, factors in (("trellis", {"name": "trellis", "bits": 2, "L": 12, "code": "1mad"}),
+                          ("grid", {"name": "scalar", "bits": 2, "group_size": 64, "clip": True})):
+        low_rank = LowRank(16, factors)
+        stored, _, loss = fit_low_rank(residual, LayerHessian.of(hessian, low_rank.codebook), low_rank, 3)
+        results[name] = loss, sum(v.numel() * v.element_size() * 8 for v in stored.values())
+    assert results["trellis"][0] < 0.9 * results["grid"][0], results
+    assert results["trellis"][1] < results["grid"][1], results
+
+
+@pytest.mark.parametrize("factors", [{"lr_bits": 4}, {"lr_bits": 2, "lr_format": "grid"}, {"lr_bits": 16}])
+def test_a_layer_computes_codes_plus_low_rank_held_or_not(real_layer, factors):
     linear, hessian = real_layer
-    layer, _ = _quantize(linear, hessian, "caldera", rank=16, outer_iters=1, lr_bits=lr_bits)
+    layer, _ = _quantize(linear, hessian, "caldera", rank=16, outer_iters=1, **factors)
+    assert layer.low_rank.codebook.name == {4: "trellis", 2: "scalar", 16: "dense"}[factors["lr_bits"]]
     left, right = layer.low_rank_factors()
     assert left.shape == (192, 16) and right.shape == (16, 576)
     weight = layer.codebook.dequantize(layer.codebook_tensors(), 192, 576)
@@ -125,21 +148,30 @@ def test_ranks_and_settings_a_layer_cannot_take_are_refused_in_one_line(real_lay
     linear, hessian = real_layer
     with pytest.raises(QuipkitError, match=r"rank 200 is larger than a 192x576 weight allows \(at most 192\); lower --rank"):
         _quantize(linear, hessian, "caldera", rank=200)
+    with pytest.raises(QuipkitError, match=r"trellis factors need the rank and the weight's sides in multiples of 16: "
+                                           r"rank 24 of a 192x576 weight does not fit; use a rank that is a multiple of 16, "
+                                           r"or --lr-format grid"):
+        _quantize(linear, hessian, "caldera", rank=24)
     for options, message in (({"rank": 0}, "rank >= 1"), ({"outer_iters": 0}, "outer_iters must be"),
-                             ({"base": "gptq"}, "base must be"), ({"lr_bits": 12}, "1 to 8 bits")):
+                             ({"base": "gptq"}, "base must be"), ({"lr_bits": 12}, "1 to 8 bits"),
+                             ({"lr_format": "lattice"}, "lr_format must be 'trellis' or 'grid'"),
+                             ({"lr_bits": 16, "lr_format": "trellis"}, "16-bit factors are bf16"),
+                             ({"lr_bits": 6, "lr_format": "trellis"}, "trellis factors take 1 to 4 bits"),
+                             ({"lr_format": "trellis", "lr_group_size": 32}, "lr_group_size is the grid's")):
         with pytest.raises(QuipkitError, match=message):
             make_config("caldera", 2, **options)
 
 
-def test_a_caldera_model_saves_and_loads_with_identical_logits(tmp_path):
+@pytest.mark.parametrize("factors", [{"rank": 16}, {"rank": 8, "lr_format": "grid"}])
+def test_a_caldera_model_saves_and_loads_with_identical_logits(tmp_path, factors):
     tokens = _tokens()
     model = tiny_model()
-    config = make_config("caldera", 2, rank=8, outer_iters=2)
+    config = make_config("caldera", 2, outer_iters=2, **factors)
     report = quantize_blockwise(model, tokens, config, CAL, torch.device("cpu"))
     assert all(len(layer["iterations"]) == 2 for layer in report.layers)
     out = quipkit.save(model, None, tmp_path / "q", config, CAL, {"layers": report.layers})
     loaded, _ = quipkit.load(out)
     layers = [m for m in loaded.modules() if isinstance(m, quipkit.QuantizedLinear) and m.codebook.name == "e8p"]
-    assert layers and all(m.low_rank is not None and m.low_rank.rank == 8 for m in layers)
+    assert layers and all(m.low_rank is not None and m.low_rank.rank == factors["rank"] for m in layers)
     with torch.no_grad():
         assert torch.equal(loaded(tokens[:2]).logits, model(tokens[:2]).logits)

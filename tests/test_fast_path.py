@@ -127,7 +127,7 @@ def test_a_layer_on_the_dct_fallback_matches_the_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("method,bits,options", [("quip#", 2, {}), ("qtip", 2, {"L": 10}), ("gptq", 4, {"group_size": 32}),
-                                                 ("caldera", 2, {"rank": 8})])
+                                                 ("caldera", 2, {"rank": 16})])
 def test_bound_one_row_calls_give_the_layers_forward(method, bits, options, monkeypatch):
     """The lean decoder's per-layer calls with the tensors fixed: the layer's own output for one row;
     none for a layer the one-call path does not cover (a low-rank term) or in reference-only mode."""

@@ -217,8 +217,8 @@ def test_caldera_factors_train_on_their_grid_and_the_layer_stores_what_trained(l
     1e-2 they overfit this tiny model's random text from the first evaluation)."""
     reference = tiny_model(initializer_range=0.3)
     model = copy.deepcopy(reference)
-    quantize_blockwise(model, _tokens(), make_config("caldera", 2, rank=8, lr_bits=lr_bits, outer_iters=1), CAL,
-                       torch.device("cpu"))
+    config = make_config("caldera", 2, rank=8, lr_bits=lr_bits, lr_format="grid", outer_iters=1)
+    quantize_blockwise(model, _tokens(), config, CAL, torch.device("cpu"))
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 5, layer.in_features)
     with torch.no_grad():
@@ -244,3 +244,28 @@ def test_caldera_factors_train_on_their_grid_and_the_layer_stores_what_trained(l
             factor = "lr_left_codes" if lr_bits < 16 else "lr_left_weight"
             moved += not torch.equal(getattr(a, factor), getattr(b, factor))
     assert moved, "no factor was trained"
+
+
+def test_trellis_factors_stay_as_rounded_while_the_rest_trains():
+    """Factors in a trellis code are folded into the frozen weight: the training form has no factor
+    parameters and computes what the layer computes, and after a run the factors' codes and row scales
+    are the ones quantization stored, while the layers' sign vectors moved."""
+    reference = tiny_model(initializer_range=0.3)
+    model = copy.deepcopy(reference)
+    quantize_blockwise(model, _tokens(), make_config("caldera", 2, rank=16, lr_bits=2, outer_iters=1), CAL,
+                       torch.device("cpu"))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.low_rank.codebook.name == "trellis"
+    decoded = DecodedLinear(layer, factors=True)
+    assert {name for name, _ in decoded.named_parameters()} == {"su", "sv"}
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(decoded(x), layer(x), rtol=1e-5, atol=1e-5)
+    tuned = copy.deepcopy(model)
+    tokens = _tokens(seed=1)
+    finetune_e2e(tuned, tokens, teacher_targets(reference, tokens, OPTIONS.top_k), OPTIONS)
+    for (name, a), b in zip(tuned.named_modules(), model.modules()):
+        if getattr(a, "low_rank", None) is not None:
+            for tensor in ("lr_left_codes", "lr_left_row_scales", "lr_right_codes", "lr_right_row_scales"):
+                assert torch.equal(getattr(a, tensor), getattr(b, tensor)), (name, tensor)
+            assert not torch.equal(a.sv, b.sv), name

@@ -56,7 +56,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the options the user actually gave; presets supply the rest."""
     options = {}
     for key in ("group_size", "symmetric", "act_order", "sequential", "incoherence", "clip", "order", "greedy_sweeps",
-                "trellis_code", "L", "increment", "outlier_ratio", "inliers", "saliency", "rank", "lr_bits", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
+                "trellis_code", "L", "increment", "outlier_ratio", "inliers", "saliency", "rank", "lr_bits", "lr_format", "outer_iters", "base", "damping", "propagate", "seed", "head_bits", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             options[key] = value
@@ -756,7 +756,10 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     g.add_argument("--saliency", choices=("magnitude", "hessian"),
                    help="icquant: outliers are each row's largest |w|, or largest |w| sqrt(H_jj) [magnitude]")
     g.add_argument("--rank", type=int, help="caldera: rank of the low-rank term L R [64]")
-    g.add_argument("--lr-bits", type=int, help="caldera: bits of L and R's grid (groups of 64), 16 = bf16 [4]")
+    g.add_argument("--lr-bits", type=int, help="caldera: bits of L and R's codes, 16 = bf16 [4]")
+    g.add_argument("--lr-format", choices=("trellis", "grid"),
+                   help="caldera: L and R in QTIP's trellis with a scale per row, or on a grid in groups of 64 "
+                   "(their values train in fine-tuning) [trellis up to 4 bits]")
     g.add_argument("--outer-iters", type=int, help="caldera: rounds of Q <- LDLQ(W - L R), L R <- fit(W - Q) [3]")
     g.add_argument("--base", choices=("quip#", "qtip"), help="caldera: the codebook of Q, QuIP#'s E8P or QTIP's trellis [quip#]")
     g.add_argument("--damping", type=float, help="Hessian damping, relative to its mean diagonal [0.01]")
@@ -784,8 +787,8 @@ def _add_quantize_options(p: argparse.ArgumentParser, method: str, bits: int, ou
     f.add_argument("--ft-lr", type=float, default=2e-3,
                    help="fine-tuning: Adam step relative to each tensor's RMS [2e-3]")
     f.add_argument("--ft-frozen-factors", action="store_true",
-                   help="fine-tuning: keep CALDERA's low-rank factors as rounded (by default they train too, "
-                   "rounded to their grid in every step)")
+                   help="fine-tuning: keep CALDERA's low-rank factors as rounded (by default grid factors train "
+                   "too, rounded to their grid in every step; trellis factors always stay)")
     c = p.add_argument_group("calibration")
     c.add_argument("--nsamples", type=int, default=128, help="calibration sequences [128]")
     c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence [512]")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from quipkit.codebooks import make_codebook
-from quipkit.codebooks.low_rank import LowRank
+from quipkit.codebooks.low_rank import LEFT, RIGHT, ROW_SCALES, LowRank
 from quipkit.kernels.dispatch import spec_of
 from quipkit.kernels import cpu, dispatch
 from quipkit.kernels.ops import decode_matmul, eager_call
@@ -196,7 +196,10 @@ class QuantizedLinear(KeepsStoredFormats):
         """(x [..., in] R^T) L^T -> [..., out], each factor decoded by its codebook's kernel (never held)."""
         buffers, rank, spec = self._buffers, self.low_rank.rank, self._low_rank_spec
         inner = decode_matmul(x, [buffers[n] for n in self._right_names], spec, rank, self.in_features)
-        return decode_matmul(inner, [buffers[n] for n in self._left_names], spec, self.out_features, rank)
+        if self.low_rank.row_scaled:
+            inner = inner * buffers[RIGHT + ROW_SCALES].to(inner.dtype)
+        y = decode_matmul(inner, [buffers[n] for n in self._left_names], spec, self.out_features, rank)
+        return y * buffers[LEFT + ROW_SCALES].to(y.dtype) if self.low_rank.row_scaled else y
 
     @torch.no_grad()
     def effective_weight(self) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from quipkit.codebooks.base import Codebook
-from quipkit.codebooks.low_rank import LowRank
+from quipkit.codebooks.low_rank import ROW_SCALES, LowRank
 from quipkit.rounding.ldlq import ldl_feedback, ldlq
 from quipkit.rounding.solvers import Problem, Solution, register_solver, round_main
 
@@ -53,13 +53,20 @@ class LayerHessian:
         return cls(hessian, torch.linalg.cholesky(hessian), ldl_feedback(_damped(hessian), factor_codebook.dim))
 
 
-def _round_factor(factor: Tensor, hessian: Tensor, codebook: Codebook,
+def _round_factor(factor: Tensor, hessian: Tensor, low_rank: LowRank,
                   feedback: Tensor | None = None) -> tuple[tuple[Tensor, dict], Tensor]:
     """Rows of `factor` [r, c] rounded by LDLQ under `hessian` [c, c] (or its damped form's `feedback`
-    [c, c] when the caller has it) -> ((codes, params), values [r, c])."""
-    params = codebook.fit(factor)
-    codes, values = ldlq(factor, _damped(hessian), codebook, params, feedback=feedback)
-    return (codes, params), values
+    [c, c] when the caller has it) -> ((codes, params), values [r, c]). A unit-scale code rounds each
+    row at the code's RMS and keeps the row's scale (rows are independent under LDLQ)."""
+    codebook = low_rank.codebook
+    if not low_rank.row_scaled:
+        params = codebook.fit(factor)
+        codes, values = ldlq(factor, _damped(hessian), codebook, params, feedback=feedback)
+        return (codes, params), values
+    scales, unit = low_rank.scale_rows(factor)
+    params = {**codebook.fit(unit), ROW_SCALES: scales}
+    codes, values = ldlq(unit, _damped(hessian), codebook, params, feedback=feedback)
+    return (codes, params), values * scales[:, None]
 
 
 def _quadratic(error: Tensor, hessian: Tensor) -> float:
@@ -75,15 +82,15 @@ def fit_low_rank(residual: Tensor, weighting: LayerHessian, low_rank: LowRank, i
     hessian = weighting.hessian
     if left is None:
         left, right = _svd_factors(residual, weighting.chol, low_rank.rank)
-        left = _round_factor(left, right @ hessian @ right.t(), low_rank.codebook)[1]
+        left = _round_factor(left, right @ hessian @ right.t(), low_rank)[1]
     weighted = residual @ hessian  # [m, n], for L's least squares
     best = None
     for _ in range(inner_iters):
         right = torch.linalg.solve(_damped(left.t() @ left), left.t() @ residual)  # [k, n]
-        right_stored, right = _round_factor(right, hessian, low_rank.codebook, weighting.feedback)
+        right_stored, right = _round_factor(right, hessian, low_rank, weighting.feedback)
         right_gram = right @ hessian @ right.t()  # [k, k]
         left = torch.linalg.solve(_damped(right_gram), (weighted @ right.t()).t()).t()  # [m, k]
-        left_stored, left = _round_factor(left, right_gram, low_rank.codebook)
+        left_stored, left = _round_factor(left, right_gram, low_rank)
         product = left @ right
         loss = _quadratic(residual - product, hessian)
         if best is None or loss < best[2]:
