@@ -115,27 +115,34 @@ def _cell(value: float | None) -> str:
 
 
 def plot_perplexity(rows: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity against bits per weight, log scale, one line per method, per protocol."""
+    """Perplexity against bits per weight, one line per method, per protocol: all of it on a log scale,
+    and beside it the part within 3x of float (linear), where the methods worth comparing are."""
     plt = _pyplot()
     protocols = sorted({row["protocol"] for row in rows})
-    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.5), squeeze=False)
-    for ax, proto in zip(axes[0], protocols):
+    fig, axes = plt.subplots(len(protocols), 2, figsize=(17, 5 * len(protocols)), squeeze=False)
+    for (whole, near), proto in zip(axes, protocols):
         by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for row in rows:
             if row["protocol"] == proto:
                 by_method[row["method"]].append((row["bits_per_weight"], row["perplexity"]))
-        for method, points in sorted(by_method.items()):
-            if method == FLOAT:
-                ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label=f"fp32 ({points[0][1]:.2f})")
-                continue
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (as stored)")
-        ax.set_ylabel(f"{proto} perplexity (log scale)")
-        ax.set_title(proto)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        float_ppl = by_method[FLOAT][0][1] if FLOAT in by_method else None
+        for ax in (whole, near):
+            for i, (method, points) in enumerate(sorted(by_method.items())):
+                if method == FLOAT:
+                    ax.axhline(points[0][1], color="black", linestyle="--", linewidth=1, label=f"fp32 ({points[0][1]:.2f})")
+                    continue
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method, **_style(i))
+            ax.set_xlabel("bits per weight (as stored)")
+            ax.grid(True, which="both", alpha=0.3)
+        whole.set_yscale("log")
+        whole.set_ylabel(f"{proto} perplexity (log scale)")
+        whole.set_title(proto)
+        near.set_ylabel(f"{proto} perplexity")
+        if float_ppl is not None:
+            near.set_ylim(0.95 * float_ppl, 3 * float_ppl)
+            near.set_title(f"{proto}: within 3x of float")
+        _legend_beside(near)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -147,24 +154,35 @@ def plot_proxy(records: list[dict[str, Any]], bits: int, path: Path) -> bool:
     if not chosen:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(14, 5))
     seen = set()
     for r in chosen:
         label = _label(r)
         if label in seen:
             continue
+        ax.plot([layer["proxy"] for layer in r["layers"]], linewidth=1, label=label, **_style(len(seen)))
         seen.add(label)
-        ax.plot([layer["proxy"] for layer in r["layers"]], linewidth=1, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("linear layer (model order)")
     ax.set_ylabel("relative proxy loss tr(E H E^T)/tr(W H W^T)")
     ax.set_title(f"proxy loss per layer at {bits} bits")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_beside(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _style(index: int) -> dict[str, str]:
+    """The line style of the index-th line: the color cycle repeats after 10, so each round of it
+    gets its own dash pattern and the lines stay apart."""
+    return {"linestyle": ("-", "--", ":", "-.")[index // 10 % 4]}
+
+
+def _legend_beside(ax) -> None:
+    """The legend right of the axes, where it hides no point (there are 20 methods and more)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _pyplot():
