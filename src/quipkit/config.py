@@ -345,12 +345,13 @@ def _caldera(bits: int, rank: int = 64, lr_bits: int = 4, lr_format: str | None 
              outer_iters: int = 3, inner_iters: int = 3, base: str = "quip#", L: int = 16,
              greedy_sweeps: int | None = None, **options: Any) -> QuantConfig:
     """Q is the `base` method's codebook after the RHT (QuIP#'s E8P by default, or QTIP's trellis with
-    `L`). L and R are `lr_bits`-bit codes: `lr_format="trellis"` (the default up to 4 bits) QTIP's
-    1MAD trellis (L = 12) with an fp16 scale per factor row, or `"grid"` a grid with groups of
-    `lr_group_size` (64); 16 bits keeps them bf16. On the reference model, rank 128 with 2-bit
-    factors: wt2 45.20 at 2.886 bits on the grid, 40.79 at 2.810 in the trellis (the grid's group
-    scales cost 0.28 bits per entry); the grid's factors can train in fine-tuning. The factors' storage counts in the bits per weight:
-    rank k costs about k (m + n) lr_bits / (m n)."""
+    `L`). L and R are `lr_bits`-bit codes: `lr_format="trellis"` (the default up to 4 bits, unless
+    `lr_group_size` is given) QTIP's 1MAD trellis (L = 12) with an fp16 scale per factor row, or
+    `"grid"` a grid with groups of `lr_group_size` (64); 16 bits keeps them bf16. On the reference
+    model, rank 128 with 2-bit factors: wt2 45.20 at 2.886 bits on the grid, 40.79 at 2.810 in the
+    trellis (the grid's group scales cost 0.28 bits per entry); grid factors can train in
+    fine-tuning. The factors' storage counts in the bits per weight: rank k costs about
+    k (m + n) lr_bits / (m n)."""
     if base not in ("quip#", "qtip"):
         raise TypeError(f"base must be 'quip#' or 'qtip', got {base!r}")
     if base == "qtip":

@@ -59,14 +59,12 @@ def _round_factor(factor: Tensor, hessian: Tensor, low_rank: LowRank,
     [c, c] when the caller has it) -> ((codes, params), values [r, c]). A unit-scale code rounds each
     row at the code's RMS and keeps the row's scale (rows are independent under LDLQ)."""
     codebook = low_rank.codebook
-    if not low_rank.row_scaled:
-        params = codebook.fit(factor)
-        codes, values = ldlq(factor, _damped(hessian), codebook, params, feedback=feedback)
+    scales, target = low_rank.scale_rows(factor) if low_rank.row_scaled else (None, factor)
+    params = codebook.fit(target)
+    codes, values = ldlq(target, _damped(hessian), codebook, params, feedback=feedback)
+    if scales is None:
         return (codes, params), values
-    scales, unit = low_rank.scale_rows(factor)
-    params = {**codebook.fit(unit), ROW_SCALES: scales}
-    codes, values = ldlq(unit, _damped(hessian), codebook, params, feedback=feedback)
-    return (codes, params), values * scales[:, None]
+    return (codes, {**params, ROW_SCALES: scales}), values * scales[:, None]
 
 
 def _quadratic(error: Tensor, hessian: Tensor) -> float:
