@@ -96,8 +96,8 @@ def test_the_stored_factors_decode_to_exactly_what_was_fitted(factors, rows, ran
     assert {k: (tuple(v.shape), v.dtype) for k, v in stored.items()} == low_rank.storage(rows, 96)
     left, right = low_rank.factors(stored, rows, 96)
     assert torch.equal(left @ right, product)
-    assert low_rank.pack(*low_rank.unpacked(stored, rows, 96)).keys() == stored.keys()
-    assert all(torch.equal(v, stored[k]) for k, v in low_rank.pack(*low_rank.unpacked(stored, rows, 96)).items())
+    repacked = low_rank.pack(*low_rank.unpacked(stored, rows, 96))
+    assert repacked.keys() == stored.keys() and all(torch.equal(v, stored[k]) for k, v in repacked.items())
     error = residual - product
     assert loss == pytest.approx(float(((error @ hessian) * error).sum()), rel=1e-5)
     assert loss < 0.05 * float(((residual @ hessian) * residual).sum())  # a rank-k matrix, nearly recovered
