@@ -16,11 +16,11 @@ from torch import Tensor
 
 from quipkit.codebooks.base import Params
 from quipkit.codebooks.registry import make_codebook
+from quipkit.codebooks.scalar import MIN_SCALE
 from quipkit.errors import QuipkitError
 
 LEFT, RIGHT = "lr_left_", "lr_right_"
 ROW_SCALES = "row_scales"
-_MIN_ROW_SCALE = 2.0**-14  # fp16's smallest normal number: a row below it is all but zero
 
 
 class LowRank:
@@ -58,7 +58,7 @@ class LowRank:
 
     def scale_rows(self, factor: Tensor) -> tuple[Tensor, Tensor]:
         """For a unit-scale code: `factor` [r, c] -> (row scales [r] as stored, the rows at the code's RMS)."""
-        scales = (factor.square().mean(1).sqrt() / self.codebook.target_rms).clamp_min(_MIN_ROW_SCALE).half().float()
+        scales = (factor.square().mean(1).sqrt() / self.codebook.target_rms).clamp_min(MIN_SCALE).half().float()
         return scales, factor / scales[:, None]
 
     def names(self, rows: int, cols: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -13,7 +13,7 @@ from quipkit.errors import QuipkitError
 from quipkit.layers.packing import pack_bits, packed_length, unpack_bits
 
 # fp16 cannot hold a smaller normal number; a group whose range is below this is all but zero.
-_MIN_SCALE = 2.0**-14
+MIN_SCALE = 2.0**-14
 
 # Range factors tried by the clipped grid: min-max wastes low-bit levels on the tails of
 # outlier-free (e.g. incoherence-processed) weights, whose best 2-bit range is about half of it.
@@ -78,9 +78,9 @@ class GroupGrid(Codebook):
     def _grid(self, wmin: Tensor, wmax: Tensor) -> Params:
         """Scale and zero point [rows, groups] of the grid spanning [wmin, wmax] (both contain 0)."""
         if self.symmetric:
-            scale = (2 * torch.maximum(wmax, -wmin) / self.qmax).clamp_min(_MIN_SCALE).half().float()
+            scale = (2 * torch.maximum(wmax, -wmin) / self.qmax).clamp_min(MIN_SCALE).half().float()
             return {"scale": scale, "zero": torch.full_like(scale, float(2 ** (self.bits - 1)))}
-        scale = ((wmax - wmin) / self.qmax).clamp_min(_MIN_SCALE).half().float()
+        scale = ((wmax - wmin) / self.qmax).clamp_min(MIN_SCALE).half().float()
         return {"scale": scale, "zero": torch.round(-wmin / scale).clamp(0, self.qmax)}
 
     def quantize(self, block: Tensor, params: Params, cols: Tensor) -> tuple[Tensor, Tensor]:
